@@ -1,0 +1,98 @@
+"""The request and result objects every caller (app, CLI, tests, benchmarks) exchanges with the backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+
+class UserError(ValueError):
+    """An error the user caused; its message is shown as it is in the UI and the CLI."""
+
+
+class Cancelled(Exception):
+    """Raised inside a generation when the step callback asks to stop."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: Optional[int] = None          # None: the model's default
+    guidance: Optional[float] = None     # None: the model's default; <= 1 turns guidance off
+    scheduler: Optional[str] = None      # None: the model's default
+    width: Optional[int] = None          # None: the model's native size
+    height: Optional[int] = None
+    seed: Optional[int] = None           # None: a random seed, reported on the result
+    latents: Optional[np.ndarray] = None  # standard-normal noise, NCHW (diffusers' `latents=`)
+    batch_size: int = 1
+
+
+@dataclass
+class StepInfo:
+    """What the per-step callback receives. Return False (or raise Cancelled) to stop."""
+    step: int                 # 1-based
+    total: int
+    seconds: float            # this step's time
+    latents: np.ndarray       # current latents, NCHW
+    preview: Optional[np.ndarray] = None  # (H, W, 3) uint8 cheap latent->RGB projection
+
+
+StepCallback = Callable[[StepInfo], Optional[bool]]
+
+
+@dataclass
+class Timings:
+    load: float = 0.0
+    text_encoder: float = 0.0
+    steps: list = field(default_factory=list)
+    vae_decode: float = 0.0
+    total: float = 0.0
+
+    @property
+    def denoise(self) -> float:
+        return float(sum(self.steps))
+
+    @property
+    def steps_per_second(self) -> float:
+        return len(self.steps) / self.denoise if self.steps and self.denoise > 0 else 0.0
+
+
+@dataclass
+class Memory:
+    peak_engine_bytes: int = 0     # MLX's own peak counter (0 for engines without one)
+    peak_process_bytes: int = 0    # the process's peak resident set during the generation
+    weight_bytes: int = 0          # bytes of the weights as loaded
+    disk_bytes: int = 0            # bytes of the weight files on disk
+
+
+@dataclass
+class GenerationResult:
+    images: list                   # PIL.Image.Image, one per batch item
+    seed: int
+    timings: Timings
+    memory: Memory
+    engine: dict                   # name, device, compute units, precision, quantization, reason
+    parameters: dict               # everything needed to reproduce the image
+    warnings: list = field(default_factory=list)
+
+    @property
+    def image(self):
+        return self.images[0]
+
+    def measurements(self) -> dict[str, Any]:
+        """A JSON-ready summary (what `--json` prints and the app's API returns)."""
+        t = self.timings
+        return {
+            "seed": self.seed,
+            "seconds": {
+                "load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise,
+                "steps": list(t.steps), "vae_decode": t.vae_decode, "total": t.total,
+            },
+            "steps_per_second": t.steps_per_second,
+            "memory": asdict(self.memory),
+            "engine": dict(self.engine),
+            "parameters": dict(self.parameters),
+            "warnings": list(self.warnings),
+        }

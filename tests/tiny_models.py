@@ -1,0 +1,111 @@
+"""Tiny random-weight Stable Diffusion pipelines, built with diffusers and saved in the diffusers layout.
+
+Each builder returns the folder it wrote; the same folder is what the engines load and what the parity
+tests run through diffusers. Families: sd1 (epsilon, conv proj), sd2 (v-prediction, linear proj, "!" pad,
+upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.vocab import write_tokenizer_folder
+
+WORDS = ("a photo of an astronaut riding horse on mars red green blue yellow circle square triangle "
+         "large small at the top bottom left right center background painting cat dog").split()
+FAMILIES = ("sd1", "sd2", "sdxl", "lcm")
+
+
+def _text_encoder(vocab_size: int, with_projection: bool = False, act: str = "quick_gelu", hidden: int = 32):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(1 if with_projection else 0)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
+                         bos_token_id=vocab_size - 2, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _tokenizer(folder: Path, pad: str):
+    from transformers import CLIPTokenizer
+    write_tokenizer_folder(folder, WORDS, pad_token=pad)
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _vae():
+    import torch
+    from diffusers import AutoencoderKL
+    torch.manual_seed(2)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, sample_size=32).eval()
+
+
+def _unet(family: str):
+    import torch
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(3)
+    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+                  block_out_channels=(32, 64))
+    if family == "sd1":
+        cfg = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+    elif family == "sd2":
+        cfg = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                   attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+    elif family == "sdxl":
+        cfg = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                   attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                   addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + 32)
+    elif family == "lcm":
+        cfg = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                   time_cond_proj_dim=32)
+    else:
+        raise ValueError(family)
+    return UNet2DConditionModel(**common, **cfg).eval()
+
+
+def _scheduler(family: str):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler
+    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if family == "sd1":
+        return PNDMScheduler(**base, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    if family == "sd2":
+        return DDIMScheduler(**base, prediction_type="v_prediction", steps_offset=1, clip_sample=False,
+                             set_alpha_to_one=False, timestep_spacing="leading")
+    if family == "sdxl":
+        return EulerDiscreteScheduler(**base, steps_offset=1, timestep_spacing="leading")
+    return LCMScheduler(**base, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=True)
+
+
+def build_pipeline(family: str):
+    """The diffusers pipeline object for `family` (random weights, deterministic)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="tok-"))
+    pad = "!" if family == "sd2" else "<|endoftext|>"
+    tokenizer = _tokenizer(tmp / "tokenizer", pad)
+    vocab_size = len(tokenizer)
+    act = "gelu" if family == "sd2" else "quick_gelu"
+    parts = dict(vae=_vae(), unet=_unet(family), scheduler=_scheduler(family), tokenizer=tokenizer,
+                 text_encoder=_text_encoder(vocab_size, act=act))
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(**parts, tokenizer_2=_tokenizer(tmp / "tokenizer_2", "!"),
+                                         text_encoder_2=_text_encoder(vocab_size, with_projection=True,
+                                                                      act="gelu"))
+    if family == "lcm":
+        return LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_pipeline(family: str, folder: Path):
+    """Build `family` and save it in the diffusers layout (safetensors) under `folder`; return (pipe, folder)."""
+    pipe = build_pipeline(family)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe, Path(folder)
