@@ -1,0 +1,1 @@
+"""The embedded tiny-shapes model: its data (dataset), how its images are judged (analysis), its evaluation."""
