@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten  # noqa: F401  (re-exported)
 
 _RENAMES = (
     (".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."),

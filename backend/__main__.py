@@ -1,0 +1,98 @@
+"""The command line: `python -m backend generate|bench|export-coreml|quantize ...`.
+
+Bad arguments and user errors exit non-zero with a one-line reason on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import backend  # noqa: F401  (loads OpenBLAS before MLX)
+from backend.types import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {v})")
+    return n
+
+
+def cmd_generate(a) -> int:
+    import numpy as np
+    from backend import GenerationRequest, load_pipeline
+    from backend.png import save_png
+    latents = None
+    if a.latents:
+        try:
+            latents = np.load(a.latents)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read latents {a.latents}: {exc}")
+    pipe = load_pipeline(a.model, engine=a.backend, precision=a.precision, quantization=a.quantization,
+                         compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory)
+    result = pipe.generate(GenerationRequest(
+        prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
+        scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents))
+    save_png(result.image, a.out, result.parameters)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if a.json:
+        print(json.dumps({"out": a.out, **result.measurements()}))
+    else:
+        t = result.timings
+        print(f"{a.out}: seed {result.seed}, {len(t.steps)} steps in {t.denoise:.2f}s "
+              f"({t.steps_per_second:.2f} it/s), total {t.total:.2f}s; {result.engine['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m backend", description="Silicon Diffusion command line")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("--model", default="tiny-shapes", help="registry name, local folder or Hub id")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--steps", type=_positive_int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--scheduler")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--latents", help="standard-normal NCHW noise (.npy), diffusers' latents= convention")
+    g.add_argument("--backend", default="auto", choices=["auto", "mlx", "coreml"])
+    g.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--quantization", help="MLX: q8, q6, q4, q3, q2 (Core ML: pick a quantized resources folder)")
+    g.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"])
+    g.add_argument("--attention", choices=["original", "split_einsum"])
+    g.add_argument("--reduce-memory", action="store_true")
+    g.add_argument("--out", required=True)
+    g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
+    g.set_defaults(func=cmd_generate)
+
+    from backend import cli_extra
+    cli_extra.add_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

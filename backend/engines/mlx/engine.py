@@ -1,0 +1,116 @@
+"""The MLX engine: loads a diffusers folder into MLX modules and runs the three stages.
+
+Numpy NCHW at the boundary (backend/engines/base.py), NHWC inside. Weights are read memory-mapped
+from safetensors and cast once to the chosen precision. Layer norms, group norms and softmax run in
+fp32 inside the modules, and a VAE decode that overflows in fp16 is redone in fp32 (diffusers'
+`force_upcast` behaviour), so fp16 never returns NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from backend.checkpoint import ModelSpec
+from backend.engines.base import EncoderOutput, Stages
+from backend.engines.mlx import weights as W
+from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel
+from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
+from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
+from backend.types import UserError
+
+PRECISIONS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+
+
+def _dtype(precision: str):
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}': choose fp32, fp16 or bf16")
+    return PRECISIONS[precision]
+
+
+def _load_component(spec: ModelSpec, component: str, module, dtype):
+    files = W.safetensors_files(spec.folder / component, variant="fp16" if dtype != mx.float32 else None)
+    try:
+        return W.load_into(module, W.read_safetensors(files), dtype)
+    except W.WeightError as exc:
+        raise UserError(f"{component}: {exc}") from exc
+
+
+class MLXStages(Stages):
+    def __init__(self, spec: ModelSpec, precision: str = "fp16", quantization: Optional[str] = None):
+        self.spec = spec
+        self.dtype = _dtype(precision)
+        self.text_encoders = []
+        for name, config in zip(spec.text_encoders, spec.text_encoder_configs):
+            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+            self.text_encoders.append(_load_component(spec, name, model, self.dtype))
+        self.unet = _load_component(spec, "unet", UNet2DConditionModel(UNetConfig.from_dict(spec.unet_config)),
+                                    self.dtype)
+        self.vae = _load_component(spec, "vae", AutoencoderKL(VAEConfig.from_dict(spec.vae_config)), self.dtype)
+        self._vae_fp32 = None
+        self.quantized_layers = ""
+        if quantization:
+            from backend.engines.mlx.quantize import quantize_stages
+            self.quantized_layers = quantize_stages(self, quantization)
+        device = "GPU" if mx.default_device() == mx.gpu else "CPU"
+        self.info = {"engine": "mlx", "device": device, "precision": precision,
+                     "quantization": quantization or "none", "quantized_layers": self.quantized_layers,
+                     "compute_units": device, "attention": "fused" if device == "GPU" else "chunked"}
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def encode_text(self, index: int, input_ids: np.ndarray) -> EncoderOutput:
+        out = self.text_encoders[index](mx.array(input_ids.astype(np.int32)))
+        if self.spec.family == "sdxl":
+            hidden = out.hidden_states[-2]
+            pooled = out.text_embeds if out.text_embeds is not None else None
+        else:
+            hidden, pooled = out.last_hidden_state, None
+        mx.eval(hidden, *( [pooled] if pooled is not None else []))
+        return EncoderOutput(hidden=np.array(hidden.astype(mx.float32)),
+                             pooled=None if pooled is None else np.array(pooled.astype(mx.float32)))
+
+    def predict_noise(self, latents, timestep, hidden, text_embeds=None, time_ids=None, timestep_cond=None):
+        x = mx.array(latents.transpose(0, 2, 3, 1)).astype(self.dtype)
+        t = mx.full((latents.shape[0],), timestep, dtype=mx.float32)
+        cast = lambda a: None if a is None else mx.array(a).astype(self.dtype)  # noqa: E731
+        out = self.unet(x, t, cast(hidden), text_embeds=cast(text_embeds), time_ids=cast(time_ids),
+                        timestep_cond=cast(timestep_cond))
+        return np.array(out.astype(mx.float32)).transpose(0, 3, 1, 2)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = mx.array(latents.transpose(0, 2, 3, 1))
+        image = self.vae.decode(z.astype(self.dtype)).astype(mx.float32)
+        mx.eval(image)
+        if self.dtype != mx.float32 and not bool(mx.all(mx.isfinite(image)).item()):
+            image = self._upcast_vae().decode(z)
+            mx.eval(image)
+        return np.array(image)
+
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        """VAE encoder: (B, H, W, 3) in [-1, 1] -> latent means (B, 4, h, w), unscaled."""
+        mean, _ = self.vae.encode(mx.array(images).astype(self.dtype))
+        return np.array(mean.astype(mx.float32)).transpose(0, 3, 1, 2)
+
+    def _upcast_vae(self):
+        if self._vae_fp32 is None:
+            vae = AutoencoderKL(VAEConfig.from_dict(self.spec.vae_config))
+            vae.load_weights([(k, v.astype(mx.float32)) for k, v in W.tree_flatten(self.vae.parameters())])
+            self._vae_fp32 = vae
+        return self._vae_fp32
+
+    # -- measurements ---------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        return sum(W.module_bytes(m) for m in (*self.text_encoders, self.unet, self.vae))
+
+    def peak_memory(self) -> int:
+        return int(mx.get_peak_memory())
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+
+def load_mlx_stages(spec: ModelSpec, precision: str = "fp16", quantization: Optional[str] = None,
+                    compute_units: str = "ALL", attention=None, reduce_memory: bool = False) -> MLXStages:
+    """Compute units and attention variants are Core ML options; MLX runs on its default device."""
+    return MLXStages(spec, precision=precision, quantization=quantization)

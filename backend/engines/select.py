@@ -1,0 +1,90 @@
+"""Chooses the engine for a model: Core ML where it can run, MLX otherwise, always with the reason."""
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from backend import registry
+from backend.checkpoint import ModelSpec
+from backend.measure import disk_bytes
+from backend.types import UserError
+
+ENGINES = ("auto", "coreml", "mlx")
+
+
+@dataclass
+class EngineChoice:
+    name: str                  # the model's name as the user gave it
+    kind: str                  # "coreml" or "mlx"
+    reason: str                # one line: why this engine
+    spec: ModelSpec
+    tokenizers: list
+    disk_bytes: int
+    load: Callable             # (**options) -> Stages
+
+
+def coreml_unavailable_reason() -> Optional[str]:
+    """None when Core ML prediction can run here, else the sentence saying why not."""
+    if sys.platform != "darwin":
+        return f"Core ML prediction needs macOS (this is {platform.system()})"
+    if platform.machine() != "arm64":
+        return "Core ML's Neural Engine path needs an Apple Silicon Mac"
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        return "coremltools is not installed"
+    return None
+
+
+def _mlx_device() -> str:
+    import mlx.core as mx
+    return "GPU" if mx.default_device() == mx.gpu else "CPU"
+
+
+def _mlx_choice(model: str, reason: str, progress) -> EngineChoice:
+    from backend.engines.mlx.engine import load_mlx_stages
+    from backend.tokenizer import CLIPTokenizer
+    folder = registry.resolve(model, progress)
+    spec = ModelSpec.from_folder(folder)
+    tokenizers = [CLIPTokenizer.from_folder(folder / t) for t in spec.tokenizers]
+    return EngineChoice(name=model, kind="mlx", reason=reason, spec=spec, tokenizers=tokenizers,
+                        disk_bytes=disk_bytes(folder),
+                        load=lambda **opts: load_mlx_stages(spec, **opts))
+
+
+def _coreml_choice(model: str, reason: str, progress) -> EngineChoice:
+    from backend.engines.coreml.engine import coreml_choice
+    return coreml_choice(model, reason, progress)
+
+
+def coreml_resources_for(model: str) -> Optional[str]:
+    """The Core ML resources a model offers: a local Apple-layout folder or a registry entry's repository."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return str(p) if not (p / "model_index.json").exists() and any(
+            c.suffix in (".mlpackage", ".mlmodelc") for c in p.iterdir()) else None
+    entry = registry.get_entry(model)
+    return entry.coreml.get("repo") if entry is not None and entry.coreml else None
+
+
+def choose_engine(model: str, engine: str = "auto", progress=None) -> EngineChoice:
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
+    blocked = coreml_unavailable_reason()
+    resources = coreml_resources_for(model)
+    if engine == "coreml":
+        if blocked:
+            raise UserError(f"Core ML was asked for, but {blocked}; choose the MLX engine (or auto)")
+        if not resources:
+            raise UserError(f"model '{model}' has no Core ML resources; export them with "
+                            "`python -m backend export-coreml` or choose the MLX engine")
+        return _coreml_choice(model, "Core ML was asked for", progress)
+    if engine == "mlx":
+        return _mlx_choice(model, f"MLX was asked for; running MLX on the {_mlx_device()}", progress)
+    if blocked is None and resources:
+        return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress)
+    why = blocked or "this model has no Core ML resources"
+    return _mlx_choice(model, f"{why}; running MLX on the {_mlx_device()}", progress)

@@ -1,0 +1,89 @@
+"""PNG files that carry their generation parameters, so any image can be reproduced.
+
+Two text chunks: `parameters` in the convention other tools already read (prompt, then
+"Negative prompt: ...", then "Steps: N, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...")
+and `silicon_diffusion`, the exact JSON of the request, which restoring prefers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, PngImagePlugin
+
+_KEYS = {"Steps": "steps", "Sampler": "scheduler", "CFG scale": "guidance", "Seed": "seed", "Model": "model",
+         "Engine": "engine", "Precision": "precision", "Quantization": "quantization"}
+
+
+def parameters_text(p: dict) -> str:
+    lines = [p.get("prompt", "")]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    fields = [f"Steps: {p.get('steps')}", f"Sampler: {p.get('scheduler')}", f"CFG scale: {p.get('guidance')}",
+              f"Seed: {p.get('seed')}", f"Size: {p.get('width')}x{p.get('height')}", f"Model: {p.get('model')}"]
+    for label in ("Engine", "Precision", "Quantization"):
+        if p.get(_KEYS[label]):
+            fields.append(f"{label}: {p[_KEYS[label]]}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def png_info(p: dict) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters_text(p))
+    info.add_text("silicon_diffusion", json.dumps(p, default=str))
+    return info
+
+
+def save_png(image: Image.Image, path, parameters: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=png_info(parameters))
+    return path
+
+
+def parse_parameters_text(text: str) -> dict:
+    """Read the common `parameters` convention back into a dict of settings."""
+    lines = text.strip().split("\n")
+    out: dict = {}
+    last = lines[-1] if lines else ""
+    if re.search(r"(^|, )Steps: ", last):
+        body = lines[:-1]
+        for m in re.finditer(r"([A-Za-z ]+): ([^,]*)(?:,|$)", last):
+            key, value = m.group(1).strip(), m.group(2).strip()
+            if key == "Size" and "x" in value:
+                w, h = value.split("x", 1)
+                out["width"], out["height"] = int(w), int(h)
+            elif key in _KEYS:
+                out[_KEYS[key]] = value
+    else:
+        body = lines
+    negative = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
+    if negative:
+        out["prompt"] = "\n".join(body[:negative[0]])
+        out["negative_prompt"] = "\n".join(body[negative[0]:])[len("Negative prompt: "):]
+    else:
+        out["prompt"] = "\n".join(body)
+    for key, cast in (("steps", int), ("seed", int), ("guidance", float)):
+        if key in out:
+            try:
+                out[key] = cast(out[key])
+            except ValueError:
+                out.pop(key)
+    return out
+
+
+def read_parameters(source) -> Optional[dict]:
+    """Generation parameters from a PNG path or PIL image, or None when it carries none."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    text = getattr(image, "text", None) or image.info
+    if "silicon_diffusion" in text:
+        try:
+            return json.loads(text["silicon_diffusion"])
+        except json.JSONDecodeError:
+            pass
+    if "parameters" in text:
+        return parse_parameters_text(text["parameters"])
+    return None
