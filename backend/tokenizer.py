@@ -1,0 +1,160 @@
+"""CLIP's prompt tokenizer: text -> fixed-length token ids, with the rules of transformers' CLIPTokenizer.
+
+Built on the `tokenizers` library (no transformers at run time) from a checkpoint's tokenizer folder:
+vocab.json + merges.txt (the diffusers layout and Apple's Core ML folders) or a tokenizer.json (what
+transformers 5 saves), plus tokenizer_config.json / special_tokens_map.json when present.
+
+The rules, as transformers applies them: NFC, runs of whitespace -> one space, lower case, CLIP's split
+regex, byte-level BPE with a "</w>" end-of-word suffix; <|startoftext|> ... <|endoftext|> around the text,
+truncated to `model_max_length` (77) and padded with the checkpoint's pad token (SD 1.x: <|endoftext|>,
+SD 2.x: "!"). Special tokens typed in the prompt (including the pad token) are matched before
+normalization and become their ids, as in transformers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_MAX_LENGTH = 77
+# CLIP's vocabulary is 256 bytes x2 + 48,894 merges + 2 specials; the reference tokenizer reads no more merges.
+MAX_MERGES = 49152 - 256 - 2
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: np.ndarray      # int32 (max_length,): bos, tokens, eos, then pad tokens
+    length: int          # tokens in `ids` before the padding, bos and eos included
+    truncated: bool      # the prompt had more tokens than fit
+    dropped_text: str    # the part of the prompt that did not fit ("" when nothing was dropped)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer configs store it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_merges(lines: list) -> list[tuple[str, str]]:
+    merges = []
+    for i, line in enumerate(lines):
+        if isinstance(line, (list, tuple)):  # tokenizer.json may store merges as pairs
+            merges.append((line[0], line[1]))
+            continue
+        if i == 0 and line.startswith("#version"):
+            continue
+        parts = line.split()
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges[:MAX_MERGES]
+
+
+class CLIPTokenizer:
+    """Turns prompts into the (77,) int32 id rows a CLIP text encoder takes."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pad_token: str | None = None,
+                 max_length: int = DEFAULT_MAX_LENGTH, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN,
+                 unk_token: str | None = None):
+        pad_token = pad_token or eos_token
+        unk_token = unk_token or eos_token
+        for name, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
+            if token not in vocab:
+                raise ValueError(f"the tokenizer's {name} token {token!r} is not in its vocabulary")
+        self.max_length = int(max_length)
+        self.bos_token_id = vocab[bos_token]
+        self.eos_token_id = vocab[eos_token]
+        self.pad_token_id = vocab[pad_token]
+        self.pad_token = pad_token
+        self.vocab_size = len(vocab)
+        self._tokenizer = self._build(vocab, merges, unk_token)
+        specials = dict.fromkeys([bos_token, eos_token, unk_token, pad_token])
+        self._tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+
+    @staticmethod
+    def _build(vocab: dict[str, int], merges: list[tuple[str, str]], unk_token: str) -> Tokenizer:
+        model = BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                    end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token)
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        return tokenizer
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, pad_token: str | None = None,
+                   max_length: int = DEFAULT_MAX_LENGTH) -> "CLIPTokenizer":
+        """From a bare vocab.json + merges.txt (Core ML folders); `pad_token` None pads with <|endoftext|>."""
+        vocab = _read_json(Path(vocab_path))
+        if not vocab:
+            raise ValueError(f"cannot read a vocabulary from {vocab_path}")
+        merges = _read_merges(Path(merges_path).read_text(encoding="utf-8").splitlines())
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    @classmethod
+    def from_folder(cls, folder) -> "CLIPTokenizer":
+        """From a checkpoint's tokenizer folder (vocab.json + merges.txt, or tokenizer.json)."""
+        folder = Path(folder)
+        settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _read_json(folder / "vocab.json")
+            merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8").splitlines())
+        elif (folder / "tokenizer.json").is_file():
+            model = _read_json(folder / "tokenizer.json").get("model", {})
+            if model.get("type") != "BPE":
+                raise ValueError(f"{folder}/tokenizer.json is not a BPE tokenizer")
+            vocab, merges = model["vocab"], _read_merges(model.get("merges", []))
+        else:
+            raise ValueError(f"{folder} has no vocab.json + merges.txt nor tokenizer.json")
+        max_length = settings.get("model_max_length") or DEFAULT_MAX_LENGTH
+        if not isinstance(max_length, int) or max_length > 10_000:  # transformers' "no limit" sentinel
+            max_length = DEFAULT_MAX_LENGTH
+        return cls(vocab, merges, max_length=max_length,
+                   pad_token=_token_text(settings.get("pad_token")),
+                   bos_token=_token_text(settings.get("bos_token")) or BOS_TOKEN,
+                   eos_token=_token_text(settings.get("eos_token")) or EOS_TOKEN,
+                   unk_token=_token_text(settings.get("unk_token")))
+
+    # ------------------------------------------------------------------ encoding
+
+    def tokens(self, text: str) -> list[str]:
+        """The BPE tokens of `text`, without bos/eos (for inspection and tests)."""
+        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, prompt: str) -> Tokenized:
+        """bos + tokens + eos, truncated to `max_length` (bos + max_length-2 tokens + eos), then padded."""
+        encoding = self._tokenizer.encode(prompt, add_special_tokens=False)
+        room = self.max_length - 2
+        body = encoding.ids[:room]
+        truncated = len(encoding.ids) > room
+        dropped_text = prompt[encoding.offsets[room][0]:].strip() if truncated else ""
+        ids = np.full(self.max_length, self.pad_token_id, dtype=np.int32)
+        ids[0] = self.bos_token_id
+        ids[1:1 + len(body)] = body
+        ids[1 + len(body)] = self.eos_token_id
+        return Tokenized(ids=ids, length=len(body) + 2, truncated=truncated, dropped_text=dropped_text)
+
+    def batch(self, prompts) -> np.ndarray:
+        """(B, max_length) int32 ids for a prompt or a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return np.stack([self.encode(p).ids for p in prompts])
+
+    def __call__(self, prompts) -> np.ndarray:
+        return self.batch(prompts)
