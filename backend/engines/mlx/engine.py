@@ -15,7 +15,7 @@ import numpy as np
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.mlx import weights as W
-from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel
+from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel, checkpoint_names
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
 from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
 from backend.types import UserError
@@ -29,10 +29,10 @@ def _dtype(precision: str):
     return PRECISIONS[precision]
 
 
-def _load_component(spec: ModelSpec, component: str, module, dtype):
+def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda state: state):
     files = W.safetensors_files(spec.folder / component, variant="fp16" if dtype != mx.float32 else None)
     try:
-        return W.load_into(module, W.read_safetensors(files), dtype)
+        return W.load_into(module, names(W.read_safetensors(files)), dtype)
     except W.WeightError as exc:
         raise UserError(f"{component}: {exc}") from exc
 
@@ -44,7 +44,7 @@ class MLXStages(Stages):
         self.text_encoders = []
         for name, config in zip(spec.text_encoders, spec.text_encoder_configs):
             model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-            self.text_encoders.append(_load_component(spec, name, model, self.dtype))
+            self.text_encoders.append(_load_component(spec, name, model, self.dtype, checkpoint_names))
         self.unet = _load_component(spec, "unet", UNet2DConditionModel(UNetConfig.from_dict(spec.unet_config)),
                                     self.dtype)
         self.vae = _load_component(spec, "vae", AutoencoderKL(VAEConfig.from_dict(spec.vae_config)), self.dtype)

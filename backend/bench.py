@@ -1,0 +1,250 @@
+"""`python -m backend bench`: per-stage timings and memory at real model sizes, MLX against diffusers.
+
+Models are built from the real configs in configs/reference/ with random weights (the timing and memory
+of a network do not depend on its weight values), so the benchmark needs no download. Each measurement
+runs in a fresh worker process so that peak memory figures are the stage's own.
+Prints a markdown table and writes a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "reference"
+
+
+def _cfg(model: str, part: str) -> dict:
+    return json.loads((CONFIGS / model / part / "config.json").read_text())
+
+
+def _median_time(fn, repeats: int) -> tuple[float, list]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+# -- workers (run in their own process) ------------------------------------------------------------
+def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) -> dict:
+    import backend  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+    from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel
+    from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
+    from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
+    from backend.measure import ProcessPeak
+    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    peak = ProcessPeak()
+    latent = size // 8
+
+    def build(module):
+        module.set_dtype(dtype)
+        mx.eval(module.parameters())
+        return module
+
+    def text_fn(enc):
+        return lambda: mx.eval(enc(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state)
+
+    unet_cfg = _cfg(model, "unet")
+    ctx_dim = unet_cfg["cross_attention_dim"]
+    sdxl = unet_cfg.get("addition_embed_type") == "text_time"
+    x = mx.random.normal((2, latent, latent, 4)).astype(dtype)
+    ctx = mx.random.normal((2, 77, ctx_dim)).astype(dtype)
+    extra = dict(text_embeds=mx.zeros((2, 1280), dtype=dtype),
+                 time_ids=mx.array([[size, size, 0, 0, size, size]] * 2, dtype=dtype)) if sdxl else {}
+    t = mx.array([500.0, 500.0])
+
+    peak.reset()
+    if part == "text_encoder":
+        enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
+        sec, times = _median_time(text_fn(enc), repeats)
+    elif part == "unet":
+        unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
+        sec, times = _median_time(lambda: mx.eval(unet(x, t, ctx, **extra)), repeats)
+    elif part == "vae_decode":
+        vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
+        z = mx.random.normal((1, latent, latent, 4)).astype(dtype)
+        sec, times = _median_time(lambda: mx.eval(vae.decode(z)), repeats)
+    elif part == "pipeline":  # one text encoding, one guided UNet step, one decode: the memory of a generation
+        enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
+        unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
+        vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
+
+        def run():
+            text_fn(enc)()
+            out = unet(x, t, ctx, **extra)
+            mx.eval(vae.decode(out[:1]))
+        sec, times = _median_time(run, max(1, repeats // 2))
+    else:
+        raise ValueError(part)
+    n_params = sum(v.size for m in [locals().get(k) for k in ("enc", "unet", "vae")] if m is not None
+                   for _, v in nn.utils.tree_flatten(m.parameters())) if part == "pipeline" else None
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "params": n_params}
+
+
+def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from backend.measure import ProcessPeak
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    peak = ProcessPeak()
+    latent = size // 8
+    unet_cfg = _cfg(model, "unet")
+    sdxl = unet_cfg.get("addition_embed_type") == "text_time"
+    torch.set_grad_enabled(False)
+    x = torch.randn(2, 4, latent, latent, dtype=dtype)
+    ctx = torch.randn(2, 77, unet_cfg["cross_attention_dim"], dtype=dtype)
+    extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280, dtype=dtype),
+                                   "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=dtype)}} \
+        if sdxl else {}
+    t = torch.tensor([500.0, 500.0])
+
+    def text_model():
+        cfg = _cfg(model, "text_encoder")
+        return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).to(dtype).eval()
+
+    peak.reset()
+    if part == "text_encoder":
+        enc = text_model()
+        sec, times = _median_time(lambda: enc(torch.zeros(2, 77, dtype=torch.long)), repeats)
+    elif part == "unet":
+        unet = UNet2DConditionModel.from_config(unet_cfg).to(dtype).eval()
+        sec, times = _median_time(lambda: unet(x, t, ctx, **extra), repeats)
+    elif part == "vae_decode":
+        vae = AutoencoderKL.from_config(_cfg(model, "vae")).to(dtype).eval()
+        z = torch.randn(1, 4, latent, latent, dtype=dtype)
+        sec, times = _median_time(lambda: vae.decode(z), repeats)
+    elif part == "pipeline":
+        enc = text_model()
+        unet = UNet2DConditionModel.from_config(unet_cfg).to(dtype).eval()
+        vae = AutoencoderKL.from_config(_cfg(model, "vae")).to(dtype).eval()
+
+        def run():
+            enc(torch.zeros(2, 77, dtype=torch.long))
+            out = unet(x, t, ctx, **extra).sample
+            vae.decode(out[:1])
+        sec, times = _median_time(run, max(1, repeats // 2))
+    else:
+        raise ValueError(part)
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
+
+
+def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "backend.bench", "--worker", engine, "--model", model, "--part", part,
+           "--precision", precision, "--size", str(size), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _torch_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path) -> dict:
+    from backend import blas
+    rows = []
+    for model in models:
+        size = 1024 if model == "sdxl" else 512
+        for precision in precisions:
+            for part in parts:
+                row = {"model": model, "size": size, "precision": precision, "part": part,
+                       "mlx": _spawn("mlx", model, part, precision, size, repeats)}
+                if with_torch:
+                    row["diffusers"] = _spawn("torch", model, part, precision, size, repeats)
+                rows.append(row)
+                print(_row_md(row), flush=True)
+    report = {"blas": blas.describe(), "cpu_count": os.cpu_count(), "rows": rows,
+              "targets": _targets(rows)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _fmt(r: dict, key: str, scale=1.0, unit="") -> str:
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error: " + r["error"][:40]
+    return f"{r[key] / scale:.2f}{unit}"
+
+
+def _row_md(row: dict) -> str:
+    m, d = row["mlx"], row.get("diffusers")
+    ratio = (f"{m['seconds'] / d['seconds']:.2f}x" if d and "seconds" in d and "seconds" in m else "-")
+    return (f"| {row['model']} {row['size']}px | {row['part']} | {row['precision']} | {_fmt(m, 'seconds', unit=' s')} "
+            f"| {_fmt(d, 'seconds', unit=' s')} | {ratio} | {_fmt(m, 'peak_rss', 2**30, ' GiB')} "
+            f"| {_fmt(d, 'peak_rss', 2**30, ' GiB')} |")
+
+
+def _targets(rows) -> dict:
+    out = {}
+    for row in rows:
+        m, d = row["mlx"], row.get("diffusers") or {}
+        if "seconds" not in m or "seconds" not in d:
+            continue
+        if row["part"] == "unet" and row["model"] == "sd-1.5" and row["precision"] == "fp32":
+            ratio = m["seconds"] / d["seconds"]
+            out["sd15_unet_step_ratio"] = {"value": ratio, "target": "<= 1.5", "met": ratio <= 1.5}
+        if row["part"] == "pipeline" and row["precision"] == "fp16":
+            out[f"{row['model']}_fp16_peak_memory"] = {
+                "mlx_gib": m["peak_rss"] / 2**30, "diffusers_gib": d["peak_rss"] / 2**30,
+                "met": m["peak_rss"] <= d["peak_rss"]}
+    return out
+
+
+def cmd_bench(a) -> int:
+    with_torch = not a.no_torch and _torch_available()
+    print("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out))
+    print(f"\nBLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")
+    for name, t in report["targets"].items():
+        print(f"target {name}: {t}")
+    return 0
+
+
+def add_command(sub) -> None:
+    b = sub.add_parser("bench", help="per-stage timings at real SD 1.5 / SDXL sizes, MLX vs diffusers")
+    b.add_argument("--models", nargs="+", default=["sd-1.5"], choices=["sd-1.5", "sdxl"])
+    b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--parts", nargs="+", default=["text_encoder", "unet", "vae_decode", "pipeline"],
+                   choices=["text_encoder", "unet", "vae_decode", "pipeline"])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--no-torch", action="store_true", help="skip the diffusers comparison")
+    b.add_argument("--out", default="bench-results/bench.json")
+    b.set_defaults(func=cmd_bench)
+
+
+def _worker_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=["mlx", "torch"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--part", required=True)
+    p.add_argument("--precision", required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    fn = _mlx_worker if a.worker == "mlx" else _torch_worker
+    print(json.dumps(fn(a.model, a.part, a.precision, a.size, a.repeats)))
+
+
+if __name__ == "__main__":
+    _worker_main()
