@@ -1,0 +1,86 @@
+"""The Scheduler base class: the surface every sampler shares, and the config keys they all accept."""
+from __future__ import annotations
+
+import numpy as np
+
+from backend.schedulers.tables import SPACINGS
+from backend.types import UserError
+
+# Keys every diffusers scheduler here accepts, with the defaults most of them use.
+COMMON_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                       trained_betas=None, prediction_type="epsilon", steps_offset=0,
+                       rescale_betas_zero_snr=False)
+
+
+class Scheduler:
+    """Call set_timesteps(n), then for each t in .timesteps: scale_model_input, the UNet, step.
+
+    timesteps: what the UNet is given, in diffusers' dtype (int64, or float32 for the Euler family);
+    init_noise_sigma: the factor for the initial standard-normal latents; needs_noise: whether step()
+    draws from its `rng` (anything with `standard_normal(shape)`, e.g. a numpy Generator).
+    """
+
+    defaults: dict = {}
+    prediction_types = ("epsilon", "v_prediction", "sample")
+    needs_noise = False
+    init_noise_sigma = 1.0
+
+    def __init__(self, name: str, config: dict):
+        self.name = name
+        self.config = config
+        self.train_steps = int(config["num_train_timesteps"])
+        if config["prediction_type"] not in self.prediction_types:
+            raise UserError(f"Scheduler {name!r} does not support prediction_type "
+                            f"{config['prediction_type']!r}; it supports {', '.join(self.prediction_types)}.")
+        if config["timestep_spacing"] not in SPACINGS:
+            raise UserError(f"Unsupported timestep_spacing {config['timestep_spacing']!r} in the scheduler "
+                            f"config; expected {', '.join(SPACINGS)}.")
+        self.timesteps = np.zeros(0, dtype=np.int64)
+        self.num_inference_steps = 0
+        self._index = 0
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """Build the schedule for `num_steps` UNet evaluations (PNDM adds one) and reset all state."""
+        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise UserError(f"The number of steps must be a whole number of at least 1 (got {num_steps!r}).")
+        if num_steps > self.train_steps:
+            raise UserError(f"The number of steps ({num_steps}) cannot exceed the {self.train_steps} "
+                            "timesteps this model was trained with.")
+        self.num_inference_steps = int(num_steps)
+        self._index = 0
+        self._make_schedule(int(num_steps))
+
+    def scale_model_input(self, sample: np.ndarray, t) -> np.ndarray:
+        """The UNet's input for the current step's latents (call once per step, before step)."""
+        return sample
+
+    def step(self, model_output: np.ndarray, t, sample: np.ndarray, rng=None) -> np.ndarray:
+        """The latents after timestep t (float32 NCHW); after LCM's last step, its denoised sample."""
+        raise NotImplementedError
+
+    # -- helpers shared by the subclasses
+    def _make_schedule(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _step_index(self, t) -> int:
+        """Position in the schedule: counted from 0 by step(); t must be the timestep found there."""
+        i = self._index
+        if i >= len(self.timesteps) or self.timesteps[i] != t:
+            raise ValueError(f"scheduler {self.name!r} expected timestep "
+                             f"{self.timesteps[i] if i < len(self.timesteps) else 'none'} at step {i}, got {t}")
+        return i
+
+    def _noise(self, rng, shape) -> np.ndarray:
+        if rng is None:
+            raise ValueError(f"scheduler {self.name!r} adds noise at each step: pass rng")
+        return np.asarray(rng.standard_normal(tuple(shape)), dtype=np.float32)
+
+    def _x0_from_alphas(self, model_output, sample, alpha_prod_t):
+        """(predicted x0, predicted noise) for the alpha-parameterized (DDIM-family) schedulers."""
+        a, b = np.float32(alpha_prod_t ** 0.5), np.float32((1 - alpha_prod_t) ** 0.5)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            return (sample - b * model_output) / a, model_output
+        if kind == "sample":
+            return model_output, (sample - a * model_output) / b
+        return a * sample - b * model_output, a * model_output + b * sample
