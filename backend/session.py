@@ -1,0 +1,308 @@
+"""What a long-lived interactive front end needs around the pipeline: loaded pipelines kept in a small
+LRU, one generation at a time on the machine, a run streamed step by step on a worker thread with a
+stop between two steps, errors turned into one sentence, and PNG settings mapped back to a request.
+
+Nothing here knows about Gradio; the app (app.py) only wires these to widgets.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+from backend.types import Cancelled, GenerationRequest, GenerationResult, StepInfo, UserError
+
+log = logging.getLogger("silicon_diffusion.session")
+
+#: the one engine lock: whoever runs a stage holds it, so two generations never share the machine
+ENGINE_LOCK = threading.Lock()
+
+#: the app's "precision or quantization" choices -> load_pipeline options
+PRECISION_CHOICES = {
+    "fp16": ("fp16", None), "fp32": ("fp32", None), "bf16": ("bf16", None),
+    "8-bit": ("fp16", "q8"), "6-bit": ("fp16", "q6"), "4-bit": ("fp16", "q4"), "mixed-bit": ("fp16", "mixed"),
+}
+COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+
+
+def default_model() -> str:
+    """The model the app starts with: $SILICON_DIFFUSION_DEFAULT_MODEL, else the embedded model."""
+    from backend.registry import DEFAULT_MODEL
+    return os.environ.get("SILICON_DIFFUSION_DEFAULT_MODEL") or DEFAULT_MODEL
+
+
+def home() -> Path:
+    return Path(os.environ.get("SILICON_DIFFUSION_HOME", Path.home() / ".silicon-diffusion"))
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    model: str
+    engine: str = "auto"
+    precision: str = "fp16"
+    quantization: Optional[str] = None
+    compute_units: str = "ALL"
+
+    @classmethod
+    def from_choice(cls, model: str, engine: str, precision_choice: str, compute_units: str) -> "PipelineKey":
+        if precision_choice not in PRECISION_CHOICES:
+            raise UserError(f"unknown precision '{precision_choice}': choose one of {', '.join(PRECISION_CHOICES)}")
+        precision, quantization = PRECISION_CHOICES[precision_choice]
+        return cls((model or "").strip(), engine or "auto", precision, quantization, compute_units or "ALL")
+
+    def label(self) -> str:
+        q = f" {self.quantization}" if self.quantization else ""
+        return f"{self.model} · {self.engine} · {self.precision}{q}"
+
+
+class PipelineCache:
+    """Loaded pipelines by (model, engine, precision, quantization, compute units), least recently used out."""
+
+    def __init__(self, capacity: int = 2, loader: Optional[Callable] = None):
+        self.capacity = max(1, capacity)
+        self._loader = loader
+        self._items: "OrderedDict[PipelineKey, object]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _load(self, key: PipelineKey, progress):
+        if self._loader is not None:
+            return self._loader(key, progress)
+        from backend.pipeline import load_pipeline
+        return load_pipeline(key.model, engine=key.engine, precision=key.precision, quantization=key.quantization,
+                             compute_units=key.compute_units, progress=progress)
+
+    def get(self, key: PipelineKey, progress: Optional[Callable[[str], None]] = None) -> tuple[object, bool]:
+        """(pipeline, was_cached). Loading happens outside the cache's own lock but under the engine lock."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key], True
+        pipe = self._load(key, progress)
+        with self._lock:
+            self._items[key] = pipe
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return pipe, False
+
+    def keys(self) -> list[PipelineKey]:
+        with self._lock:
+            return list(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def describe_error(exc: BaseException) -> str:
+    """The sentence a user sees for a failed run: a UserError's message as it is, otherwise short and plain."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, Cancelled):
+        return f"Stopped: {exc}"
+    if isinstance(exc, MemoryError):
+        return "The machine ran out of memory: try a smaller size, a quantized variant or fewer cached models."
+    if isinstance(exc, (ImportError, ModuleNotFoundError)):
+        return f"This engine is not available in this installation ({exc})."
+    return f"The generation failed unexpectedly ({type(exc).__name__}); the details are in the server log."
+
+
+@dataclass
+class RunEvent:
+    """One thing a streamed run reports: 'status' (a message), 'step', 'done', 'stopped' or 'error'."""
+    kind: str
+    message: str = ""
+    step: Optional[StepInfo] = None
+    result: Optional[GenerationResult] = None
+    pipeline: object = None
+    cached: bool = False
+    error: Optional[BaseException] = None
+    denoise_seconds: float = 0.0     # step events: the sum of every step's time so far
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.step.step / self.denoise_seconds if self.step and self.denoise_seconds > 0 else 0.0
+
+
+@dataclass
+class StopSignal:
+    """Set from anywhere (a Stop button, a closed connection); the run ends between two steps."""
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def set(self) -> None:
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def stream_generation(cache: PipelineCache, key: PipelineKey, request: GenerationRequest,
+                      stop: Optional[StopSignal] = None, min_interval: float = 0.0) -> Iterator[RunEvent]:
+    """Load (through the cache) and generate on a worker thread, yielding RunEvents as they happen.
+
+    Step events are coalesced to the newest one when the reader is slower than the steps, and at most
+    one per `min_interval` seconds is yielded (the final one always is). Closing the iterator early stops the run.
+    """
+    stop = stop or StopSignal()
+    abandoned = threading.Event()   # the reader went away (a cancelled request): stop too
+    events: "queue.Queue[RunEvent]" = queue.Queue()
+
+    elapsed = [0.0]
+
+    def on_step(info: StepInfo):
+        elapsed[0] += info.seconds
+        events.put(RunEvent("step", step=info, denoise_seconds=elapsed[0]))
+        return not (stop.is_set() or abandoned.is_set())
+
+    def work():
+        try:
+            with ENGINE_LOCK:
+                if stop.is_set() or abandoned.is_set():
+                    raise Cancelled("stopped before it started")
+                events.put(RunEvent("status", message=f"Loading {key.label()}…"))
+                pipe, cached = cache.get(key, progress=lambda msg: events.put(RunEvent("status", message=msg)))
+                events.put(RunEvent("status", message="Running", pipeline=pipe, cached=cached))
+                result = pipe.generate(request, callback=on_step)
+            events.put(RunEvent("done", result=result, pipeline=pipe, cached=cached))
+        except Cancelled as exc:
+            events.put(RunEvent("stopped", message=f"Stopped: {exc}", error=exc))
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, the app keeps serving
+            if not isinstance(exc, UserError):
+                log.exception("generation failed")
+            events.put(RunEvent("error", message=describe_error(exc), error=exc))
+
+    worker = threading.Thread(target=work, name="generation", daemon=True)
+    worker.start()
+    last_step_yield = 0.0
+    held: Optional[RunEvent] = None
+    try:
+        while True:
+            event, held = (held, None) if held is not None else (events.get(), None)
+            if event.kind == "step":
+                while True:  # coalesce: only the newest step matters to a viewer
+                    try:
+                        newer = events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if newer.kind != "step":
+                        held = newer
+                        break
+                    event = newer
+                final = event.step.step == event.step.total
+                now = time.perf_counter()
+                if not final and held is None and now - last_step_yield < min_interval:
+                    continue
+                last_step_yield = now
+            if event.kind in ("done", "stopped", "error"):
+                yield event
+                return
+            yield event
+    finally:
+        abandoned.set()     # harmless after the end; before it, the run stops between two steps
+        worker.join(timeout=0.1)
+
+
+def run_to_end(cache: PipelineCache, key: PipelineKey, request: GenerationRequest,
+               stop: Optional[StopSignal] = None) -> GenerationResult:
+    """The non-streaming form: the result, or the run's exception raised again."""
+    for event in stream_generation(cache, key, request, stop):
+        if event.kind == "done":
+            return event.result
+        if event.kind in ("stopped", "error"):
+            raise event.error
+    raise RuntimeError("the run ended without a result")
+
+
+def preview_image(info: StepInfo, width: int, height: int) -> Optional[Image.Image]:
+    """The step's cheap latent projection, scaled up to the image's size for display."""
+    if info.preview is None:
+        return None
+    return Image.fromarray(np.asarray(info.preview, dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+
+
+class OutputFolder:
+    """Where the app writes its PNGs (each with its `parameters` text chunk)."""
+
+    def __init__(self, folder: Optional[Path] = None):
+        self.folder = Path(folder) if folder else home() / "outputs"
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def save(self, image: Image.Image, parameters: dict, stem: str = "") -> Path:
+        from backend.png import save_png
+        with self._lock:
+            self._count += 1
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:04d}-{stem or parameters.get('seed', 'image')}.png"
+        return save_png(image, self.folder / name, parameters)
+
+    def save_plain(self, pixels: np.ndarray, stem: str) -> Path:
+        """A PNG without parameters (a heatmap, a preview)."""
+        with self._lock:
+            self._count += 1
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:04d}-{stem}.png"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(self.folder / name, format="PNG")
+        return self.folder / name
+
+
+def request_settings(parameters: dict) -> dict:
+    """The settings a PNG's parameters restore, under the names the app's controls use (missing keys omitted)."""
+    out = {}
+    for key in ("prompt", "negative_prompt", "model", "scheduler"):
+        if parameters.get(key) not in (None, ""):
+            out[key] = str(parameters[key])
+    # the engine and compute units actually used; MLX reports its device ("CPU", "GPU") as compute units
+    if parameters.get("engine") in ("auto", "coreml", "mlx"):
+        out["engine"] = parameters["engine"]
+    if parameters.get("compute_units") in COMPUTE_UNITS:
+        out["compute_units"] = parameters["compute_units"]
+    for key, cast in (("steps", int), ("width", int), ("height", int), ("seed", int), ("guidance", float)):
+        try:
+            if parameters.get(key) is not None:
+                out[key] = cast(parameters[key])
+        except (TypeError, ValueError):
+            pass
+    quantization = parameters.get("quantization")
+    precision = parameters.get("precision")
+    by_quant = {q: name for name, (_, q) in PRECISION_CHOICES.items() if q}
+    if quantization and quantization != "none" and quantization in by_quant:
+        out["precision"] = by_quant[quantization]
+    elif precision in PRECISION_CHOICES:
+        out["precision"] = precision
+    return out
+
+
+def model_defaults(model: str) -> Optional[dict]:
+    """A model's default steps, guidance, scheduler and size, and the size grid its UNet needs (size_step,
+    size_min); None when that cannot be known without downloading."""
+    from backend import registry
+    from backend.checkpoint import ModelSpec
+    try:
+        p = Path(model).expanduser()
+        if p.is_dir():
+            folder = p
+        else:
+            entry = registry.get_entry(model)
+            if entry is not None and entry.local_folder is not None:
+                folder = entry.local_folder
+            elif entry is not None and entry.hub:
+                folder = registry.download(entry.hub, local_only=True)
+            else:
+                return None
+        spec = ModelSpec.from_folder(folder)
+    except (UserError, OSError, ValueError):
+        return None
+    multiple = spec.vae_scale_factor * spec.unet_multiple
+    smallest = max(multiple, -(-min(64, spec.native_size) // multiple) * multiple)
+    return {"steps": int(spec.default("steps")), "guidance": float(spec.default("guidance")),
+            "scheduler": spec.default("scheduler"), "width": spec.native_size, "height": spec.native_size,
+            "size_step": multiple, "size_min": smallest}

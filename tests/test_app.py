@@ -1,0 +1,165 @@
+"""The web app end to end: launched in-process on a free localhost port with a tiny random model, driven
+through gradio_client's /generate, /compare and /stop, including a cancelled run and bad inputs."""
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client.exceptions import AppError  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pipelines, tmp_path_factory):
+    """(app module, App, blocks, url, model folder) with the tiny SD1 model as the default model."""
+    _, folder = tiny_pipelines("sd1")
+    home = tmp_path_factory.mktemp("home")
+    os.environ["SILICON_DIFFUSION_HOME"] = str(home)
+    import app as webapp
+    application = webapp.App(str(folder))
+    demo, url = webapp.launch(application, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield webapp, application, demo, url, folder
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return gradio_client.Client(served[3], verbose=False)
+
+
+def test_serves_locally_with_one_engine_queue(served):
+    webapp, application, demo, url, _ = served
+    assert url.startswith("http://127.0.0.1:")
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert demo._queue.max_size == 16
+    engine_fns = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "compare")]
+    assert len(engine_fns) == 2
+    for fn in engine_fns:
+        assert fn.concurrency_id == "engine" and fn.concurrency_limit == 1
+    stop = next(fn for fn in demo.fns.values() if fn.api_name == "stop")
+    assert not stop.queue  # a Stop is never stuck behind the run it stops
+
+
+def test_generate_returns_png_with_parameters_and_timings(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
+    params = info["parameters"]
+    assert params[0]["parameter_name"] == "prompt" and not params[0]["parameter_has_default"]
+    assert all(p["parameter_has_default"] for p in params[1:])
+
+    path, measurements = client.predict("a red circle at the top", steps=3, seed=7, api_name="/generate")
+    image = Image.open(path)
+    assert image.format == "PNG"
+    assert "Seed: 7" in image.text["parameters"] and "Steps: 3" in image.text["parameters"]
+    from backend.png import read_parameters
+    restored = read_parameters(path)
+    assert restored["seed"] == 7 and restored["prompt"] == "a red circle at the top"
+    assert measurements["seed"] == 7
+    assert len(measurements["seconds"]["steps"]) == 3
+    assert measurements["seconds"]["total"] > 0 and measurements["steps_per_second"] > 0
+    assert measurements["engine"]["engine"] == "mlx" and measurements["engine"]["reason"]
+
+    # same seed, same request: the same pixels (the PNG reached us losslessly)
+    again, _ = client.predict("a red circle at the top", steps=3, seed=7, api_name="/generate")
+    assert Image.open(again).tobytes() == image.tobytes()
+
+
+def test_compare_fills_every_cell_and_reports_failures_in_their_cell(client):
+    images, summary = client.predict("a blue square", variants=["mlx-fp16", "mlx-8bit", "coreml-fp16"], seed=3,
+                                     steps=2, api_name="/compare")
+    by_key = {v["variant"]: v for v in summary["variants"]}
+    assert [v["variant"] for v in summary["variants"]] == ["mlx-fp16", "mlx-8bit", "coreml-fp16"]
+    assert summary["seed"] == 3 and "random generators" in summary["note"]
+    assert by_key["mlx-fp16"]["status"] == "done" and by_key["mlx-fp16"]["identical"]
+    q8 = by_key["mlx-8bit"]
+    assert (q8["status"] == "done" and q8["psnr"] is not None and 0 < q8["ssim"] <= 1) or \
+        (q8["status"] == "error" and q8["error"])
+    if sys.platform != "darwin":
+        assert by_key["coreml-fp16"]["status"] == "error" and "macOS" in by_key["coreml-fp16"]["error"]
+    assert len(images) == sum(v["status"] == "done" for v in summary["variants"])
+    assert Image.open(images[0]["image"]).format == "PNG"
+
+
+def test_stop_ends_a_run_between_two_steps(served):
+    c = gradio_client.Client(served[3], verbose=False)
+    job = c.submit("a long run", steps=400, api_name="/generate")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status = job.status()
+        if status.progress_data and status.progress_data[0].index:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the run did not start")
+    assert c.predict(api_name="/stop") == "stopping between two steps"
+    start = time.time()
+    with pytest.raises(AppError, match=r"Stopped: stopped after step \d+ of 400"):
+        job.result(timeout=30)
+    assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "enter a prompt"),
+    (dict(prompt="x", width=63), "width 63 is not a multiple of"),
+    (dict(prompt="x", steps=0), "steps must be a whole number from 1 to"),
+    (dict(prompt="x", steps=10_000), "steps must be a whole number from 1 to"),
+    (dict(prompt="x", model="no-such-model"), "unknown model 'no-such-model'"),
+    (dict(prompt="x", precision="fp5"), "unknown precision 'fp5'"),
+])
+def test_bad_inputs_give_a_clear_message_and_the_app_keeps_serving(client, kwargs, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(api_name="/generate", **kwargs)
+    path, measurements = client.predict("a green triangle", steps=1, api_name="/generate")
+    assert Image.open(path).size == (32, 32) and measurements["seconds"]["steps"]
+
+
+def test_corrupted_weights_give_a_clear_message(served, client, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(served[4], broken)
+    unet = next((broken / "unet").glob("*.safetensors"))
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 3])
+    with pytest.raises(AppError, match=r"unet.*(cannot read|truncated|corrupt)"):
+        client.predict("x", model=str(broken), api_name="/generate")
+    path, _ = client.predict("x", steps=1, api_name="/generate")
+    assert Image.open(path).format == "PNG"
+
+
+def test_a_png_restores_its_settings(served, client):
+    webapp, application = served[0], served[1]
+    path, m = client.predict("a small red circle", negative_prompt="blur", steps=2, seed=11, api_name="/generate")
+    values = application.restore(path)
+    named = dict(zip(webapp.SETTING_NAMES, values))
+    assert named["prompt"]["value"] == "a small red circle" and named["negative_prompt"]["value"] == "blur"
+    assert named["seed"]["value"] == 11 and named["steps"]["value"] == 2
+    assert named["precision"]["value"] == "fp16"
+    assert json.loads(Image.open(path).text["silicon_diffusion"])["seed"] == 11
+
+
+def test_offline_download_says_the_hub_cannot_be_reached(served, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message, *_ = served[1].download("sd-1.5")
+    assert "cannot be reached" in message and "error" in message
+
+
+def test_pipeline_cache_keeps_the_most_recent_pipelines():
+    from backend.session import PipelineCache, PipelineKey
+    loads = []
+    cache = PipelineCache(2, loader=lambda key, progress: loads.append(key.model) or object())
+    a, b, c = (PipelineKey.from_choice(m, "mlx", "fp16", "ALL") for m in "abc")
+    first, cached = cache.get(a)
+    assert not cached and cache.get(a) == (first, True)
+    cache.get(b), cache.get(c)
+    assert cache.keys() == [b, c] and loads == ["a", "b", "c"]
+    assert PipelineKey.from_choice("m", "mlx", "4-bit", "ALL").quantization == "q4"
