@@ -46,6 +46,17 @@ def _exp2_from_fraction(f, x):
     return p * mx.view(bits, mx.float32)
 
 
+@mx.custom_function
+def _exp2_polynomial(x):
+    return _exp2_from_fraction(_exp2_fraction(x), x)
+
+
+@_exp2_polynomial.vjp
+def _exp2_polynomial_vjp(primals, cotangent, output):
+    # The rounding and bit tricks have no useful derivative; d/dx 2^x = ln 2 * 2^x (for training).
+    return (cotangent * output * math.log(2.0),)
+
+
 _compiled_exp2_works: Optional[bool] = None
 
 
@@ -61,7 +72,7 @@ def exp2_nonpositive(x: mx.array) -> mx.array:
             _compiled_exp2_works = False
     if not _compiled_exp2_works:
         return mx.maximum(mx.exp(x * math.log(2.0)), 2.0 ** -126)
-    return _exp2_from_fraction(_exp2_fraction(x), x)
+    return _exp2_polynomial(x)
 
 
 def _softmax_attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
