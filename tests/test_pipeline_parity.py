@@ -1,5 +1,7 @@
 """End-to-end parity: the MLX pipeline against diffusers on tiny random-weight models, same noise,
 every scheduler, fp32: image PSNR >= 45 dB."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,9 @@ def diffusers_scheduler(name, config):
 
 def run_both(family, pipe, folder, scheduler, steps, guidance, seed=7, negative=""):
     noise = np.random.default_rng(seed).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
-    pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
+    # from the saved file, as diffusers would load it (an in-memory config also carries which keys were defaults)
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = diffusers_scheduler(scheduler, saved)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE, output_type="np",
                   latents=torch.from_numpy(noise), generator=torch.Generator().manual_seed(seed))
     if family != "lcm":
