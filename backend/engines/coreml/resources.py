@@ -1,0 +1,329 @@
+"""Apple's Core ML Stable Diffusion layout on disk: which file is which stage, and what each model takes.
+
+A resources folder (what apple/ml-stable-diffusion writes, what the apple/coreml-stable-diffusion-*
+Hub repos publish, what `export.py` and `quantize.py` write) holds one Core ML model per stage,
+either as an editable `.mlpackage` or a compiled `.mlmodelc`, named in one of two styles:
+
+- compiled / Swift style:  `TextEncoder.mlmodelc`, `Unet.mlmodelc`, `UnetChunk1.mlmodelc`, ...
+- python style:            `Stable_Diffusion_version_<model>_text_encoder.mlpackage`, `..._unet_chunk1...`
+
+plus the CLIP tokenizer's `vocab.json` and `merges.txt`. Nothing here imports torch, and nothing
+here runs a model: `describe_model` reads input/output names, shapes and dtypes from the model's
+own description (the spec of a package; `metadata.json` or `model.mil` of a compiled model).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from backend.types import UserError
+
+#: Stage name (Apple's compiled file stem) -> suffix in the python-style package name.
+STAGE_SUFFIXES = {
+    "TextEncoder": "text_encoder",
+    "TextEncoder2": "text_encoder_2",
+    "Unet": "unet",
+    "UnetChunk1": "unet_chunk1",
+    "UnetChunk2": "unet_chunk2",
+    "VAEDecoder": "vae_decoder",
+    "VAEEncoder": "vae_encoder",
+    "SafetyChecker": "safety_checker",
+}
+UNET_STAGES = ("Unet", "UnetChunk1", "UnetChunk2")
+MODEL_EXTENSIONS = (".mlpackage", ".mlmodelc")
+ATTENTIONS = ("original", "split_einsum")
+#: user-defined metadata keys export.py writes into every model it converts
+META_ATTENTION = "silicon_diffusion.attention"
+META_STAGE = "silicon_diffusion.stage"
+META_PRECISION = "silicon_diffusion.precision"
+META_SOURCE = "silicon_diffusion.source"
+
+# ArrayFeatureType.ArrayDataType values of the Core ML spec
+_SPEC_DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32", 131080: "int8"}
+_MIL_DTYPES = {"fp16": "float16", "fp32": "float32", "fp64": "float64", "int32": "int32", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple
+    dtype: str  # numpy dtype name: float16, float32, int32 ...
+
+
+@dataclass
+class ModelIO:
+    """What one Core ML model takes and gives, read from its description (never assumed)."""
+    path: Path
+    inputs: dict            # name -> TensorSpec, in the model's order
+    outputs: dict           # name -> TensorSpec (shape () when a compiled model does not tell)
+    metadata: dict = field(default_factory=dict)   # user-defined metadata (str -> str)
+    op_counts: Counter = field(default_factory=Counter)  # MIL op type (snake_case) -> count
+    compiled: bool = False
+
+
+@dataclass
+class CoreMLResources:
+    """One resources folder: the model path of every stage present, and what the engine needs to know."""
+    folder: Path
+    models: dict            # stage -> Path (see STAGE_SUFFIXES)
+    attention: str          # "original", "split_einsum" or "unknown"
+    compiled: bool          # True: .mlmodelc, False: .mlpackage
+    disk_bytes: dict        # stage -> bytes on disk
+    vocab: Optional[Path] = None
+    merges: Optional[Path] = None
+    configs: Optional[Path] = None      # diffusers configs (model_index.json, scheduler/ ...) if present
+    manifest: dict = field(default_factory=dict)  # manifest.json written by export/quantize, if any
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "TextEncoder2" in self.models
+
+    @property
+    def chunked(self) -> bool:
+        return "UnetChunk1" in self.models
+
+    @property
+    def unet_stages(self) -> list:
+        """The UNet's models in the order they run: ["Unet"] or ["UnetChunk1", "UnetChunk2"]."""
+        return ["UnetChunk1", "UnetChunk2"] if self.chunked else ["Unet"]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.disk_bytes.values())
+
+    def io(self, stage: str) -> ModelIO:
+        if stage not in self.models:
+            raise UserError(f"The Core ML resources in {self.folder} have no {stage} model.")
+        return describe_model(self.models[stage])
+
+
+def stage_of(path: Path) -> Optional[str]:
+    """The stage a model file belongs to, from its name in either naming style (None: not a stage)."""
+    path = Path(path)
+    if path.suffix not in MODEL_EXTENSIONS:
+        return None
+    stem = path.stem
+    if stem in STAGE_SUFFIXES:
+        return stem
+    # python style: the longest suffix wins ("..._unet_chunk1" is not "..._unet")
+    for stage, suffix in sorted(STAGE_SUFFIXES.items(), key=lambda kv: -len(kv[1])):
+        if stem.endswith("_" + suffix):
+            return stage
+    return None
+
+
+def disk_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _models_in(folder: Path) -> dict:
+    found: dict = {}
+    for entry in sorted(folder.iterdir()):
+        stage = stage_of(entry)
+        if stage is None or not entry.is_dir():
+            continue
+        if stage in found:
+            raise UserError(f"{folder} holds two {stage} models ({found[stage].name} and {entry.name}); "
+                            "keep one.")
+        found[stage] = entry
+    return found
+
+
+def _subfolders(folder: Path, depth: int):
+    """Folders below `folder` (at most `depth` levels), never looking inside a model."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and entry.suffix not in MODEL_EXTENSIONS:
+            yield entry
+            if depth > 1:
+                yield from _subfolders(entry, depth - 1)
+
+
+def _locate(folder: Path) -> Path:
+    """The folder itself, or the one folder below it that holds the models (Resources/, packages/ ...)."""
+    if _models_in(folder):
+        return folder
+    candidates = [p for p in _subfolders(folder, 3) if _models_in(p)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        names = ", ".join(str(p.relative_to(folder)) for p in candidates)
+        raise UserError(f"{folder} holds several Core ML variants ({names}); choose one of those folders.")
+    raise UserError(f"No Core ML model (.mlpackage or .mlmodelc) was found in {folder}.")
+
+
+def _attention_from_name(folder: Path) -> Optional[str]:
+    for part in reversed(folder.resolve().parts[-3:]):
+        low = part.lower().replace("-", "_")
+        if "split_einsum" in low or "spliteinsum" in low:
+            return "split_einsum"
+        if re.search(r"(^|_)original($|_)", low):
+            return "original"
+    return None
+
+
+def _detect_attention(folder: Path, unet_io: ModelIO, manifest: dict) -> str:
+    """Metadata first (what export.py wrote), then the folder's name, then the program's ops."""
+    if unet_io.metadata.get(META_ATTENTION) in ATTENTIONS:
+        return unet_io.metadata[META_ATTENTION]
+    if manifest.get("attention") in ATTENTIONS:
+        return manifest["attention"]
+    named = _attention_from_name(folder)
+    if named:
+        return named
+    if unet_io.op_counts:
+        # split-einsum attention keeps one einsum per head; the original one lowers to matmuls
+        return "split_einsum" if unet_io.op_counts.get("einsum") else "original"
+    return "unknown"
+
+
+def _find_file(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / "tokenizer" / name, folder / "configs" / "tokenizer" / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
+    """Read a resources folder; a missing stage or tokenizer file is a UserError that names it."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"The Core ML resources folder {root} does not exist.")
+    base = _locate(root)
+    models = _models_in(base)
+
+    kinds = {p.suffix for p in models.values()}
+    if len(kinds) > 1:
+        raise UserError(f"{base} mixes .mlpackage and .mlmodelc models; keep one kind.")
+    if "TextEncoder" not in models and "TextEncoder2" not in models:
+        raise UserError(f"{base} has no text encoder model (TextEncoder.mlmodelc / *_text_encoder.mlpackage).")
+    has_chunks = [s in models for s in ("UnetChunk1", "UnetChunk2")]
+    if any(has_chunks) and not all(has_chunks):
+        missing = "UnetChunk2" if has_chunks[0] else "UnetChunk1"
+        raise UserError(f"{base} has only one half of a chunked UNet: {missing} is missing.")
+    if "Unet" not in models and not all(has_chunks):
+        raise UserError(f"{base} has no UNet model (Unet, or UnetChunk1 + UnetChunk2).")
+    if "Unet" in models and all(has_chunks):
+        del models["Unet"]  # Apple's tools keep both; the pipelines prefer the chunks, so do we
+    if "VAEDecoder" not in models:
+        raise UserError(f"{base} has no VAE decoder model (VAEDecoder.mlmodelc / *_vae_decoder.mlpackage).")
+
+    vocab, merges = _find_file(base, "vocab.json"), _find_file(base, "merges.txt")
+    if require_tokenizer and (vocab is None or merges is None):
+        missing = " and ".join(n for n, p in (("vocab.json", vocab), ("merges.txt", merges)) if p is None)
+        raise UserError(f"{base} has no {missing}: copy them from the model's tokenizer folder.")
+
+    manifest = {}
+    if (base / "manifest.json").is_file():
+        manifest = json.loads((base / "manifest.json").read_text())
+    first_unet = models.get("UnetChunk1", models.get("Unet"))
+    attention = _detect_attention(base, describe_model(first_unet), manifest)
+    configs = base / "configs" if (base / "configs" / "model_index.json").is_file() else None
+    return CoreMLResources(
+        folder=base, models=models, attention=attention, compiled=kinds == {".mlmodelc"},
+        disk_bytes={stage: disk_bytes(p) for stage, p in models.items()},
+        vocab=vocab, merges=merges, configs=configs, manifest=manifest)
+
+
+# ---------------------------------------------------------------- model descriptions
+
+def _snake(op_type: str) -> str:
+    """'Ios16.constexprLutToDense' (compiled histograms) -> 'constexpr_lut_to_dense' (MIL op type)."""
+    name = op_type.split(".")[-1]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _count_ops(block, counts: Counter) -> None:
+    for op in block.operations:
+        counts[op.type] += 1
+        for inner in op.blocks:
+            _count_ops(inner, counts)
+
+
+def _spec_tensor(feature) -> TensorSpec:
+    array = feature.type.multiArrayType
+    return TensorSpec(feature.name, tuple(int(d) for d in array.shape), _SPEC_DTYPES.get(array.dataType, "unknown"))
+
+
+def _describe_package(path: Path) -> ModelIO:
+    from coremltools.models.utils import load_spec  # reads the protobuf, compiles nothing
+
+    spec = load_spec(str(path))
+    counts: Counter = Counter()
+    if spec.WhichOneof("Type") == "mlProgram":
+        for function in spec.mlProgram.functions.values():
+            for block in function.block_specializations.values():
+                _count_ops(block, counts)
+    return ModelIO(
+        path=path,
+        inputs={f.name: _spec_tensor(f) for f in spec.description.input},
+        outputs={f.name: _spec_tensor(f) for f in spec.description.output},
+        metadata=dict(spec.description.metadata.userDefined), op_counts=counts, compiled=False)
+
+
+def _shape(text: str) -> tuple:
+    return tuple(int(d) for d in re.findall(r"-?\d+", text))
+
+
+def _describe_metadata_json(path: Path) -> ModelIO:
+    entries = json.loads((path / "metadata.json").read_text())
+    meta = entries[0] if isinstance(entries, list) else entries
+
+    def tensors(schema):
+        return {t["name"]: TensorSpec(t["name"], _shape(str(t.get("shape", "[]"))),
+                                      str(t.get("dataType", "unknown")).lower())
+                for t in schema}
+
+    counts = Counter()
+    for op_type, n in meta.get("mlProgramOperationTypeHistogram", {}).items():
+        counts[_snake(op_type)] += int(n)
+    return ModelIO(path=path, inputs=tensors(meta.get("inputSchema", [])),
+                   outputs=tensors(meta.get("outputSchema", [])),
+                   metadata=dict(meta.get("userDefinedMetadata", {})), op_counts=counts, compiled=True)
+
+
+_MIL_TENSOR = r"tensor<(\w+),\s*\[([^\]]*)\]>"
+
+
+def _describe_model_mil(path: Path) -> ModelIO:
+    """Fallback for a compiled model without metadata.json: parse model.mil's main signature."""
+    text = (path / "model.mil").read_text()
+    main = re.search(r"func main<\w+>\((.*?)\)\s*\{", text, re.S)
+    returns = re.search(r"\}\s*->\s*\(([^)]*)\);\s*\}\s*$", text)
+    if not main or not returns:
+        raise UserError(f"{path} has neither metadata.json nor a readable model.mil.")
+    inputs = {}
+    for dtype, dims, name in re.findall(_MIL_TENSOR + r"\s+(\w+)", main.group(1)):
+        inputs[name] = TensorSpec(name, _shape(dims), _MIL_DTYPES.get(dtype, dtype))
+    outputs = {}
+    for name in (n.strip() for n in returns.group(1).split(",")):
+        typed = re.search(_MIL_TENSOR + r"\s+" + re.escape(name) + r"\s*=", text)
+        outputs[name] = (TensorSpec(name, _shape(typed.group(2)), _MIL_DTYPES.get(typed.group(1), typed.group(1)))
+                         if typed else TensorSpec(name, (), "unknown"))
+    counts = Counter(re.findall(r"=\s*([a-z][a-z0-9_]*)\(", text[main.end():]))
+    return ModelIO(path=path, inputs=inputs, outputs=outputs, op_counts=counts, compiled=True)
+
+
+@lru_cache(maxsize=64)
+def _describe_cached(path: str, mtime: float) -> ModelIO:
+    p = Path(path)
+    if p.suffix == ".mlpackage":
+        return _describe_package(p)
+    if (p / "metadata.json").is_file():
+        return _describe_metadata_json(p)
+    return _describe_model_mil(p)
+
+
+def describe_model(path) -> ModelIO:
+    """Input/output names, shapes and dtypes (+ user metadata and op counts) of one Core ML model."""
+    p = Path(path)
+    if p.suffix not in MODEL_EXTENSIONS or not p.exists():
+        raise UserError(f"{p} is not a Core ML model (.mlpackage or .mlmodelc).")
+    return _describe_cached(str(p.resolve()), p.stat().st_mtime)
