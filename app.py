@@ -138,6 +138,9 @@ class App:
             size = (req.width or self.defaults["width"], req.height or self.defaults["height"])
             for ev in self._stream(model, engine, units, precision, req, stop):
                 if ev.kind == "status":
+                    if ev.pipeline is not None:  # loaded: previews take the model's own size
+                        native = ev.pipeline.spec.native_size
+                        size = (req.width or native, req.height or native)
                     yield {u.progress: present.progress_html("loading", ev.message)}
                 elif ev.kind == "step":
                     s = ev.step
@@ -320,7 +323,7 @@ class App:
     @staticmethod
     def cached_table():
         rows = [[c["repo"], present.fmt_bytes(c["bytes"])] for c in registry.cached_models()]
-        return pd.DataFrame(rows, columns=["Repository", "Size on disk"])
+        return pd.DataFrame(rows or [["No models downloaded yet", "—"]], columns=["Repository", "Size on disk"])
 
     @staticmethod
     def cached_names():
