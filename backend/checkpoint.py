@@ -110,12 +110,10 @@ def resolve_dims(spec: ModelSpec, width: Optional[int], height: Optional[int]) -
     w = spec.native_size if width is None else int(width)
     h = spec.native_size if height is None else int(height)
     step = spec.vae_scale_factor
-    multiple = step * spec.unet_multiple
+    low = step * spec.unet_multiple
     for name, v in (("width", w), ("height", h)):
-        if v <= 0 or v > 4096:
-            raise UserError(f"{name} {v} is out of range: use 64 to 4096 pixels")
+        if v < low or v > 4096:
+            raise UserError(f"{name} {v} is out of range: use {low} to 4096 pixels")
         if v % step:
             raise UserError(f"{name} {v} is not a multiple of {step} (the VAE works in {step}-pixel blocks)")
-        if v % multiple:
-            raise UserError(f"{name} {v} must be a multiple of {multiple} for this model's UNet")
     return w, h

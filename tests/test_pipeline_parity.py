@@ -40,19 +40,19 @@ def diffusers_scheduler(name, config):
     return cls.from_config(config, **overrides)
 
 
-def run_both(family, pipe, folder, scheduler, steps, guidance, seed=7, negative=""):
-    noise = np.random.default_rng(seed).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+def run_both(family, pipe, folder, scheduler, steps, guidance, seed=7, negative="", width=SIZE, height=SIZE):
+    noise = np.random.default_rng(seed).standard_normal((1, 4, height // 2, width // 2)).astype(np.float32)
     # from the saved file, as diffusers would load it (an in-memory config also carries which keys were defaults)
     saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = diffusers_scheduler(scheduler, saved)
-    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE, output_type="np",
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="np",
                   latents=torch.from_numpy(noise), generator=torch.Generator().manual_seed(seed))
     if family != "lcm":
         kwargs["negative_prompt"] = negative or None
     ref = pipe("a red circle at the top", **kwargs).images[0]
     mine = load_pipeline(str(folder), engine="mlx", precision="fp32").generate(
         GenerationRequest(prompt="a red circle at the top", negative_prompt=negative, steps=steps,
-                          guidance=guidance, scheduler=scheduler, width=SIZE, height=SIZE, seed=seed,
+                          guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed,
                           latents=noise), noise_rng=TorchNoise(seed))
     return ref, mine
 
@@ -79,3 +79,19 @@ def test_negative_prompt_and_no_guidance(tiny_pipelines):
     assert psnr(mine.pixels[0], ref) >= 45.0
     ref, mine = run_both("sd1", pipe, folder, "ddim", steps=3, guidance=1.0)
     assert psnr(mine.pixels[0], ref) >= 45.0
+
+
+def test_latent_size_not_divisible_by_the_unet(tiny_pipelines):
+    """Odd latent sizes: the UNet upsamples to each skip's size, as diffusers does (SD allows any multiple of 8)."""
+    from backend.checkpoint import ModelSpec
+    from backend.engines.mlx.engine import MLXStages
+    pipe, folder = tiny_pipelines("sd1")
+    stages = MLXStages(ModelSpec.from_folder(folder), precision="fp32")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 17, 13)).astype(np.float32)
+    hidden = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    mine = stages.predict_noise(latents, 500.0, hidden)
+    with torch.no_grad():
+        ref = pipe.unet(torch.from_numpy(latents), 500.0, torch.from_numpy(hidden)).sample.numpy()
+    assert mine.shape == ref.shape == (2, 4, 17, 13)
+    assert np.linalg.norm(mine - ref) / np.linalg.norm(ref) < 1e-4
