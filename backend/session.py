@@ -301,8 +301,8 @@ def model_defaults(model: str) -> Optional[dict]:
         spec = ModelSpec.from_folder(folder)
     except (UserError, OSError, ValueError):
         return None
-    multiple = spec.vae_scale_factor * spec.unet_multiple
-    smallest = max(multiple, -(-min(64, spec.native_size) // multiple) * multiple)
+    multiple = spec.vae_scale_factor  # any multiple of the VAE's block, from one block per UNet level up
+    smallest = max(multiple * spec.unet_multiple, -(-min(64, spec.native_size) // multiple) * multiple)
     return {"steps": int(spec.default("steps")), "guidance": float(spec.default("guidance")),
             "scheduler": spec.default("scheduler"), "width": spec.native_size, "height": spec.native_size,
             "size_step": multiple, "size_min": smallest}
