@@ -174,8 +174,9 @@ def test_example_recipes_are_apples_format_and_name_real_layers():
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):  # SD 1.5's UNet is diffusers' default configuration with 768-wide text
         names = {n for n, _ in UNet2DConditionModel(cross_attention_dim=768).named_modules()}
-    files = sorted(RECIPES.glob("*.json"))
-    assert files
+    # Apple's format has "recipes"; other engines' recipe files may share the folder
+    files = [p for p in sorted(RECIPES.glob("*.json")) if "recipes" in json.loads(p.read_text())]
+    assert len(files) >= 2
     for path in files:
         name, recipe = q.load_recipe(path)
         assert name in json.loads(path.read_text())["recipes"] and recipe

@@ -35,7 +35,6 @@ from backend.types import UserError
 from backend.engines.coreml import resources as res
 
 PRECISIONS = ("fp16", "fp32")
-TEXT_LENGTH = 77
 _PATCHED = False
 
 
@@ -206,6 +205,8 @@ class _Exporter:
         self.io_dtype = np.float16 if self.fp16 else np.float32
         self.seconds: dict = {}
         self.vae_fp16 = self.fp16
+        encoder = self.parts.get("text_encoder") or self.parts["text_encoder_2"]
+        self.text_length = encoder.config.max_position_embeddings  # 77 for every CLIP text encoder
         torch.manual_seed(0)
 
     def save(self, stage: str, mlmodel, t0: float) -> None:
@@ -223,7 +224,7 @@ class _Exporter:
                 continue
             t0, encoder = time.perf_counter(), self.parts[name]
             module = tm.TextEncoderIO(encoder, hidden_layer=-2 if self.sdxl else None)
-            ids = torch.randint(encoder.config.vocab_size, (1, TEXT_LENGTH), dtype=torch.int32).float()
+            ids = torch.randint(encoder.config.vocab_size, (1, self.text_length), dtype=torch.int32).float()
             self.save(stage, _convert(module, {"input_ids": ids}, {"input_ids": np.float32},
                                       {hidden_name: np.float32, "pooled_outputs": np.float32}, self.fp16), t0)
 
@@ -235,7 +236,7 @@ class _Exporter:
         example = {
             "sample": torch.randn(b, unet.config.in_channels, h, w),
             "timestep": torch.full((b,), 999.0),
-            "encoder_hidden_states": torch.randn(b, unet.config.cross_attention_dim, 1, TEXT_LENGTH),
+            "encoder_hidden_states": torch.randn(b, unet.config.cross_attention_dim, 1, self.text_length),
         }
         if unet.config.addition_embed_type == "text_time":
             text_dim = self.parts["text_encoder_2"].config.projection_dim if "text_encoder_2" in self.parts else 1280
