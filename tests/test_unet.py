@@ -7,6 +7,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
+from mlx.utils import tree_flatten
+
 from backend.engines.mlx import layers, weights
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
 
@@ -151,12 +153,62 @@ def test_attention_kernel_matches_softmax(n_q, n_kv, heads, dim):
     assert half.dtype == np.float16 and relative_error(half.astype(np.float32), ref) < 5e-3
 
 
-def test_exp2_kernel_accuracy_and_underflow():
-    x = mx.linspace(-125.0, 0.0, 100001)
-    rel = mx.abs(layers.exp2_nonpositive(x) / mx.power(2.0, x) - 1)
+def test_exp2_kernel_accuracy_and_clamping():
+    x = mx.linspace(-125.0, 126.0, 100001)
+    rel = mx.abs(layers.exp2(x) / mx.power(2.0, x) - 1)
     assert mx.max(rel).item() < 1e-6
-    tiny = np.array(layers.exp2_nonpositive(mx.array([-200.0, -1e6])))
-    assert np.all(tiny >= 0) and np.all(tiny < 1e-37)
+    tiny, huge = np.array(layers.exp2(mx.array([-200.0, -1e6]))), np.array(layers.exp2(mx.array([200.0])))
+    assert np.all(tiny >= 0) and np.all(tiny < 1e-37) and np.isfinite(huge).all() and huge[0] > 1e38
+
+
+def test_cpu_silu_and_gelu_match_torch():
+    x = np.concatenate([np.linspace(-30, 30, 20001), [-1e4, -100.0, 0.0, 100.0, 1e4]]).astype(np.float32)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(np.array(layers.silu(mx.array(x))), torch.nn.functional.silu(t).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(layers.gelu(mx.array(x))), torch.nn.functional.gelu(t).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    assert layers.silu(mx.array(x).astype(mx.float16)).dtype == mx.float16
+
+
+def test_cpu_kernels_have_the_right_gradients():
+    x = mx.linspace(-12, 12, 2001)
+    for mine, ref in [(layers.silu, mx.sigmoid(x) * (1 + x * (1 - mx.sigmoid(x)))),
+                      (layers.gelu, 0.5 * (1 + mx.erf(x / math.sqrt(2))) + x * mx.exp(-x * x / 2) / math.sqrt(2 * math.pi))]:
+        assert mx.max(mx.abs(mx.grad(lambda y: mine(y).sum())(x) - ref)).item() < 1e-5
+    q, k, v = (mx.random.normal((1, 2, 30, 8), key=mx.random.key(i)) for i in range(3))
+    weights_out = mx.arange(8, dtype=mx.float32)
+    mine = mx.grad(lambda *a: (layers.attention(*a, 0.3) * weights_out).sum(), argnums=(0, 1, 2))(q, k, v)
+    ref = mx.grad(lambda q, k, v: ((mx.softmax(q @ k.swapaxes(-1, -2) * 0.3, -1) @ v) * weights_out).sum(),
+                  argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(mine, ref):
+        assert relative_error(np.array(a), np.array(b)) < 1e-5
+
+
+def test_unet_parameter_gradients_match_torch():
+    torch_unet, mlx_unet = build("sd1")
+    args, extra = inputs(torch_unet, batch=1, size=8)
+    probe = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch_unet.zero_grad()
+    (torch_unet(**args).sample * probe).sum().backward()
+    sample, t, ctx = nhwc(args["sample"]), mx.array(args["timestep"].numpy()), mx.array(args["encoder_hidden_states"].numpy())
+
+    def loss(params):
+        mlx_unet.update(params)
+        return (mlx_unet(sample, t, ctx) * nhwc(probe)).sum()
+
+    grads = mx.grad(loss)(mlx_unet.trainable_parameters())
+    flat = dict(tree_flatten(grads))
+    torch_params = dict(torch_unet.named_parameters())
+    for name in ("conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                 "down_blocks.0.attentions.0.proj_in.weight", "down_blocks.1.resnets.0.norm1.weight",
+                 "up_blocks.1.resnets.2.conv2.weight",
+                 "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
+                 "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "time_embedding.linear_1.weight"):
+        ref = torch_params[name].grad.numpy()
+        mine = np.array(flat[name])
+        mine = mine.transpose(0, 3, 1, 2) if mine.ndim == 4 else mine.reshape(ref.shape)
+        assert relative_error(mine, ref) <= 1e-4, name
 
 
 def test_timestep_embedding_matches_diffusers():
@@ -168,8 +220,9 @@ def test_timestep_embedding_matches_diffusers():
         np.testing.assert_allclose(mine, ref, atol=2e-5)
 
 
-def test_attention_without_a_cpu_compiler_falls_back_to_exp(monkeypatch):
-    monkeypatch.setattr(layers, "_compiled_exp2_works", False)
+def test_without_a_cpu_compiler_mlx_ops_are_used(monkeypatch):
+    monkeypatch.setattr(layers, "_compiled_kernels_work", False)
+    assert np.allclose(np.array(layers.gelu(mx.array([1.0]))), 0.8413447, atol=1e-6)
     rng = np.random.default_rng(1)
     q, k, v = (mx.array(rng.standard_normal((1, 2, 50, 8)).astype(np.float32)) for _ in range(3))
     ref = mx.softmax((q @ k.swapaxes(-1, -2)) * 0.5, axis=-1) @ v

@@ -1,7 +1,7 @@
 """Micro-benchmark: the engine's attention kernel vs the two matmuls it cannot avoid.
 
-    python tools/bench_attention.py            # SD 1.5 sizes: self-attention at 64x64 latents
-    python tools/bench_attention.py --tokens 1024 --heads 8 --dim 80 --batch 2
+    python tools/bench_attention.py        # SD 1.5 at 512x512: UNet self/cross-attention, VAE attention
+    python tools/bench_attention.py --batch 2 --heads 10 --tokens 4096 --dim 64   # one custom case
 
 Prints the best of `--repeat` wall-clock runs of: q k^T and p v as two plain batched matmuls,
 `layers.attention`, and MLX's `mx.fast.scaled_dot_product_attention`, plus the kernel's error.
@@ -30,37 +30,50 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
+# (name, batch, heads, query tokens, key tokens, head dim) at SD 1.5's 512x512 (64x64 latents)
+SD15_CASES = (
+    ("unet self-attention, level 0", 2, 8, 4096, 4096, 40),
+    ("unet cross-attention, level 0", 2, 8, 4096, 77, 40),
+    ("vae mid-block attention", 1, 1, 4096, 4096, 512),
+)
+
+
+def bench(name, batch, heads, n_q, n_kv, dim, repeat):
+    mx.random.seed(0)
+    q = mx.random.normal((batch, heads, n_q, dim))
+    k = mx.random.normal((batch, heads, n_kv, dim))
+    v = mx.random.normal((batch, heads, n_kv, dim))
+    scale = dim ** -0.5
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    mx.eval(q, k, v, scores)
+    t_qk = best_time(lambda: (q * scale) @ k.swapaxes(-1, -2), repeat)
+    t_pv = best_time(lambda: scores @ v, repeat)
+    t_ours = best_time(lambda: attention(q, k, v, scale), repeat)
+    t_fast = best_time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), repeat)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    error = (mx.linalg.norm(attention(q, k, v, scale) - ref) / mx.linalg.norm(ref)).item()
+    mm = t_qk + t_pv
+    print(f"{name} (B={batch} H={heads} N={n_q} M={n_kv} d={dim})")
+    print(f"  matmuls q@k^T + p@v : {mm:7.3f} s")
+    print(f"  layers.attention    : {t_ours:7.3f} s  ({t_ours / mm:.2f}x the matmuls, rel. error {error:.1e})")
+    print(f"  mx.fast.sdpa        : {t_fast:7.3f} s  ({t_fast / mm:.2f}x the matmuls)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance")
+    parser.add_argument("--batch", type=int, default=None, help="run one custom case instead of SD 1.5's")
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=4096, help="query tokens (64x64 latents = 4096)")
+    parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--kv-tokens", type=int, default=None, help="key tokens (default: same; 77 = cross)")
     parser.add_argument("--dim", type=int, default=40, help="head dimension")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-
-    n_kv = args.kv_tokens or args.tokens
-    mx.random.seed(0)
-    q = mx.random.normal((args.batch, args.heads, args.tokens, args.dim))
-    k = mx.random.normal((args.batch, args.heads, n_kv, args.dim))
-    v = mx.random.normal((args.batch, args.heads, n_kv, args.dim))
-    scale = args.dim ** -0.5
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    mx.eval(q, k, v, scores)
-
-    print(f"device {mx.default_device()}  B={args.batch} H={args.heads} N={args.tokens} M={n_kv} d={args.dim}")
-    t_qk = best_time(lambda: (q * scale) @ k.swapaxes(-1, -2), args.repeat)
-    t_pv = best_time(lambda: scores @ v, args.repeat)
-    t_ours = best_time(lambda: attention(q, k, v, scale), args.repeat)
-    t_fast = best_time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), args.repeat)
-    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = attention(q, k, v, scale)
-    error = (mx.linalg.norm(out - ref) / mx.linalg.norm(ref)).item()
-    print(f"matmuls q@k^T + p@v : {t_qk + t_pv:7.3f} s  ({t_qk:.3f} + {t_pv:.3f})")
-    print(f"layers.attention    : {t_ours:7.3f} s  ({t_ours / (t_qk + t_pv):.2f}x the matmuls)")
-    print(f"mx.fast.sdpa        : {t_fast:7.3f} s  ({t_fast / (t_qk + t_pv):.2f}x the matmuls)")
-    print(f"relative error vs mx.fast.sdpa: {error:.2e}")
+    print(f"device {mx.default_device()}, best of {args.repeat} runs")
+    if args.batch is None:
+        for case in SD15_CASES:
+            bench(*case, args.repeat)
+    else:
+        bench("custom", args.batch, args.heads, args.tokens, args.kv_tokens or args.tokens, args.dim, args.repeat)
 
 
 if __name__ == "__main__":
