@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from mlx.utils import tree_flatten
 
-from backend.engines.mlx import layers, weights
+from backend.engines.mlx import cpu_kernels, layers, weights
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
 
 COMMON = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -39,6 +39,36 @@ CONFIGS = {
                  resnet_time_scale_shift="scale_shift", only_cross_attention=(True, False, False),
                  mid_block_type=None, flip_sin_to_cos=False, freq_shift=1),
 }
+
+
+# The published configs (non-default fields; nulls as in the files) of the full-size UNets.
+SD15 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], sample_size=64,
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, num_class_embeds=None)
+REAL_CONFIGS = {
+    "sd15": SD15,
+    "sd21": {**SD15, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+             "upcast_attention": True, "num_attention_heads": None},
+    "lcm-sd15": {**SD15, "time_cond_proj_dim": 256},
+    "sdxl": dict(addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                 attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 projection_class_embeddings_input_dim=2816, transformer_layers_per_block=[1, 2, 10],
+                 use_linear_projection=True, upcast_attention=None, sample_size=128, time_cond_proj_dim=None),
+}
+
+
+def assert_same_parameters(torch_module, mlx_module):
+    """Every checkpoint tensor has a model parameter of a shape weights.py maps it onto, and back."""
+    mine = {k: tuple(v.shape) for k, v in tree_flatten(mlx_module.parameters())}
+    theirs = {weights.rename(k): tuple(v.shape) for k, v in torch_module.state_dict().items()}
+    assert set(mine) == set(theirs)
+    for name, shape in theirs.items():
+        fits = {shape}
+        if len(shape) == 4:
+            fits |= {(shape[0], shape[2], shape[3], shape[1]), shape[:2] if shape[2:] == (1, 1) else shape}
+        assert mine[name] in fits, (name, mine[name], shape)
 
 
 def relative_error(mine: np.ndarray, reference: np.ndarray) -> float:
@@ -127,6 +157,14 @@ def test_unet_fp16_is_finite_and_close_to_fp32():
     assert relative_error(fp16, fp32) < 2e-2
 
 
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_full_size_configs_build_diffusers_parameters(name):
+    with torch.device("meta"):  # shapes only: no memory for the full-size weights
+        torch_unet = TorchUNet(**REAL_CONFIGS[name])
+    mlx_unet = UNet2DConditionModel(dict(torch_unet.config))  # MLX initializes lazily: nothing is allocated
+    assert_same_parameters(torch_unet, mlx_unet)
+
+
 def test_config_heads_quirk_and_refusals():
     cfg = UNetConfig.from_dict({**COMMON, **CONFIGS["sd2"], "_class_name": "UNet2DConditionModel"})
     assert cfg.heads_per_level == [2, 4]
@@ -147,7 +185,7 @@ def test_attention_kernel_matches_softmax(n_q, n_kv, heads, dim):
     s = np.einsum("bhnd,bhmd->bhnm", q.astype(np.float64), k) * scale
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("bhnm,bhmd->bhnd", p / p.sum(-1, keepdims=True), v)
-    out = np.array(layers.attention(mx.array(q), mx.array(k), mx.array(v), scale))
+    out = np.array(cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), scale))
     assert relative_error(out, ref) <= 1e-5
     half = np.array(layers.attention(*(mx.array(a).astype(mx.float16) for a in (q, k, v)), scale))
     assert half.dtype == np.float16 and relative_error(half.astype(np.float32), ref) < 5e-3
@@ -155,30 +193,32 @@ def test_attention_kernel_matches_softmax(n_q, n_kv, heads, dim):
 
 def test_exp2_kernel_accuracy_and_clamping():
     x = mx.linspace(-125.0, 126.0, 100001)
-    rel = mx.abs(layers.exp2(x) / mx.power(2.0, x) - 1)
+    rel = mx.abs(cpu_kernels.exp2(x) / mx.power(2.0, x) - 1)
     assert mx.max(rel).item() < 1e-6
-    tiny, huge = np.array(layers.exp2(mx.array([-200.0, -1e6]))), np.array(layers.exp2(mx.array([200.0])))
+    tiny = np.array(cpu_kernels.exp2(mx.array([-200.0, -1e6])))
+    huge = np.array(cpu_kernels.exp2(mx.array([200.0])))
     assert np.all(tiny >= 0) and np.all(tiny < 1e-37) and np.isfinite(huge).all() and huge[0] > 1e38
 
 
 def test_cpu_silu_and_gelu_match_torch():
     x = np.concatenate([np.linspace(-30, 30, 20001), [-1e4, -100.0, 0.0, 100.0, 1e4]]).astype(np.float32)
     t = torch.from_numpy(x)
-    np.testing.assert_allclose(np.array(layers.silu(mx.array(x))), torch.nn.functional.silu(t).numpy(),
+    np.testing.assert_allclose(np.array(cpu_kernels.silu(mx.array(x))), torch.nn.functional.silu(t).numpy(),
                                rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.array(layers.gelu(mx.array(x))), torch.nn.functional.gelu(t).numpy(),
+    np.testing.assert_allclose(np.array(cpu_kernels.gelu(mx.array(x))), torch.nn.functional.gelu(t).numpy(),
                                rtol=1e-6, atol=1e-6)
-    assert layers.silu(mx.array(x).astype(mx.float16)).dtype == mx.float16
+    assert cpu_kernels.silu(mx.array(x).astype(mx.float16)).dtype == mx.float16
 
 
 def test_cpu_kernels_have_the_right_gradients():
     x = mx.linspace(-12, 12, 2001)
-    for mine, ref in [(layers.silu, mx.sigmoid(x) * (1 + x * (1 - mx.sigmoid(x)))),
-                      (layers.gelu, 0.5 * (1 + mx.erf(x / math.sqrt(2))) + x * mx.exp(-x * x / 2) / math.sqrt(2 * math.pi))]:
+    sig, gauss = mx.sigmoid(x), mx.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    for mine, ref in [(cpu_kernels.silu, sig * (1 + x * (1 - sig))),
+                      (cpu_kernels.gelu, 0.5 * (1 + mx.erf(x / math.sqrt(2))) + x * gauss)]:
         assert mx.max(mx.abs(mx.grad(lambda y: mine(y).sum())(x) - ref)).item() < 1e-5
     q, k, v = (mx.random.normal((1, 2, 30, 8), key=mx.random.key(i)) for i in range(3))
     weights_out = mx.arange(8, dtype=mx.float32)
-    mine = mx.grad(lambda *a: (layers.attention(*a, 0.3) * weights_out).sum(), argnums=(0, 1, 2))(q, k, v)
+    mine = mx.grad(lambda *a: (cpu_kernels.attention(*a, 0.3) * weights_out).sum(), argnums=(0, 1, 2))(q, k, v)
     ref = mx.grad(lambda q, k, v: ((mx.softmax(q @ k.swapaxes(-1, -2) * 0.3, -1) @ v) * weights_out).sum(),
                   argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(mine, ref):
@@ -191,7 +231,8 @@ def test_unet_parameter_gradients_match_torch():
     probe = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     torch_unet.zero_grad()
     (torch_unet(**args).sample * probe).sum().backward()
-    sample, t, ctx = nhwc(args["sample"]), mx.array(args["timestep"].numpy()), mx.array(args["encoder_hidden_states"].numpy())
+    sample, t = nhwc(args["sample"]), mx.array(args["timestep"].numpy())
+    ctx = mx.array(args["encoder_hidden_states"].numpy())
 
     def loss(params):
         mlx_unet.update(params)
@@ -221,7 +262,7 @@ def test_timestep_embedding_matches_diffusers():
 
 
 def test_without_a_cpu_compiler_mlx_ops_are_used(monkeypatch):
-    monkeypatch.setattr(layers, "_compiled_kernels_work", False)
+    monkeypatch.setattr(cpu_kernels, "_compiled_kernels_work", False)
     assert np.allclose(np.array(layers.gelu(mx.array([1.0]))), 0.8413447, atol=1e-6)
     rng = np.random.default_rng(1)
     q, k, v = (mx.array(rng.standard_normal((1, 2, 50, 8)).astype(np.float32)) for _ in range(3))

@@ -5,6 +5,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 
+from mlx.utils import tree_flatten
+
 from backend.engines.mlx import weights
 from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
 
@@ -57,6 +59,21 @@ def test_config_exposes_latent_scaling():
     assert VAEConfig.from_dict({}).scaling_factor == 0.18215 and VAEConfig.from_dict({}).force_upcast
     with pytest.raises(ValueError, match="not supported"):
         VAEConfig.from_dict({**CONFIG, "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")})
+
+
+@pytest.mark.parametrize("scaling_factor", [0.18215, 0.13025])  # the SD 1.x/2.x and SDXL VAEs
+def test_full_size_config_builds_diffusers_parameters(scaling_factor):
+    cfg = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, sample_size=512,
+               scaling_factor=scaling_factor)
+    with torch.device("meta"):
+        torch_vae = TorchVAE(**cfg)
+    mine = {k: tuple(v.shape) for k, v in tree_flatten(AutoencoderKL(dict(torch_vae.config)).parameters())}
+    theirs = {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
+    assert set(mine) == set(theirs)
+    for name, shape in theirs.items():
+        moved = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape
+        assert mine[name] in (shape, moved, shape[:2] if shape[2:] == (1, 1) else shape), name
 
 
 def test_decode_matches_diffusers(vaes):

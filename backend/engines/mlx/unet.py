@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from backend.engines.mlx.layers import (
     Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, activation, group_norm,
-    timestep_embedding, upsample_nearest,
+    timestep_embedding,
 )
 
 PerLevel = Union[int, Sequence]
@@ -216,7 +216,8 @@ class UNet2DConditionModel(nn.Module):
         levels = len(channels)
         time_embed_dim = cfg.time_embedding_dim or channels[0] * 4
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel,
+                                 padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, cfg.act_fn,
                                                 cond_proj_dim=cfg.time_cond_proj_dim,
                                                 post_act_fn=cfg.timestep_post_act)
@@ -309,5 +310,3 @@ def _block_kind(kind: str, with_attention: str, without: str) -> bool:
         return False
     raise ValueError(f"UNet block type {kind!r} is not supported")
 
-
-__all__ = ["UNetConfig", "UNet2DConditionModel", "upsample_nearest"]
