@@ -1,0 +1,128 @@
+"""MLX quantization on the tiny sd1 model: image quality vs fp16, weight bytes, layers, recipes."""
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from backend.engines.mlx import quantize as Q
+from backend.engines.mlx.weights import module_bytes
+from backend.measure import psnr
+from backend.pipeline import load_pipeline
+from backend.types import GenerationRequest, UserError
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_pipelines):
+    return tiny_pipelines("sd1")[1]
+
+
+@pytest.fixture(scope="module")
+def generated(sd1):
+    """fp16, q8 and q4 pipelines of the same model, each run on the same seed and noise."""
+    noise = np.random.default_rng(7).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    out = {}
+    for q in (None, "q8", "q4"):
+        pipe = load_pipeline(str(sd1), engine="mlx", precision="fp16", quantization=q)
+        out[q] = (pipe, pipe.generate(GenerationRequest(prompt="a red circle", steps=3, seed=3, latents=noise)))
+    return out
+
+
+def _unet_and_text_bytes(pipe) -> int:
+    return module_bytes(pipe.stages.unet) + sum(module_bytes(m) for m in pipe.stages.text_encoders)
+
+
+def test_8bit_image_is_close_to_fp16_and_4bit_is_further(generated):
+    fp16 = generated[None][1].pixels
+    q8 = psnr(fp16, generated["q8"][1].pixels)
+    q4 = psnr(fp16, generated["q4"][1].pixels)
+    assert q8 >= 30.0
+    assert q4 < q8
+
+
+def test_4bit_shrinks_unet_and_text_encoder_weights_3x(generated):
+    fp16, q8, q4 = (_unet_and_text_bytes(generated[q][0]) for q in (None, "q8", "q4"))
+    assert fp16 / q4 >= 3.0
+    assert q4 < q8 < fp16
+    assert generated["q4"][1].memory.weight_bytes < generated[None][1].memory.weight_bytes
+
+
+def test_results_say_which_layers_are_quantized(generated):
+    info = generated["q4"][1].engine
+    assert info["quantization"] == "q4"
+    text = info["quantized_layers"]
+    assert "UNet: 4-bit on" in text and "conv layers" in text
+    assert "text encoder: 4-bit on" in text
+    assert "rows of 37 weights" in text and "mlp.fc2" in text  # the tiny CLIP's 37-wide MLP does not fit
+    assert "VAE" in text and "stay fp16" in text
+
+
+def test_unet_convolutions_and_linears_are_quantized(generated):
+    unet = generated["q4"][0].stages.unet
+    kinds = {type(m).__name__ for _, m in unet.named_modules()}
+    assert {"QuantizedConv2d", "QuantizedLinear"} <= kinds
+    assert "Conv2d" in kinds  # conv_in: rows of 4*3*3 = 36 weights do not fit a group of 32
+    assert type(unet.conv_out).__name__ == "QuantizedConv2d"
+    assert not any(isinstance(m, Q.QuantizedConv2d) for _, m in generated["q4"][0].stages.vae.named_modules())
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_quantized_conv_matches_conv(stride, padding):
+    mx.random.seed(0)
+    conv = nn.Conv2d(32, 16, 3, stride=stride, padding=padding)
+    x = mx.random.normal((2, 9, 9, 32))
+    q = Q.QuantizedConv2d.from_conv(conv, group_size=32, bits=8)
+    assert q.weight.dtype == mx.uint32 and q.weight.shape == (16, 3 * 3 * 32 * 8 // 32)
+    ref, out = conv(x), q(x)
+    assert out.shape == ref.shape
+    assert float(mx.abs(out - ref).max()) < 0.02 * float(mx.abs(ref).max())
+    assert module_bytes(q) < module_bytes(conv) / 3
+
+
+def test_cpu_linear_path_matches_fused_quantized_matmul():
+    mx.random.seed(1)
+    layer = Q.QuantizedLinear.from_linear(nn.Linear(64, 8), group_size=64, bits=4)
+    x = mx.random.normal((3, 64))
+    fused = nn.QuantizedLinear.__call__(layer, x)
+    assert mx.allclose(layer(x), fused, atol=1e-4).item()
+
+
+def test_group_size_falls_back_to_32_and_unfit_rows_stay():
+    model = nn.Sequential(nn.Linear(128, 8), nn.Linear(96, 8), nn.Linear(37, 8))
+    p = Q.plan(model, [{"match": ["*"], "bits": 4}], group_size=64)
+    assert p["layers"] == {"layers.0": ["linear", 4, 64], "layers.1": ["linear", 4, 32]}
+    assert p["unfit"] == {"layers.2": 37}
+
+
+def test_mixed_recipe_follows_its_rules(sd1):
+    pipe = load_pipeline(str(sd1), engine="mlx", quantization="mixed")
+    plans = pipe.stages.quantization_plans
+    unet = plans["unet"]["layers"]
+    assert unet["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"][1] == 4
+    assert unet["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"][1] == 4
+    assert unet["down_blocks.0.resnets.0.conv1"][1] == 5
+    assert unet["down_blocks.0.attentions.0.proj_in"][1] == 8
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(plans["unet"]["kept"])
+    assert {bits for _, bits, _ in plans["text_encoder"]["layers"].values()} == {8}
+    assert "mixed: " in pipe.stages.quantized_layers and "kept fp16 by the recipe" in pipe.stages.quantized_layers
+
+
+def test_bad_names_and_recipes_are_user_errors(sd1, tmp_path):
+    with pytest.raises(UserError, match="unknown quantization 'q5'"):
+        load_pipeline(str(sd1), engine="mlx", quantization="q5")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"unet": [{"match": ["*"], "bits": 7}]}')
+    with pytest.raises(UserError, match="bits"):
+        Q.load_recipe(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        Q.load_recipe(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="group size"):
+        Q.scheme_recipe("q4", group_size=48)
+
+
+def test_apple_style_recipe_applies_to_the_unet(tmp_path):
+    path = tmp_path / "apple.json"
+    path.write_text('{"recipes": {"r": {"down_blocks.0.resnets.0.conv1": 6, "conv_out": 16}}}')
+    recipe = Q.load_recipe(path)
+    assert Q._rule_bits(recipe["unet"], "down_blocks.0.resnets.0.conv1", "conv") == 6
+    assert Q._rule_bits(recipe["unet"], "conv_out", "conv") == Q.KEEP
+    assert Q._rule_bits(recipe["unet"], "down_blocks.0.resnets.0.conv2", "conv") == Q.KEEP
