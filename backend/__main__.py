@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--latents", help="standard-normal NCHW noise (.npy), diffusers' latents= convention")
     g.add_argument("--backend", default="auto", choices=["auto", "mlx", "coreml"])
-    g.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on a GPU, fp32 on the CPU")
     g.add_argument("--quantization", help="MLX: q8, q6, q4, q3, q2 (Core ML: pick a quantized resources folder)")
     g.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"])
     g.add_argument("--attention", choices=["original", "split_einsum"])

@@ -182,7 +182,7 @@ class Pipeline:
         return result
 
 
-def load_pipeline(model: str, engine: str = "auto", precision: str = "fp16", quantization: Optional[str] = None,
+def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", quantization: Optional[str] = None,
                   compute_units: str = "ALL", attention: Optional[str] = None, reduce_memory: bool = False,
                   progress=None) -> Pipeline:
     """Resolve `model`, choose the engine (with the reason shown to the user) and load its stages once."""
