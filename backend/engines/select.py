@@ -64,8 +64,10 @@ def coreml_resources_for(model: str) -> Optional[str]:
     """The Core ML resources a model offers: a local Apple-layout folder or a registry entry's repository."""
     p = Path(model).expanduser()
     if p.is_dir():
+        # the models themselves, or Apple's variant folders (original/packages/, split_einsum/compiled/ ...)
         return str(p) if not (p / "model_index.json").exists() and any(
-            c.suffix in (".mlpackage", ".mlmodelc") for c in p.iterdir()) else None
+            c.suffix in (".mlpackage", ".mlmodelc") for pattern in ("*", "*/*", "*/*/*") for c in p.glob(pattern)) \
+            else None
     entry = registry.get_entry(model)
     return entry.coreml.get("repo") if entry is not None and entry.coreml else None
 
@@ -84,7 +86,12 @@ def choose_engine(model: str, engine: str = "auto", progress=None) -> EngineChoi
         return _coreml_choice(model, "Core ML was asked for", progress)
     if engine == "mlx":
         return _mlx_choice(model, f"MLX was asked for; running MLX on the {_mlx_device()}", progress)
-    if blocked is None and resources:
-        return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress)
     why = blocked or "this model has no Core ML resources"
+    if blocked and resources and Path(model).expanduser().is_dir():
+        raise UserError(f"{model} holds only Core ML resources, and {blocked}; give its diffusers folder for MLX")
+    if blocked is None and resources:
+        try:
+            return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress)
+        except UserError as exc:  # not cached and not downloadable now, or unreadable: MLX still runs
+            why = f"Core ML resources could not be used ({exc})"
     return _mlx_choice(model, f"{why}; running MLX on the {_mlx_device()}", progress)

@@ -1,0 +1,417 @@
+"""The Core ML engine: Apple's Stable Diffusion resources (resources.py) run as the pipeline's three stages.
+
+What it owns, and nothing more (the loop, tokenizer, schedulers and guidance are backend/pipeline.py's):
+
+- a `ModelSpec` for a resources folder: family from TextEncoder2's presence, sizes from the UNet's and
+  VAE decoder's own descriptions, configs from the folder's `configs/` (our exports), else from the paired
+  diffusers model when the registry names one and it is cached, else Stable Diffusion's defaults;
+- `CoreMLStages`: inputs prepared to each model's described names, shapes and dtypes (text as
+  (B, C, 1, 77); the batch split or padded to the batch the model was exported with; a chunked UNet run as
+  chunk 1, then chunk 2 fed with chunk 1's outputs by name); models loaded per compute unit and cached, or,
+  with `reduce_memory`, loaded just before their stage runs and released after it (Apple's --reduce-memory);
+- `coreml_choice`: where the resources come from (a local folder, or a registry entry's Hub repository and
+  variant subfolder, downloaded with only that subfolder's files).
+Core ML itself is called only through a runtime (runtime.py, or a stand-in with the same contract).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from backend import registry
+from backend.checkpoint import SETTINGS_FILE, ModelSpec
+from backend.engines.base import EncoderOutput, Stages
+from backend.engines.coreml import resources as res
+from backend.engines.coreml.runtime import CoreMLRuntime, check_compute_units
+from backend.tokenizer import CLIPTokenizer
+from backend.types import UserError
+
+DEVICES = {"ALL": "CPU, GPU and Neural Engine", "CPU_AND_NE": "CPU and Neural Engine",
+           "CPU_AND_GPU": "CPU and GPU", "CPU_ONLY": "CPU"}
+_ENCODERS = (("TextEncoder", "text_encoder", "tokenizer"), ("TextEncoder2", "text_encoder_2", "tokenizer_2"))
+_HIDDEN_OUTPUTS = ("hidden_embeds", "last_hidden_state")  # SDXL's penultimate layer / SD's last layer
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1)
+
+
+# ------------------------------------------------------------------ the model's spec and tokenizers
+
+def _read(folder: Optional[Path], relative: str) -> dict:
+    path = folder / relative if folder is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _default_scheduler(sdxl: bool, v_prediction: bool) -> dict:
+    if sdxl:
+        return dict(_class_name="EulerDiscreteScheduler", **_SD_BETAS, prediction_type="epsilon",
+                    timestep_spacing="leading")
+    return dict(_class_name="PNDMScheduler", **_SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False,
+                prediction_type="v_prediction" if v_prediction else "epsilon")
+
+
+def _only(tensors: dict, preferred=()) -> res.TensorSpec:
+    for name in preferred:
+        if name in tensors:
+            return tensors[name]
+    return next(iter(tensors.values()))
+
+
+def _text_width(resources: res.CoreMLResources, stage: str) -> int:
+    hidden = _only(resources.io(stage).outputs, _HIDDEN_OUTPUTS)
+    return int(hidden.shape[-1]) if hidden.shape else 0
+
+
+def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -> ModelSpec:
+    """What the pipeline needs to know about a resources folder; the models' descriptions win over configs."""
+    configs = resources.configs or paired
+    unet = resources.io(resources.unet_stages[0]).inputs
+    vae = resources.io("VAEDecoder")
+    _, channels, h, w = unet["sample"].shape
+    image = _only(vae.outputs, ("image",)).shape
+    scale = int(image[-1]) // int(_only(vae.inputs).shape[-1]) if len(image) == 4 else 8
+    sdxl = resources.is_sdxl
+    present = [e for e in _ENCODERS if e[0] in resources.models]
+    widths = [_text_width(resources, stage) for stage, _, _ in present]
+
+    unet_config = dict(_read(configs, "unet/config.json"), in_channels=channels, out_channels=channels, sample_size=h,
+                       cross_attention_dim=unet["encoder_hidden_states"].shape[1])
+    unet_config.pop("time_cond_proj_dim", None)
+    if "timestep_cond" in unet:
+        unet_config["time_cond_proj_dim"] = unet["timestep_cond"].shape[1]
+    if "time_ids" in unet:
+        unet_config["addition_embed_type"] = "text_time"
+    vae_config = {"scaling_factor": 0.13025 if sdxl else 0.18215, **_read(configs, "vae/config.json")}
+    vae_config["latent_channels"] = channels
+    if len(vae_config.get("block_out_channels", [0] * 4)) != int(math.log2(scale)) + 1:
+        # ModelSpec counts the VAE's levels for its scale factor; the description is what counts here
+        vae_config["block_out_channels"] = [0] * (int(math.log2(scale)) + 1)
+    # SD 2.x at 768 (OpenCLIP ViT-H text, 96x96 latents) predicts v; the 512 "base" models predict noise
+    v_prediction = not sdxl and widths[0] == 1024 and h * scale == 768
+    scheduler = _read(configs, "scheduler/scheduler_config.json") or _default_scheduler(sdxl, v_prediction)
+    index = _read(configs, "model_index.json")
+    spec = ModelSpec(
+        folder=resources.folder, family="sdxl" if sdxl else "sd",
+        pipeline_class=index.get("_class_name", "CoreMLStableDiffusionPipeline"),
+        text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
+        unet_config=unet_config, vae_config=vae_config,
+        text_encoder_configs=[_read(configs, f"{name}/config.json") or {"hidden_size": width}
+                              for (_, name, _), width in zip(present, widths)],
+        scheduler_config=scheduler,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)))
+    spec.defaults = spec._family_defaults()
+    if h == w:
+        spec.defaults["size"] = int(h) * scale
+    for folder in (paired, resources.folder):
+        spec.defaults.update({k: v for k, v in _read(folder, SETTINGS_FILE).items() if v is not None})
+    return spec
+
+
+def _tokenizer_files(resources: res.CoreMLResources) -> tuple:
+    """vocab.json + merges.txt: in the folder, else beside it (Apple's repos keep them in compiled/ only)."""
+    if resources.vocab and resources.merges:
+        return resources.vocab, resources.merges
+    for sibling in sorted(resources.folder.parent.glob("*")):
+        if (sibling / "vocab.json").is_file() and (sibling / "merges.txt").is_file():
+            return sibling / "vocab.json", sibling / "merges.txt"
+    return None, None
+
+
+def coreml_tokenizers(resources: res.CoreMLResources, spec: ModelSpec, paired: Optional[Path] = None) -> list:
+    """One CLIP tokenizer per text encoder: the checkpoint's own folder when known, else vocab.json + merges.txt."""
+    tokenizers = []
+    for name, config in zip(spec.tokenizers, spec.text_encoder_configs):
+        folder = next((base / name for base in (resources.configs, paired)
+                       if base is not None and (base / name).is_dir()), None)
+        if folder is not None:
+            tokenizers.append(CLIPTokenizer.from_folder(folder))
+            continue
+        vocab, merges = _tokenizer_files(resources)
+        if vocab is None:
+            raise UserError(f"{resources.folder} has no vocab.json + merges.txt for the CLIP tokenizer; "
+                            "copy them from the model's tokenizer folder")
+        # OpenCLIP encoders (SD 2.x's ViT-H, SDXL's bigG: 1024+ wide) were trained with "!" as padding
+        pad = "!" if config.get("hidden_size", 0) >= 1024 or name == "tokenizer_2" else None
+        tokenizers.append(CLIPTokenizer.from_files(vocab, merges, pad_token=pad))
+    return tokenizers
+
+
+def _quantization(resources: res.CoreMLResources) -> str:
+    manifest = resources.manifest
+    method = manifest.get("method")
+    if method and method != "export":
+        bits = manifest.get("average_bits") or manifest.get("bits")
+        return f"{method} {bits}-bit" if bits else method
+    ops = resources.io(resources.unet_stages[0]).op_counts
+    if ops.get("constexpr_lut_to_dense"):
+        return "palettized"
+    return "linear int8" if ops.get("constexpr_affine_dequantize") else "none"
+
+
+# ------------------------------------------------------------------ the stages
+
+class CoreMLStages(Stages):
+    """The Core ML models of one resources folder behind the Stages interface."""
+
+    def __init__(self, resources: res.CoreMLResources, spec: ModelSpec, runtime=None, compute_units: str = "ALL",
+                 reduce_memory: bool = False):
+        self.resources = resources
+        self.spec = spec
+        self.runtime = runtime or CoreMLRuntime
+        self.reduce_memory = reduce_memory
+        self.text_stages = [stage for stage, _, _ in _ENCODERS if stage in resources.models]
+        self.models_of = {"text_encoder": self.text_stages, "unet": resources.unet_stages,
+                          "vae_decoder": ["VAEDecoder"]}
+        self.io = {stage: resources.io(stage) for stages in self.models_of.values() for stage in stages}
+        self._loaded: dict = {}          # (model stage, compute units) -> loaded model
+        self._active: set = set()        # pipeline stages between begin_stage and end_stage
+        self._resident_peak = 0
+        self.load_seconds: dict = {}     # model stage -> seconds its last load took
+        self.info = {"engine": "coreml", "runtime": getattr(self.runtime, "name", type(self.runtime).__name__),
+                     "attention": resources.attention, "chunked_unet": resources.chunked,
+                     "precision": resources.manifest.get("precision")
+                     or resources.manifest.get("source_manifest", {}).get("precision", "fp16"),
+                     "quantization": _quantization(resources), "reduce_memory": reduce_memory,
+                     "format": "mlmodelc" if resources.compiled else "mlpackage", "resources": str(resources.folder)}
+        self.set_compute_units(compute_units)
+
+    def set_compute_units(self, units: str) -> None:
+        """Run the next generations on `units`; models loaded for other units stay cached for switching back."""
+        self.compute_units = check_compute_units(units)
+        self.info.update(compute_units=units, device=DEVICES[units])
+        if not self.reduce_memory:
+            for stage in self.io:
+                self._model(stage)
+
+    # -- loading and releasing ------------------------------------------------------------------------
+    def _model(self, stage: str):
+        key = (stage, self.compute_units)
+        if key not in self._loaded:
+            t0 = time.perf_counter()
+            self._loaded[key] = self.runtime.load(self.resources.models[stage], self.compute_units)
+            self.load_seconds[stage] = time.perf_counter() - t0
+            self._resident_peak = max(self._resident_peak, self.resident_bytes())
+        return self._loaded[key]
+
+    def loaded_stages(self) -> list:
+        return sorted({stage for stage, _ in self._loaded})
+
+    def resident_bytes(self) -> int:
+        """Bytes on disk of the models loaded now (what their weights take in memory, give or take)."""
+        return sum(self.resources.disk_bytes[stage] for stage, _ in self._loaded)
+
+    def begin_stage(self, name: str) -> None:
+        if self.reduce_memory:
+            for other in [n for n in self.models_of if n != name]:  # left loaded by a run that failed midway
+                self.end_stage(other)
+            for stage in self.models_of.get(name, []):
+                self._model(stage)
+        self._active.add(name)
+
+    def end_stage(self, name: str) -> None:
+        self._active.discard(name)
+        if self.reduce_memory:
+            stages = set(self.models_of.get(name, []))
+            released = [k for k in self._loaded if k[0] in stages]
+            for key in released:
+                del self._loaded[key]
+            if released:
+                gc.collect()
+
+    @contextmanager
+    def _running(self, name: str):
+        """A stage called outside begin_stage/end_stage still loads and releases in reduce-memory mode."""
+        outside = name not in self._active
+        if outside:
+            self.begin_stage(name)
+        try:
+            yield
+        finally:
+            if outside:
+                self.end_stage(name)
+
+    # -- input preparation ----------------------------------------------------------------------------
+    def _predict(self, stage: str, available: dict) -> dict:
+        """Run one model on the arrays it describes, each cast to its described dtype and checked for shape."""
+        inputs = {}
+        for name, tensor in self.io[stage].inputs.items():
+            if name not in available:
+                raise UserError(f"{self.resources.models[stage].name} needs an input '{name}' this pipeline "
+                                f"does not provide ({', '.join(available)})")
+            array = np.asarray(available[name])
+            if tensor.shape and tuple(array.shape) != tuple(tensor.shape):
+                raise UserError(f"{stage} input '{name}' must have shape {tensor.shape}, not {array.shape}")
+            inputs[name] = np.ascontiguousarray(array.astype(tensor.dtype, copy=False))
+        return self._model(stage).predict(inputs)
+
+    def _batched(self, run, stage: str, arrays: dict) -> dict:
+        """Call `run` on slices of the model's exported batch size; a short slice is padded, its padding dropped."""
+        size = int(next(iter(self.io[stage].inputs.values())).shape[0])
+        total = len(next(iter(arrays.values())))
+        pieces = []
+        for start in range(0, total, size):
+            part = {name: a[start:start + size] for name, a in arrays.items()}
+            n = len(next(iter(part.values())))
+            if n < size:
+                part = {name: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) for name, a in part.items()}
+            pieces.append({name: out[:n] for name, out in run(part).items()})
+        return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+    # -- the three stages -----------------------------------------------------------------------------
+    def encode_text(self, index: int, input_ids: np.ndarray) -> EncoderOutput:
+        stage = self.text_stages[index]
+        with self._running("text_encoder"):
+            out = self._batched(lambda part: self._predict(stage, part), stage, {"input_ids": input_ids})
+        hidden = out[next(n for n in (*_HIDDEN_OUTPUTS, *out) if n in out and out[n].ndim == 3)]
+        # the pipeline conditions SDXL on the second (projecting) encoder's pooled output only
+        pooled = out.get("pooled_outputs") if stage == "TextEncoder2" else None
+        return EncoderOutput(hidden=hidden.astype(np.float32),
+                             pooled=None if pooled is None else pooled.astype(np.float32))
+
+    def _check_size(self, latents: np.ndarray) -> None:
+        described = self.io[self.resources.unet_stages[0]].inputs["sample"].shape
+        if tuple(latents.shape[1:]) != tuple(described[1:]):
+            scale = self.spec.vae_scale_factor
+            raise UserError(f"these Core ML resources were exported for {described[3] * scale}x{described[2] * scale} "
+                            f"images; {latents.shape[3] * scale}x{latents.shape[2] * scale} needs resources exported "
+                            "at that size (python -m backend export-coreml), or the MLX engine")
+
+    def _run_unet(self, inputs: dict) -> dict:
+        first, *rest = self.resources.unet_stages
+        out = self._predict(first, inputs)
+        for stage in rest:  # chunk 2 takes chunk 1's outputs by name, plus the text it still needs
+            out = self._predict(stage, {**inputs, **out})
+        return out
+
+    def predict_noise(self, latents, timestep, hidden, text_embeds=None, time_ids=None, timestep_cond=None):
+        self._check_size(latents)
+        batch = latents.shape[0]
+        arrays = {"sample": latents, "timestep": np.full((batch,), timestep, dtype=np.float32),
+                  "encoder_hidden_states": np.asarray(hidden).transpose(0, 2, 1)[:, :, None, :]}
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids), ("timestep_cond", timestep_cond)):
+            if value is not None:
+                arrays[name] = np.asarray(value)
+        stage = self.resources.unet_stages[0]
+        with self._running("unet"):
+            out = self._batched(self._run_unet, stage, {n: a for n, a in arrays.items() if n in self.io[stage].inputs})
+        return _only(out, ("noise_pred",)).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        name = next(iter(self.io["VAEDecoder"].inputs))
+        with self._running("vae_decoder"):
+            out = self._batched(lambda part: self._predict("VAEDecoder", part), "VAEDecoder", {name: latents})
+        image = out["image"] if "image" in out else next(iter(out.values()))
+        return image.astype(np.float32).transpose(0, 2, 3, 1)
+
+    # -- measurements ---------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """The most model bytes resident at once since the last reset (one stage's worth with reduce_memory)."""
+        return self._resident_peak
+
+    def reset_peak_memory(self) -> None:
+        self._resident_peak = self.resident_bytes()
+
+
+def load_coreml_stages(resources: res.CoreMLResources, spec: ModelSpec, precision: str = "fp16",
+                       quantization: Optional[str] = None, compute_units: str = "ALL",
+                       attention: Optional[str] = None, reduce_memory: bool = False, runtime=None) -> CoreMLStages:
+    """Precision and quantization are fixed when Core ML resources are made: a request for others is refused."""
+    if quantization:
+        raise UserError(f"Core ML resources are compressed when they are made, not at load time: choose a "
+                        f"palettized model or run `python -m backend quantize` (MLX quantizes {quantization} itself)")
+    if attention and resources.attention not in (attention, "unknown"):
+        raise UserError(f"the Core ML resources in {resources.folder} use {resources.attention} attention, "
+                        f"not {attention}; export them with --attention {attention}")
+    return CoreMLStages(resources, spec, runtime=runtime, compute_units=compute_units, reduce_memory=reduce_memory)
+
+
+# ------------------------------------------------------------------ where the resources come from
+
+def _local_variant(folder: Path, attention: Optional[str]) -> Path:
+    """A folder holding Apple's variant folders (original/, split_einsum/; packages/, compiled/) -> one of them."""
+    named = {a: folder / a for a in res.ATTENTIONS if (folder / a).is_dir()}
+    if named:
+        chosen = attention or ("split_einsum" if "split_einsum" in named else "original")
+        if chosen not in named:
+            raise UserError(f"{folder} has no {chosen} Core ML variant (it has {', '.join(named)})")
+        folder = named[chosen]
+    compiled = folder / "compiled"
+    if (folder / "packages").is_dir() and compiled.is_dir() and any(res.stage_of(p) for p in compiled.iterdir()):
+        folder = compiled  # loads without compiling first
+    return folder
+
+
+def _download_variant(repo: str, subfolder: str, progress) -> Path:
+    """A registry variant's folder: from the Hub cache, else downloaded (only that subfolder + tokenizer files)."""
+    from huggingface_hub import snapshot_download
+    root = subfolder.rsplit("/", 1)[0] + "/" if "/" in subfolder else ""
+    patterns = [f"{subfolder}/*", f"{root}*/vocab.json", f"{root}*/merges.txt"]
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True)) / subfolder
+        if folder.is_dir() and any(res.stage_of(p) for p in folder.iterdir()):
+            return folder
+    except Exception:
+        pass
+    if registry.offline():
+        raise UserError(f"the Core ML resources {repo}/{subfolder} are not downloaded and offline mode is on")
+    if progress:
+        progress(f"downloading Core ML resources {repo}/{subfolder}")
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns)) / subfolder
+    except Exception as exc:
+        raise UserError(f"cannot download the Core ML resources {repo}/{subfolder} "
+                        f"({type(exc).__name__}: {exc})") from exc
+
+
+def _paired_folder(entry) -> Optional[Path]:
+    """The registry entry's diffusers model, if it is already in the Hub cache (for its configs)."""
+    if entry is None or not entry.hub:
+        return None
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(entry.hub, local_files_only=True, allow_patterns=[
+            "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*"]))
+    except Exception:
+        return None
+    return folder if (folder / "scheduler" / "scheduler_config.json").is_file() else None
+
+
+def resources_folder(model: str, attention: Optional[str] = None, progress=None) -> tuple:
+    """(folder holding the models, registry entry or None) for a local folder or a registry name."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return _local_variant(local, attention), None
+    entry = registry.get_entry(model)
+    if entry is None or not entry.coreml:
+        raise UserError(f"model '{model}' has no Core ML resources; export them with "
+                        "`python -m backend export-coreml` or choose the MLX engine")
+    variants = entry.coreml.get("variants") or {"original": ""}
+    chosen = attention or ("split_einsum" if "split_einsum" in variants else next(iter(variants)))
+    if chosen not in variants:
+        raise UserError(f"{model} has no {chosen} Core ML variant (it has {', '.join(variants)})")
+    return _download_variant(entry.coreml["repo"], variants[chosen], progress), entry
+
+
+def coreml_choice(model: str, reason: str, progress=None):
+    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand."""
+    from backend.engines.select import EngineChoice
+    folder, entry = resources_folder(model, None, progress)
+    resources = res.find_resources(folder, require_tokenizer=False)
+    paired = _paired_folder(entry)
+    spec = coreml_spec(resources, paired)
+    tokenizers = coreml_tokenizers(resources, spec, paired)
+
+    def load(attention: Optional[str] = None, **options) -> CoreMLStages:
+        chosen = resources
+        if attention and attention != resources.attention:
+            chosen = res.find_resources(resources_folder(model, attention, progress)[0], require_tokenizer=False)
+        return load_coreml_stages(chosen, spec, attention=attention, **options)
+
+    return EngineChoice(name=model, kind="coreml", reason=f"{reason}; {resources.attention} attention",
+                        spec=spec, tokenizers=tokenizers, disk_bytes=resources.total_bytes, load=load)
