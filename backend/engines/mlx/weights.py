@@ -36,12 +36,13 @@ def rename(name: str) -> str:
 
 
 def _fit(name: str, value: mx.array, target_shape: tuple) -> mx.array:
-    if tuple(value.shape) == tuple(target_shape):
-        return value
     if value.ndim == 4 and len(target_shape) == 4:
+        # Checked before the plain match: a 3-channel 3x3 kernel (O, 3, 3, 3) fits either way.
         moved = value.transpose(0, 2, 3, 1)
         if tuple(moved.shape) == tuple(target_shape):
             return moved
+    if tuple(value.shape) == tuple(target_shape):
+        return value
     if value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):
         return value.reshape(value.shape[0], value.shape[1])
     if value.ndim == 2 and len(target_shape) == 4 and tuple(target_shape[1:3]) == (1, 1):
