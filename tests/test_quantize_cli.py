@@ -24,7 +24,8 @@ def _files(folder) -> dict:
 
 
 def _generate(model, quantization=None):
-    pipe = load_pipeline(str(model), engine="mlx", quantization=quantization)
+    # fp16: the precision variants are made at, so the saved and live images can be compared bit for bit
+    pipe = load_pipeline(str(model), engine="mlx", precision="fp16", quantization=quantization)
     noise = np.random.default_rng(5).standard_normal((1, 4, 16, 16)).astype(np.float32)
     return pipe, pipe.generate(GenerationRequest(prompt="a blue square", steps=2, seed=2, latents=noise))
 

@@ -97,9 +97,16 @@ def _row_length(module, kind: str) -> int:
 
 
 def _quantized(module, kind: str, bits: int, group_size: int):
+    # Quantize the fp16-rounded kernel, so a variant is the same whatever precision it was loaded at
+    # (a saved fp16-made variant and a live fp32 one give identical images); scales keep the compute dtype.
+    dtype = module.weight.dtype
+    module.weight = module.weight.astype(mx.float16)
     if kind == "linear":
-        return QuantizedLinear.from_linear(module, group_size, bits)
-    return QuantizedConv2d.from_conv(module, group_size, bits)
+        layer = QuantizedLinear.from_linear(module, group_size, bits)
+    else:
+        layer = QuantizedConv2d.from_conv(module, group_size, bits)
+    layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    return layer
 
 
 # ------------------------------------------------------------------------------------- recipes
