@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
     g.set_defaults(func=cmd_generate)
 
-    from backend import cli_extra
-    cli_extra.add_commands(sub)
+    from backend import bench, quantize
+    from backend.engines.coreml import cli as coreml_cli
+    for module in (bench, coreml_cli, quantize):  # each adds its own subcommand
+        module.add_command(sub)
     return p
 
 

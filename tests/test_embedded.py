@@ -1,7 +1,11 @@
 """The embedded model: its data generator, the image analysis that judges it, and the shipped model itself."""
 import backend  # noqa: F401  (OpenBLAS before mlx)
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from backend.embedded import analysis, dataset
@@ -67,3 +71,48 @@ def test_analysis_sees_no_object_on_a_plain_image():
     plain = np.full((64, 64, 3), dataset.COLORS["green"], np.uint8)
     reading = analysis.read_scene(plain)
     assert reading.background == "green" and reading.color is None and reading.shape is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped model
+# ------------------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "tiny-shapes"
+# (caption, seed): full captions over every color, shape and position; checked at a few steps.
+CASES = [
+    ("a large red circle in the center on a blue background", 0),
+    ("a large yellow square on the left on a black background", 1),
+    ("a small white triangle at the top on a green background", 2),
+    ("a large blue square on the right on a orange background", 3),
+    ("a large purple circle at the bottom on a white background", 4),
+    ("a small green square on the right on a purple background", 5),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped_pipeline():
+    return backend.load_pipeline(str(SHIPPED), engine="mlx", precision="fp16")
+
+
+def test_shipped_model_folder_is_small_and_complete():
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    names = {p.relative_to(SHIPPED).as_posix() for p in files}
+    assert {"model_index.json", "silicon_diffusion.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+            "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors"} <= names
+    settings = json.loads((SHIPPED / "silicon_diffusion.json").read_text())
+    assert settings["scheduler"] == "dpmpp_2m" and settings["size"] >= 64
+
+
+def test_shipped_model_draws_what_the_caption_says(shipped_pipeline):
+    right = {"background": 0, "color": 0, "position": 0}
+    for caption, seed in CASES:
+        result = shipped_pipeline.generate(backend.GenerationRequest(prompt=caption, steps=10, seed=seed))
+        assert result.image.size == (64, 64)
+        reading = analysis.read_scene(result.image)
+        expected = dataset.parse_caption(caption)
+        right["background"] += reading.background == expected.background
+        right["color"] += reading.color == expected.color
+        right["position"] += reading.position == expected.position
+    n = len(CASES)
+    assert right["background"] == n and right["color"] >= n - 1 and right["position"] >= n - 1, right
