@@ -425,7 +425,7 @@ class App:
                     u.engine = gr.Radio(ENGINES, value="auto", label="Engine",
                                         info="Auto picks Core ML where this Mac can run it, MLX otherwise")
                     with gr.Row():
-                        u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="fp16",
+                        u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="auto",
                                                   label="Precision or quantization", min_width=140)
                         u.units = gr.Dropdown(UNITS, value="ALL", label="Compute units (Core ML)", min_width=200)
                 with gr.Accordion("Sampling", open=True):
@@ -583,7 +583,7 @@ class App:
         with gr.Column(visible=False):
             gen_in = [gr.Textbox(None, label="prompt"), gr.Textbox("", label="negative_prompt"),
                       gr.Textbox(self.model, label="model"), gr.Textbox("auto", label="engine"),
-                      gr.Textbox("ALL", label="compute_units"), gr.Textbox("fp16", label="precision"),
+                      gr.Textbox("ALL", label="compute_units"), gr.Textbox("auto", label="precision"),
                       gr.Textbox("default", label="scheduler"), gr.Number(-1, label="steps", precision=0),
                       gr.Number(-1, label="guidance"), gr.Number(-1, label="width", precision=0),
                       gr.Number(-1, label="height", precision=0), gr.Number(-1, label="seed", precision=0)]

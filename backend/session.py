@@ -26,10 +26,11 @@ log = logging.getLogger("silicon_diffusion.session")
 #: the one engine lock: whoever runs a stage holds it, so two generations never share the machine
 ENGINE_LOCK = threading.Lock()
 
-#: the app's "precision or quantization" choices -> load_pipeline options
+#: the app's "precision or quantization" choices -> load_pipeline options. "auto" is fp16 on a GPU and fp32
+#: on a CPU (MLX has no fast half-precision matrix products there); quantized weights compute likewise.
 PRECISION_CHOICES = {
-    "fp16": ("fp16", None), "fp32": ("fp32", None), "bf16": ("bf16", None),
-    "8-bit": ("fp16", "q8"), "6-bit": ("fp16", "q6"), "4-bit": ("fp16", "q4"), "mixed-bit": ("fp16", "mixed"),
+    "auto": ("auto", None), "fp16": ("fp16", None), "fp32": ("fp32", None), "bf16": ("bf16", None),
+    "8-bit": ("auto", "q8"), "6-bit": ("auto", "q6"), "4-bit": ("auto", "q4"), "mixed-bit": ("auto", "mixed"),
 }
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 
@@ -48,7 +49,7 @@ def home() -> Path:
 class PipelineKey:
     model: str
     engine: str = "auto"
-    precision: str = "fp16"
+    precision: str = "auto"
     quantization: Optional[str] = None
     compute_units: str = "ALL"
 
