@@ -315,10 +315,22 @@ def test_wrong_size_and_missing_inputs_are_user_errors(exported):
     with pytest.raises(UserError, match="time_ids"):
         hidden = np.zeros((2, 77, 64), np.float32)
         coreml.stages.predict_noise(np.zeros((2, 4, 16, 16), np.float32), 10.0, hidden, np.zeros((2, 32), np.float32))
-    with pytest.raises(UserError, match="compressed when they are made"):
-        coreml_choice(str(found.folder), "test").load(quantization="q4", runtime=MLXStandIn(folder))
+    with pytest.raises(UserError, match="unknown Core ML quantization"):
+        coreml_choice(str(found.folder), "test").load(quantization="q5", runtime=MLXStandIn(folder))
     with pytest.raises(UserError, match="split_einsum attention, not original"):
         coreml_choice(str(found.folder), "test").load(attention="original", runtime=MLXStandIn(folder))
+
+
+def test_quantized_variant_is_made_on_demand_and_cached(exported):
+    _, folder, found = exported("sd1")
+    choice = coreml_choice(str(found.folder), "test")
+    stages = choice.load(quantization="q8", runtime=MLXStandIn(folder))
+    variant = stages.resources.folder
+    assert variant != found.folder and (variant / "manifest.json").is_file()
+    assert stages.info["quantization"] == "linear_quantize 8-bit"
+    made = (variant / "manifest.json").stat().st_mtime
+    again = choice.load(quantization="q8", runtime=MLXStandIn(folder))
+    assert again.resources.folder == variant and (variant / "manifest.json").stat().st_mtime == made
 
 
 def test_choice_off_macos_explains_itself(exported):

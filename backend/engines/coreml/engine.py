@@ -321,14 +321,33 @@ class CoreMLStages(Stages):
 def load_coreml_stages(resources: res.CoreMLResources, spec: ModelSpec, precision: str = "fp16",
                        quantization: Optional[str] = None, compute_units: str = "ALL",
                        attention: Optional[str] = None, reduce_memory: bool = False, runtime=None) -> CoreMLStages:
-    """Precision and quantization are fixed when Core ML resources are made: a request for others is refused."""
+    """Precision is fixed when Core ML resources are made. A quantization ("q8", "q6", "q4", "q2", "mixed")
+    is made on demand from the resources' .mlpackage files and cached beside them (backend/quantize.py)."""
     if quantization:
-        raise UserError(f"Core ML resources are compressed when they are made, not at load time: choose a "
-                        f"palettized model or run `python -m backend quantize` (MLX quantizes {quantization} itself)")
+        resources = res.find_resources(quantized_resources(resources, quantization))
     if attention and resources.attention not in (attention, "unknown"):
         raise UserError(f"the Core ML resources in {resources.folder} use {resources.attention} attention, "
                         f"not {attention}; export them with --attention {attention}")
     return CoreMLStages(resources, spec, runtime=runtime, compute_units=compute_units, reduce_memory=reduce_memory)
+
+
+def quantized_resources(resources: res.CoreMLResources, quantization: str) -> Path:
+    """The folder of a compressed variant of `resources`, made once: q8 is 8-bit linear (int8) weights,
+    q6/q4/q2 k-means palettization, mixed Apple's mixed-bit recipe form (the project's example recipe)."""
+    from backend.quantize import quantize_coreml
+    if resources.compiled:
+        raise UserError("compiled Core ML resources (.mlmodelc) cannot be compressed: choose Apple's palettized "
+                        "repository, or the .mlpackage resources (`packages/`) of this model")
+    recipes = Path(__file__).resolve().parents[3] / "configs" / "mixed_bit_recipes"
+    if quantization == "q8":
+        return Path(quantize_coreml(resources.folder, "linear", 8, None, None, None))
+    if quantization in ("q6", "q4", "q2"):
+        return Path(quantize_coreml(resources.folder, "palettize", int(quantization[1]), None, None, None))
+    if quantization == "mixed":
+        recipe = recipes / ("sdxl-base-rule-based-example.json" if resources.is_sdxl
+                            else "sd15-rule-based-example.json")
+        return Path(quantize_coreml(resources.folder, "mixed", None, str(recipe), None, None))
+    raise UserError(f"unknown Core ML quantization '{quantization}': choose q8, q6, q4, q2 or mixed")
 
 
 # ------------------------------------------------------------------ where the resources come from
