@@ -24,8 +24,9 @@ def _cfg(model: str, part: str) -> dict:
     return json.loads((CONFIGS / model / part / "config.json").read_text())
 
 
-def _median_time(fn, repeats: int) -> tuple[float, list]:
-    fn()  # warm-up
+def _median_time(fn, repeats: int, warmup: bool = True) -> tuple[float, list]:
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -84,7 +85,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
             text_fn(enc)()
             out = unet(x, t, ctx, **extra)
             mx.eval(vae.decode(out[:1]))
-        sec, times = _median_time(run, max(1, repeats // 2))
+        sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
     else:
         raise ValueError(part)
     n_params = sum(v.size for m in [locals().get(k) for k in ("enc", "unet", "vae")] if m is not None
@@ -134,7 +135,7 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
             enc(torch.zeros(2, 77, dtype=torch.long))
             out = unet(x, t, ctx, **extra).sample
             vae.decode(out[:1])
-        sec, times = _median_time(run, max(1, repeats // 2))
+        sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
     else:
         raise ValueError(part)
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}

@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from mlx.utils import tree_flatten
 
+from tests.arrays import nchw, nhwc, relative_error
 from backend.engines.mlx import cpu_kernels, layers, weights
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
 
@@ -70,17 +71,6 @@ def assert_same_parameters(torch_module, mlx_module):
             fits |= {(shape[0], shape[2], shape[3], shape[1]), shape[:2] if shape[2:] == (1, 1) else shape}
         assert mine[name] in fits, (name, mine[name], shape)
 
-
-def relative_error(mine: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.linalg.norm(mine - reference) / np.linalg.norm(reference))
-
-
-def nhwc(t: torch.Tensor) -> mx.array:
-    return mx.array(t.permute(0, 2, 3, 1).numpy())
-
-
-def nchw(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).transpose(0, 3, 1, 2)
 
 
 def build(name: str):

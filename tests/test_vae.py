@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL as TorchVAE
 
 from mlx.utils import tree_flatten
 
+from tests.arrays import nchw, nhwc, relative_error
 from backend.engines.mlx import weights
 from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
 
@@ -14,17 +15,6 @@ CONFIG = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent
               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
               norm_num_groups=32, sample_size=32, scaling_factor=0.13025, force_upcast=False)
 
-
-def relative_error(mine: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.linalg.norm(mine - reference) / np.linalg.norm(reference))
-
-
-def nhwc(t: torch.Tensor) -> mx.array:
-    return mx.array(t.permute(0, 2, 3, 1).numpy())
-
-
-def nchw(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).transpose(0, 3, 1, 2)
 
 
 def old_attention_names(state: dict) -> dict:
