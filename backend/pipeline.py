@@ -176,10 +176,8 @@ class Pipeline:
         params = {**p, "engine": self.stages.info.get("engine"), "precision": self.stages.info.get("precision"),
                   "quantization": self.stages.info.get("quantization"),
                   "compute_units": self.stages.info.get("compute_units")}
-        result = GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
-                                  parameters=params, warnings=warnings)
-        result.pixels = pixels
-        return result
+        return GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
+                                parameters=params, warnings=warnings, pixels=pixels)
 
 
 def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", quantization: Optional[str] = None,

@@ -76,6 +76,7 @@ class GenerationResult:
     engine: dict                   # name, device, compute units, precision, quantization, reason
     parameters: dict               # everything needed to reproduce the image
     warnings: list = field(default_factory=list)
+    pixels: Optional[np.ndarray] = None   # (B, H, W, 3) float32 in [0, 1], before rounding to 8 bits
 
     @property
     def image(self):
