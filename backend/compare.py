@@ -153,9 +153,26 @@ def _peak(memory) -> int:
     return int(memory.peak_engine_bytes or memory.peak_process_bytes)
 
 
+def mlx_variant_folder(model: str, quantization: str) -> str:
+    """An MLX quantized variant written once to disk (backend/quantize.py) under the app's home, so its
+    size on disk is real and later runs load it directly."""
+    import hashlib
+    from backend import quantize, registry
+    from backend.session import home
+    source = registry.resolve(model).resolve()
+    tag = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    method, bits = ("mixed", None) if quantization == "mixed" else ("mlx", int(quantization[1:]))
+    out = home() / "variants" / f"{source.name}-{tag}-mlx-{quantization}"
+    folder, _, _ = quantize.quantize_mlx(source, method, bits, out=out)
+    return str(folder)
+
+
 def _render(pipelines: PipelineCache, s: CompareSettings, v: Variant, seed: int, latents: np.ndarray,
             outputs: OutputFolder, stop: StopSignal) -> VariantResult:
-    key = PipelineKey(s.model, v.engine, v.precision, v.quantization, s.compute_units)
+    if v.engine == "mlx" and v.quantization:
+        key = PipelineKey(mlx_variant_folder(s.model, v.quantization), v.engine, v.precision, None, s.compute_units)
+    else:
+        key = PipelineKey(s.model, v.engine, v.precision, v.quantization, s.compute_units)
     request = GenerationRequest(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps,
                                 guidance=s.guidance, scheduler=s.scheduler, width=s.width, height=s.height,
                                 seed=seed, latents=latents)
