@@ -80,6 +80,8 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
         vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
+        mx.clear_cache()  # random init made fp32 temporaries that loading a checkpoint does not
+        peak.reset()
 
         def run():
             text_fn(enc)()
@@ -130,6 +132,9 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
         enc = text_model()
         unet = UNet2DConditionModel.from_config(unet_cfg).to(dtype).eval()
         vae = AutoencoderKL.from_config(_cfg(model, "vae")).to(dtype).eval()
+        import gc
+        gc.collect()
+        peak.reset()
 
         def run():
             enc(torch.zeros(2, 77, dtype=torch.long))
