@@ -146,10 +146,14 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
 
 
-def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeats: int) -> dict:
+def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeats: int,
+           threads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "backend.bench", "--worker", engine, "--model", model, "--part", part,
            "--precision", precision, "--size", str(size), "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    env = dict(os.environ)
+    if threads:  # the same thread count for OpenBLAS (MLX) and OpenMP/MKL (torch)
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,7 +168,7 @@ def _torch_available() -> bool:
         return False
 
 
-def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path) -> dict:
+def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path, threads=None) -> dict:
     from backend import blas
     rows = []
     for model in models:
@@ -172,12 +176,12 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
         for precision in precisions:
             for part in parts:
                 row = {"model": model, "size": size, "precision": precision, "part": part,
-                       "mlx": _spawn("mlx", model, part, precision, size, repeats)}
+                       "mlx": _spawn("mlx", model, part, precision, size, repeats, threads)}
                 if with_torch:
-                    row["diffusers"] = _spawn("torch", model, part, precision, size, repeats)
+                    row["diffusers"] = _spawn("torch", model, part, precision, size, repeats, threads)
                 rows.append(row)
                 print(_row_md(row), flush=True)
-    report = {"blas": blas.describe(), "cpu_count": os.cpu_count(), "rows": rows,
+    report = {"blas": blas.describe(), "cpu_count": os.cpu_count(), "threads": threads or "default", "rows": rows,
               "targets": _targets(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -220,7 +224,7 @@ def cmd_bench(a) -> int:
     with_torch = not a.no_torch and _torch_available()
     print("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
-    report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out))
+    report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads)
     print(f"\nBLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")
     for name, t in report["targets"].items():
         print(f"target {name}: {t}")
@@ -235,6 +239,7 @@ def add_command(sub) -> None:
                    choices=["text_encoder", "unet", "vae_decode", "pipeline"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--no-torch", action="store_true", help="skip the diffusers comparison")
+    b.add_argument("--threads", type=int, help="threads for both engines (default: the libraries' own choice)")
     b.add_argument("--out", default="bench-results/bench.json")
     b.set_defaults(func=cmd_bench)
 
