@@ -54,7 +54,7 @@ TEXT_ENCODER_CONFIG = {
 }
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "algorithm_type": "dpmsolver++",
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "algorithm_type": "dpmsolver++",
     "solver_order": 2, "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False,
     "clip_sample": False, "trained_betas": None,
 }
