@@ -3,7 +3,8 @@
 Owns `VAEConfig` (diffusers' vae/config.json with diffusers' defaults, including the latent
 scaling_factor / shift_factor / force_upcast the pipeline needs) and the model; attribute names
 mirror diffusers' state dict (old checkpoints' query/key/value/proj_attn are renamed by
-weights.py). Tensors are NHWC.
+weights.py). Tensors are NHWC. On the CPU the decoder runs band by band (vae_bands.py): the same
+function, to rounding; `Decoder.graph` is the one-graph version (used inside mx.compile / mx.vmap).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from backend.engines.mlx import cpu_kernels, vae_bands
 from backend.engines.mlx.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, activation, group_norm
 
 _EPS = 1e-6  # the VAE's GroupNorm epsilon, fixed in diffusers' Encoder/Decoder
@@ -147,6 +149,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
+        if cpu_kernels.available() and vae_bands.supports(self) and vae_bands.can_evaluate(z):
+            return vae_bands.decode(self, z)
+        return self.graph(z)
+
+    def graph(self, z: mx.array) -> mx.array:
+        """The forward pass as one lazy graph."""
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
