@@ -40,9 +40,11 @@ VAE_CONFIG = {
 }
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel", "sample_size": RESOLUTION // 4, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 4,
+    # Down to 2x2: there each cell's 3x3 convolutions meet a different pattern of zero padding, so the
+    # network knows left from right and top from bottom (at 4x4 and above it hardly learned to).
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "attention_head_dim": 4,
     "cross_attention_dim": 128, "norm_num_groups": 16, "use_linear_projection": True, "act_fn": "silu",
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
 }
@@ -55,8 +57,11 @@ TEXT_ENCODER_CONFIG = {
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "algorithm_type": "dpmsolver++",
-    "solver_order": 2, "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False,
+    "solver_order": 2, "steps_offset": 1, "timestep_spacing": "trailing", "set_alpha_to_one": False,
     "clip_sample": False, "trained_betas": None,
+    # Without these the noisiest training step still shows the picture's layout faintly, so the model learns to
+    # read the object's place from the starting noise instead of from the caption (arXiv 2305.08891).
+    "rescale_betas_zero_snr": True,
 }
 
 

@@ -14,9 +14,13 @@ anywhere and resumed from its last checkpoint continues exactly as if it had not
   almost the input itself and its loss hardly depends on the picture; the colors and layout that the
   caption decides are set at those steps, and an epsilon model never learned to follow the caption
   there (measured: background color right 3% of the time after 1000 steps). A v target at high noise
-  is the clean latent itself.
+  is the clean latent itself. Latent cells that hold part of the object weigh `object_weight` times more.
+- Zero terminal SNR (the last timestep is pure noise) and trailing timesteps at sampling: with SD's own
+  schedule the noisiest step still shows the layout faintly, and the model learned to take the object's
+  place from the starting noise instead of from the caption.
 Checkpoints go to `--work` (a diffusers folder + optimizer state + progress); `--out` gets the final
-folder with fp16 weights.
+folder with fp16 weights. Resuming with a larger `--unet-steps` continues a run past its planned end (the
+learning rate's cosine then stretches to the new end); every other setting must stay as it was.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from tqdm import tqdm
 
 from backend.embedded import dataset
 from backend.embedded.model import RESOLUTION, SCHEDULER_CONFIG, Parts, load_folder, save_folder
+from backend.schedulers.tables import cumulative_alphas
 from backend.tokenizer import CLIPTokenizer
 from backend.vocab import write_tokenizer_folder
 
@@ -48,7 +53,7 @@ class Settings:
     vae_batch: int = 16
     vae_crop: int = 32             # the VAE has no attention: it trains on crops, 4x cheaper than whole images
     vae_lr: float = 5e-4
-    object_weight: float = 4.0     # the VAE's loss weight of object pixels (background: 1)
+    object_weight: float = 4.0     # loss weight of object pixels (VAE) and latent cells (UNet); background: 1
     vae_warmup: int = 50
     kl_weight: float = 1e-6        # per latent element against per-pixel errors; SD's is smaller still
     unet_steps: int = 4000
@@ -81,6 +86,13 @@ class ShapeData:
     def pixels(self, indices) -> np.ndarray:
         """Images in [-1, 1], float32 NHWC."""
         return self.images[indices].astype(np.float32) / 127.5 - 1.0
+
+    def latent_objects(self, indices, factor: int) -> np.ndarray:
+        """(B, h, w, 1) float: latent cells that hold part of the object."""
+        masks = self.objects[indices]
+        b, h, w = masks.shape
+        cells = masks.reshape(b, h // factor, factor, w // factor, factor).max(axis=(2, 4))
+        return cells[..., None].astype(np.float32)
 
     def crops(self, indices: np.ndarray, size: int, rng: np.random.Generator, align: int = 4):
         """(images, object masks): size x size crops around each object, at offsets on the latent grid."""
@@ -116,9 +128,8 @@ def lr_schedule(peak: float, warmup: int, total: int):
 
 
 def alphas_cumprod(config: dict = SCHEDULER_CONFIG) -> np.ndarray:
-    betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
-                        dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
+    """The noise table the shipped scheduler samples with (zero terminal SNR: the last step is pure noise)."""
+    return cumulative_alphas(config, zero_snr_floor=False).astype(np.float64)
 
 
 def fresh_parts(seed: int) -> Parts:
@@ -235,8 +246,8 @@ class Denoiser(nn.Module):
         return self.unet(noisy, timesteps, hidden)
 
 
-def denoise_loss(model, noisy, timesteps, input_ids, target):
-    return mx.mean((model(noisy, timesteps, input_ids) - target) ** 2)
+def denoise_loss(model, noisy, timesteps, input_ids, target, weights):
+    return mx.mean(weights * (model(noisy, timesteps, input_ids) - target) ** 2)
 
 
 def train_denoiser(parts: Parts, data: ShapeData, latents: tuple, s: Settings, ckpt: Checkpoints, start: int,
@@ -247,8 +258,8 @@ def train_denoiser(parts: Parts, data: ShapeData, latents: tuple, s: Settings, c
     loss_and_grad = nn.value_and_grad(model, denoise_loss)
     state = [model.state, optimizer.state]
 
-    def step(noisy, timesteps, ids, target):
-        loss, grads = loss_and_grad(model, noisy, timesteps, ids, target)
+    def step(noisy, timesteps, ids, target, weights):
+        loss, grads = loss_and_grad(model, noisy, timesteps, ids, target, weights)
         optimizer.update(model, grads)
         return loss
 
@@ -269,7 +280,9 @@ def train_denoiser(parts: Parts, data: ShapeData, latents: tuple, s: Settings, c
         noisy = np.sqrt(a) * z + np.sqrt(1 - a) * noise
         velocity = np.sqrt(a) * noise - np.sqrt(1 - a) * z
         ids = tokenizer.batch(data.captions(idx, rng))
-        loss = step(mx.array(noisy), mx.array(t.astype(np.float32)), mx.array(ids), mx.array(velocity))
+        weights = 1.0 + (s.object_weight - 1.0) * data.latent_objects(idx, RESOLUTION // z.shape[1])
+        loss = step(mx.array(noisy), mx.array(t.astype(np.float32)), mx.array(ids), mx.array(velocity),
+                    mx.array(weights))
         decay = min(s.ema_decay, (1 + i) / (10 + i))
         params = dict(tree_flatten(model.parameters()))
         ema = {k: decay * v + (1 - decay) * params[k] for k, v in ema.items()}
@@ -296,6 +309,8 @@ def _changed_settings(progress: dict, s: Settings) -> list[str]:
     if not saved:
         return []
     ignored = _IRRELEVANT | (_UNET_SETTINGS if progress.get("phase") == "vae" else set())
+    if progress.get("phase") == "unet" and s.unet_steps >= progress.get("step", 0):
+        ignored = ignored | {"unet_steps"}  # continuing: the cosine schedule stretches to the new end
     return sorted(k for k, v in asdict(s).items() if k not in ignored and saved.get(k) != v)
 
 
