@@ -90,8 +90,10 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
     else:
         raise ValueError(part)
-    n_params = sum(v.size for m in [locals().get(k) for k in ("enc", "unet", "vae")] if m is not None
-                   for _, v in nn.utils.tree_flatten(m.parameters())) if part == "pipeline" else None
+    built = locals()  # read here: inside a comprehension, locals() would be the comprehension's own
+    modules = [built[k] for k in ("enc", "unet", "vae") if k in built]
+    n_params = sum(v.size for m in modules for _, v in nn.utils.tree_flatten(m.parameters())) \
+        if part == "pipeline" else None
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "params": n_params}
 
 
