@@ -258,3 +258,17 @@ def test_without_a_cpu_compiler_mlx_ops_are_used(monkeypatch):
     q, k, v = (mx.array(rng.standard_normal((1, 2, 50, 8)).astype(np.float32)) for _ in range(3))
     ref = mx.softmax((q @ k.swapaxes(-1, -2)) * 0.5, axis=-1) @ v
     assert relative_error(np.array(layers.attention(q, k, v, 0.5)), np.array(ref)) <= 1e-5
+
+
+def test_eager_chunked_activations_equal_the_lazy_ones():
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels need MLX's CPU compiler")
+    x = mx.random.normal((3, 1000, 701), key=mx.random.key(0)).astype(mx.float16)  # 2.1 M: not a multiple of a chunk
+    lazy = [layers.gelu(x), layers.silu(x)]
+    with cpu_kernels.eager_chunks():
+        eager = [layers.gelu(x), layers.silu(x)]
+        assert cpu_kernels.eager_chunks.active
+    assert not cpu_kernels.eager_chunks.active
+    for a, b in zip(lazy, eager):
+        assert a.shape == b.shape == x.shape and a.dtype == b.dtype == mx.float16
+        assert mx.array_equal(a, b).item()

@@ -14,7 +14,7 @@ import numpy as np
 
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
-from backend.engines.mlx import weights as W
+from backend.engines.mlx import cpu_kernels, weights as W
 from backend.engines.mlx.quantize import load_saved_component, quantize_stages, saved_method
 from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel, checkpoint_names
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
@@ -83,9 +83,10 @@ class MLXStages(Stages):
         x = mx.array(latents.transpose(0, 2, 3, 1)).astype(self.dtype)
         t = mx.full((latents.shape[0],), timestep, dtype=mx.float32)
         cast = lambda a: None if a is None else mx.array(a).astype(self.dtype)  # noqa: E731
-        out = self.unet(x, t, cast(hidden), text_embeds=cast(text_embeds), time_ids=cast(time_ids),
-                        timestep_cond=cast(timestep_cond))
-        return np.array(out.astype(mx.float32)).transpose(0, 3, 1, 2)
+        with cpu_kernels.eager_chunks():
+            out = self.unet(x, t, cast(hidden), text_embeds=cast(text_embeds), time_ids=cast(time_ids),
+                            timestep_cond=cast(timestep_cond))
+            return np.array(out.astype(mx.float32)).transpose(0, 3, 1, 2)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         z = mx.array(latents.transpose(0, 2, 3, 1))
