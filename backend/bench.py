@@ -49,10 +49,6 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
     peak = ProcessPeak()
     latent = size // 8
 
-    def eager(fn):  # the engine runs its UNet under cpu_kernels.eager_chunks
-        with cpu_kernels.eager_chunks():
-            return fn()
-
     def build(module):
         module.set_dtype(dtype)
         mx.eval(module.parameters())
@@ -60,6 +56,12 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
 
     def text_fn(enc):
         return lambda: mx.eval(enc(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state)
+
+    def unet_step(unet):
+        with cpu_kernels.eager_chunks():  # as engine.predict_noise runs it
+            out = unet(x, t, ctx, **extra)
+            mx.eval(out)
+        return out
 
     unet_cfg = _cfg(model, "unet")
     ctx_dim = unet_cfg["cross_attention_dim"]
@@ -71,12 +73,13 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
     t = mx.array([500.0, 500.0])
 
     peak.reset()
+    n_params = None
     if part == "text_encoder":
         enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
         sec, times = _median_time(text_fn(enc), repeats)
     elif part == "unet":
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
-        sec, times = _median_time(lambda: eager(lambda: mx.eval(unet(x, t, ctx, **extra))), repeats)
+        sec, times = _median_time(lambda: unet_step(unet), repeats)
     elif part == "vae_decode":
         vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
         z = mx.random.normal((1, latent, latent, 4)).astype(dtype)
@@ -90,17 +93,11 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
 
         def run():
             text_fn(enc)()
-            with cpu_kernels.eager_chunks():  # as the engine runs its UNet
-                out = unet(x, t, ctx, **extra)
-                mx.eval(out)
-            mx.eval(vae.decode(out[:1]))
+            mx.eval(vae.decode(unet_step(unet)[:1]))
         sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
+        n_params = sum(v.size for m in (enc, unet, vae) for _, v in nn.utils.tree_flatten(m.parameters()))
     else:
         raise ValueError(part)
-    built = locals()  # read here: inside a comprehension, locals() would be the comprehension's own
-    modules = [built[k] for k in ("enc", "unet", "vae") if k in built]
-    n_params = sum(v.size for m in modules for _, v in nn.utils.tree_flatten(m.parameters())) \
-        if part == "pipeline" else None
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "params": n_params}
 
 
@@ -127,6 +124,7 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
         return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).to(dtype).eval()
 
     peak.reset()
+    n_params = None
     if part == "text_encoder":
         enc = text_model()
         sec, times = _median_time(lambda: enc(torch.zeros(2, 77, dtype=torch.long)), repeats)

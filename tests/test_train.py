@@ -13,6 +13,10 @@ TOY = dict(examples=48, vae_steps=3, vae_batch=4, vae_warmup=1, unet_steps=3, un
            checkpoint_every=2)
 
 
+def options(settings):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
 def unet_weights(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
@@ -21,7 +25,7 @@ def unet_weights(folder):
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     work, out = root / "work", root / "model"
-    train.main(["--work", str(work), "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in TOY.items()])
+    train.main(["--work", str(work), "--out", str(out)] + options(TOY))
     return work, out
 
 
@@ -38,8 +42,7 @@ def test_a_run_writes_a_model_that_generates(finished_run):
 def test_the_same_settings_give_the_same_weights(finished_run, tmp_path):
     _, out = finished_run
     again = tmp_path / "model"
-    train.main(["--work", str(tmp_path / "work"), "--out", str(again)]
-               + [f"--{k.replace('_', '-')}={v}" for k, v in TOY.items()])
+    train.main(["--work", str(tmp_path / "work"), "--out", str(again)] + options(TOY))
     first, second = unet_weights(out), unet_weights(again)
     assert first.keys() == second.keys()
     assert all(np.array_equal(first[k], second[k]) for k in first)
@@ -49,9 +52,9 @@ def test_a_finished_run_can_be_continued_and_not_changed(finished_run, tmp_path)
     work, out = finished_run
     args = ["--work", str(work), "--out", str(tmp_path / "longer")]
     with pytest.raises(SystemExit, match="unet_lr"):
-        train.main(args + [f"--{k.replace('_', '-')}={v}" for k, v in TOY.items()] + ["--unet-lr=0.01"])
+        train.main(args + options(TOY) + ["--unet-lr=0.01"])
     longer = dict(TOY, unet_steps=TOY["unet_steps"] + 2)
-    train.main(args + [f"--{k.replace('_', '-')}={v}" for k, v in longer.items()])
+    train.main(args + options(longer))
     assert json.loads((work / "progress.json").read_text())["step"] == longer["unet_steps"]
     before, after = unet_weights(out), unet_weights(tmp_path / "longer")
     assert any(not np.array_equal(before[k], after[k]) for k in before)
