@@ -25,28 +25,56 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _word_symbols(word: str) -> list[str]:
+    encoded = "".join(bytes_to_unicode()[b] for b in word.lower().encode("utf-8"))
+    return list(encoded[:-1]) + [encoded[-1] + "</w>"]
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as CLIP runs it: merge the lowest-ranked adjacent pair, everywhere it occurs, until none is left."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), pair) for pair in zip(symbols, symbols[1:])]
+        rank, (left, right) = min(pairs)
+        if rank == len(ranks):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (left, right):
+                merged.append(left + right)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def build_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """A vocabulary where each of `words` becomes one token, plus every single byte (with and without "</w>")."""
+    """A vocabulary where each of `words` becomes one token, plus every single byte (with and without "</w>").
+
+    Each word gets a left-to-right chain of merges ((a b) c) d</w>, appended after all earlier ones. A pair
+    that an earlier word already merged can take precedence inside a later word ("right" makes "r i", so
+    "triangle" would stop at "t ri ..."), so each word is run through BPE and, where it is still in pieces,
+    chained again from those pieces, until every word is one token.
+    """
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
+    merges: list[tuple[str, str]] = []
     known = set(tokens)
     for word in words:
-        encoded = "".join(bytes_to_unicode()[b] for b in word.lower().encode("utf-8"))
-        if len(encoded) < 2:
+        if len(_word_symbols(word)) < 2:
             continue
-        symbols = list(encoded[:-1]) + [encoded[-1] + "</w>"]
-        # merge left to right: ((a b) c) d</w> ...
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            merged = current + nxt
-            if merged not in known:
-                merges.append(f"{current} {nxt}")
-                tokens.append(merged)
-                known.add(merged)
-            current = merged
+        while len(pieces := _apply_merges(_word_symbols(word), {m: i for i, m in enumerate(merges)})) > 1:
+            current = pieces[0]
+            for nxt in pieces[1:]:
+                merged = current + nxt
+                if merged not in known:
+                    merges.append((current, nxt))
+                    tokens.append(merged)
+                    known.add(merged)
+                current = merged
     tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 
 def write_tokenizer_folder(folder: Path, words: list[str], pad_token: str = EOS, max_length: int = 77) -> Path:

@@ -209,6 +209,19 @@ def test_truncation_reports_dropped_text(tmp_path):
     assert one_over.truncated and one_over.dropped_text == words[75]
 
 
+def test_chain_vocab_makes_every_word_one_token(tmp_path):
+    """Also where an earlier word's merge outranks a later word's own ("right" merges "r i" before "triangle"'s "t r")."""
+    import transformers
+    words = WORDS + ["right", "triangle", "tri", "riding", "ridge"]
+    vocab, merges = build_vocab(words)
+    words = [w for w in words if w.isalpha()]  # CLIP's pre-tokenizer splits "it's" and "1girl" before BPE
+    folder = _write_folder(tmp_path / "t", vocab, [tuple(m.split()) for m in merges], EOS)
+    ours, reference = CLIPTokenizer.from_folder(folder), transformers.CLIPTokenizer.from_pretrained(str(folder))
+    for word in words:
+        assert len(ours.tokens(word)) == 1, (word, ours.tokens(word))
+        assert reference(word).input_ids == ours.encode(word).ids[:3].tolist(), word
+
+
 def test_missing_special_token_is_refused(tmp_path):
     vocab, merges = _chain_vocab()
     with pytest.raises(ValueError, match="pad token"):
