@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=200, help="captions to generate")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--scheduler", default="dpmpp_2m")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "fp16"])
+    parser.add_argument("--precision", nargs="*", default=["fp32", "fp16"],
+                        help="unquantized rows; none with a bare --precision (only the quantized rows)")
     parser.add_argument("--quantization", nargs="*", default=[], help="quantized variants (run in fp16)")
     parser.add_argument("--engine", default="mlx")
     parser.add_argument("--json", help="also write the scores and failures to this file")
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
 
     captions = dataset.evaluation_captions(args.n)
     variants = [(p, None) for p in args.precision] + [("fp16", q) for q in args.quantization]
+    if not variants:
+        parser.error("nothing to evaluate: give --precision or --quantization")
     rows = {}
     for precision, quantization in variants:
         name = precision if quantization is None else f"{precision} + {quantization}"

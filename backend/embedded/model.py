@@ -2,8 +2,8 @@
 
 The model is a Stable Diffusion 1.x-style pipeline scaled down: a CLIP text encoder over a vocabulary
 where every caption word is one token, a UNet2DConditionModel on 16x16x4 latents (cross-attention at
-8x8 and 4x4), and an AutoencoderKL that downsamples 64x64 images 4x (no attention, so it can be
-trained on crops). Sizes were chosen for training time on two CPU cores. The configs are diffusers' and transformers' own config.json fields,
+8x8, 4x4 and 2x2), and an AutoencoderKL that downsamples 64x64 images 4x (no attention, so it can be trained on crops). Sizes were chosen for
+training time on two CPU cores. The configs are diffusers' and transformers' own config.json fields,
 so the saved folder loads through the same code as a downloaded checkpoint (and through diffusers).
 
 Weights are saved under the checkpoint names (the MLX modules already use them); the only change is
@@ -54,6 +54,7 @@ TEXT_ENCODER_CONFIG = {
     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 128, "initializer_range": 0.02,
     "initializer_factor": 1.0, "attention_dropout": 0.0, "dropout": 0.0,
 }
+TEXT_LENGTH = TEXT_ENCODER_CONFIG["max_position_embeddings"]
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "algorithm_type": "dpmsolver++",
@@ -124,7 +125,7 @@ def save_folder(parts: Parts, folder: Path, dtype=mx.float32, defaults: dict = D
     _write_json(tmp / "vae" / "config.json", parts.vae_config)
     _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     _write_json(tmp / SETTINGS_FILE, defaults)
-    write_tokenizer_folder(tmp / "tokenizer", vocabulary())
+    write_tokenizer_folder(tmp / "tokenizer", vocabulary(), max_length=TEXT_LENGTH)
     for name, filename in WEIGHTS.items():
         mx.save_safetensors(str(tmp / name / filename), torch_layout(parts.component(name), dtype),
                             metadata={"format": "pt"})

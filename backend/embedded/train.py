@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from backend.embedded import dataset
-from backend.embedded.model import RESOLUTION, SCHEDULER_CONFIG, Parts, load_folder, save_folder
+from backend.embedded.model import RESOLUTION, SCHEDULER_CONFIG, TEXT_LENGTH, Parts, load_folder, save_folder
 from backend.schedulers.tables import cumulative_alphas
 from backend.tokenizer import CLIPTokenizer
 from backend.vocab import write_tokenizer_folder
@@ -344,7 +344,8 @@ def run(s: Settings, work: Path, out: Path) -> Path:
     sampled = latents[0] + latents[1] * np.random.default_rng(s.seed).standard_normal(latents[0].shape)
     parts.vae_config["scaling_factor"] = round(float(1.0 / sampled.std()), 5)
 
-    tokenizer = CLIPTokenizer.from_folder(write_tokenizer_folder(work / "tokenizer", dataset.vocabulary()))
+    tokenizer = CLIPTokenizer.from_folder(write_tokenizer_folder(work / "tokenizer", dataset.vocabulary(),
+                                                                max_length=TEXT_LENGTH))
     train_denoiser(parts, data, latents, s, ckpt, done, unet_opt, ema, tokenizer)
     save_folder(parts, out, dtype=mx.float16)
     print(f"saved {out} after {(time.time() - started) / 60:.1f} minutes")
