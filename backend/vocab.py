@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers.models import BPE
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -25,28 +27,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _word_symbols(word: str) -> list[str]:
-    encoded = "".join(bytes_to_unicode()[b] for b in word.lower().encode("utf-8"))
-    return list(encoded[:-1]) + [encoded[-1] + "</w>"]
-
-
-def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """BPE as CLIP runs it: merge the lowest-ranked adjacent pair, everywhere it occurs, until none is left."""
-    while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), pair) for pair in zip(symbols, symbols[1:])]
-        rank, (left, right) = min(pairs)
-        if rank == len(ranks):
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (left, right):
-                merged.append(left + right)
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
+def _pieces(word: str, tokens: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """`word` (byte-encoded) as BPE splits it with these merges: the model CLIPTokenizer runs."""
+    model = BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, continuing_subword_prefix="",
+                end_of_word_suffix="</w>")
+    return [token.value for token in model.tokenize(word)]
 
 
 def build_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -62,9 +47,8 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
     merges: list[tuple[str, str]] = []
     known = set(tokens)
     for word in words:
-        if len(_word_symbols(word)) < 2:
-            continue
-        while len(pieces := _apply_merges(_word_symbols(word), {m: i for i, m in enumerate(merges)})) > 1:
+        encoded = "".join(bytes_to_unicode()[b] for b in word.lower().encode("utf-8"))
+        while len(pieces := _pieces(encoded, tokens, merges)) > 1:
             current = pieces[0]
             for nxt in pieces[1:]:
                 merged = current + nxt

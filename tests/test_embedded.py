@@ -47,18 +47,15 @@ def test_every_caption_word_is_in_the_vocabulary():
 
 
 def test_every_caption_fits_the_models_text_context(tmp_path):
-    """Each vocabulary word is one token, so the longest caption is 13 tokens with BOS and EOS."""
+    """Each vocabulary word is one token, so a full caption is its words plus BOS and EOS (13 tokens)."""
     from backend.embedded.model import TEXT_LENGTH
     from backend.tokenizer import CLIPTokenizer
     from backend.vocab import write_tokenizer_folder
     tokenizer = CLIPTokenizer.from_folder(write_tokenizer_folder(tmp_path, dataset.vocabulary(), max_length=TEXT_LENGTH))
     assert all(len(tokenizer.tokens(word)) == 1 for word in dataset.vocabulary())
-    longest = max((dataset.Scene(size, color, shape, position, background).caption()
-                   for size in dataset.SIZES for color in ("yellow", "purple") for shape in dataset.SHAPES
-                   for position in dataset.POSITIONS for background in ("yellow", "purple") if color != background),
-                  key=lambda caption: len(caption.split()))
-    encoded = tokenizer.encode(longest)
-    assert encoded.length == len(longest.split()) + 2 <= TEXT_LENGTH and not encoded.truncated
+    for caption in dataset.evaluation_captions(200):
+        encoded = tokenizer.encode(caption)
+        assert encoded.length == len(caption.split()) + 2 <= TEXT_LENGTH and not encoded.truncated, caption
 
 
 def test_analysis_reads_the_generators_clean_images():

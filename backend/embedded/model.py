@@ -2,9 +2,10 @@
 
 The model is a Stable Diffusion 1.x-style pipeline scaled down: a CLIP text encoder over a vocabulary
 where every caption word is one token, a UNet2DConditionModel on 16x16x4 latents (cross-attention at
-8x8, 4x4 and 2x2), and an AutoencoderKL that downsamples 64x64 images 4x (no attention, so it can be trained on crops). Sizes were chosen for
-training time on two CPU cores. The configs are diffusers' and transformers' own config.json fields,
-so the saved folder loads through the same code as a downloaded checkpoint (and through diffusers).
+8x8, 4x4 and 2x2), and an AutoencoderKL that downsamples 64x64 images 4x (no attention, so it can be
+trained on crops). Sizes were chosen for training time on two CPU cores. The configs are diffusers' and
+transformers' own config.json fields, so the saved folder loads through the same code as a downloaded
+checkpoint (and through diffusers).
 
 Weights are saved under the checkpoint names (the MLX modules already use them); the only change is
 the convolution layout, MLX (O, kH, kW, I) -> PyTorch (O, I, kH, kW).
