@@ -171,3 +171,15 @@ def test_shipped_model_exports_to_core_ml(tmp_path):
     unet = found.io("Unet")
     assert unet.inputs["sample"].shape == (2, 4, 16, 16)
     assert found.io("VAEDecoder").outputs["image"].shape == (1, 3, 64, 64)
+
+
+def test_a_model_folder_loads_for_training_with_its_own_configs(tmp_path):
+    """load_folder (resume, fine-tune) takes the folder's vocabulary size and widths, not the current constants."""
+    from backend.embedded.model import UNET_CONFIG, Parts, load_folder, save_folder
+    config = json.loads((SHIPPED / "text_encoder" / "config.json").read_text())
+    parts = load_folder(SHIPPED)
+    assert parts.text_encoder.text_model.embeddings.token_embedding.weight.shape == \
+        (config["vocab_size"], config["hidden_size"])
+    wider = {**UNET_CONFIG, "block_out_channels": [64, 64, 64, 64]}
+    folder = save_folder(Parts(unet_config=wider), tmp_path / "wider")
+    assert load_folder(folder).unet.conv_in.weight.shape[0] == 64

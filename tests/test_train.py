@@ -58,3 +58,17 @@ def test_a_finished_run_can_be_continued_and_not_changed(finished_run, tmp_path)
     assert json.loads((work / "progress.json").read_text())["step"] == longer["unet_steps"]
     before, after = unet_weights(out), unet_weights(tmp_path / "longer")
     assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_latent_noise_changes_what_the_decoder_sees_only_when_asked():
+    import mlx.core as mx
+    vae = train.fresh_parts(0).vae
+    rng = np.random.default_rng(0)
+    images = mx.array(rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
+    weights = mx.ones((2, 32, 32, 1))
+    noise = mx.array(rng.standard_normal((2, 8, 8, 4)).astype(np.float32))
+    extra = mx.array(rng.standard_normal((2, 8, 8, 4)).astype(np.float32))
+    plain = train.vae_loss(vae, images, weights, noise, 1e-6)[0].item()
+    assert train.vae_loss(vae, images, weights, noise, 1e-6, 0.0, extra)[0].item() == pytest.approx(plain)
+    noisy = train.vae_loss(vae, images, weights, noise, 1e-6, 0.5, extra)[0].item()
+    assert noisy != pytest.approx(plain)

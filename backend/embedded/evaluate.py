@@ -23,13 +23,14 @@ TARGETS = {"background": 0.95, "color": 0.90, "position": 0.85, "shape": 0.80}
 
 
 def evaluate(pipe, captions: list[str], steps: Optional[int] = None, scheduler: str = "dpmpp_2m",
-             progress=None) -> dict:
+             progress=None, guidance: Optional[float] = None) -> dict:
     """{field: share correct, "all": share with every field right, "seconds": per image, "failures": [...]}."""
     correct = {f: 0 for f in FIELDS}
     all_right, failures = 0, []
     start = time.perf_counter()
     for seed, caption in enumerate(captions):
-        result = pipe.generate(backend.GenerationRequest(prompt=caption, steps=steps, scheduler=scheduler, seed=seed))
+        result = pipe.generate(backend.GenerationRequest(prompt=caption, steps=steps, scheduler=scheduler, seed=seed,
+                                                            guidance=guidance))
         expected = dataset.parse_caption(caption).said()
         checks = analysis.read_scene(result.image).matches(expected)
         for field, ok in checks.items():
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=200, help="captions to generate")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--scheduler", default="dpmpp_2m")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--precision", nargs="*", default=["fp32", "fp16"],
                         help="unquantized rows; none with a bare --precision (only the quantized rows)")
     parser.add_argument("--quantization", nargs="*", default=[], help="quantized variants (run in fp16)")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
 
         def show(done, total, name=name):
             print(f"\r{name}: {done}/{total}", end="", file=sys.stderr, flush=True)
-        rows[name] = evaluate(pipe, captions, args.steps, args.scheduler, progress=show)
+        rows[name] = evaluate(pipe, captions, args.steps, args.scheduler, progress=show, guidance=args.guidance)
         print(file=sys.stderr)
     print(table(rows))
     if args.json:

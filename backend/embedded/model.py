@@ -78,12 +78,14 @@ def text_encoder_config() -> dict:
 class Parts(nn.Module):
     """The three trained modules, under the names of their folders."""
 
-    def __init__(self, vae_config: dict = VAE_CONFIG):
+    def __init__(self, vae_config: dict = VAE_CONFIG, text_config: dict | None = None, unet_config: dict = UNET_CONFIG):
         super().__init__()
-        self.text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_encoder_config()))
-        self.unet = UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIG))
-        self.vae = AutoencoderKL(VAEConfig.from_dict(vae_config))
+        self.text_config = dict(text_config or text_encoder_config())
+        self.unet_config = dict(unet_config)
         self.vae_config = dict(vae_config)
+        self.text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(self.text_config))
+        self.unet = UNet2DConditionModel(UNetConfig.from_dict(self.unet_config))
+        self.vae = AutoencoderKL(VAEConfig.from_dict(self.vae_config))
 
     def component(self, name: str) -> nn.Module:
         return getattr(self, name)
@@ -121,8 +123,8 @@ def save_folder(parts: Parts, folder: Path, dtype=mx.float32, defaults: dict = D
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]})
-    _write_json(tmp / "text_encoder" / "config.json", {**text_encoder_config(), "torch_dtype": "float32"})
-    _write_json(tmp / "unet" / "config.json", UNET_CONFIG)
+    _write_json(tmp / "text_encoder" / "config.json", {**parts.text_config, "torch_dtype": "float32"})
+    _write_json(tmp / "unet" / "config.json", parts.unet_config)
     _write_json(tmp / "vae" / "config.json", parts.vae_config)
     _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     _write_json(tmp / SETTINGS_FILE, defaults)
@@ -138,7 +140,9 @@ def save_folder(parts: Parts, folder: Path, dtype=mx.float32, defaults: dict = D
 def load_folder(folder: Path) -> Parts:
     """The modules of a folder `save_folder` wrote, in float32 (to resume training or fine-tune)."""
     folder = Path(folder)
-    parts = Parts(json.loads((folder / "vae" / "config.json").read_text()))
+    # The folder's own configs: its vocabulary or widths may differ from the current constants.
+    config = {name: json.loads((folder / name / "config.json").read_text()) for name in WEIGHTS}
+    parts = Parts(config["vae"], config["text_encoder"], config["unet"])
     for name, filename in WEIGHTS.items():
         state = weight_io.read_safetensors([folder / name / filename])
         if name == "text_encoder":

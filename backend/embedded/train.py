@@ -56,6 +56,7 @@ class Settings:
     object_weight: float = 4.0     # loss weight of object pixels (VAE) and latent cells (UNet); background: 1
     vae_warmup: int = 50
     kl_weight: float = 1e-6        # per latent element against per-pixel errors; SD's is smaller still
+    latent_noise: float = 0.0      # noise added to the VAE's latents in training, relative to their spread
     unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 8e-4
@@ -183,10 +184,18 @@ class Checkpoints:
 # ------------------------------------------------------------------------------------------------
 # Phase 1: the VAE
 # ------------------------------------------------------------------------------------------------
-def vae_loss(vae, images, weights, noise, kl_weight):
-    """Weighted MSE + L1 (object pixels count more than the plain background) + KL."""
+def vae_loss(vae, images, weights, noise, kl_weight, latent_noise=0.0, extra_noise=None):
+    """Weighted MSE + L1 (object pixels count more than the plain background) + KL.
+
+    With `latent_noise` > 0, `extra_noise` times that much of the latents' spread is added before decoding:
+    the decoder must draw the right picture from a latent that is slightly off, as the UNet's always is,
+    so the encoder keeps details like a square's corners in large differences (tools/vae_robustness.py
+    measures it). Off by default: the shipped weights were trained without it; see the README.
+    """
     mean, logvar = vae.encode(images)
     latents = mean + mx.exp(0.5 * logvar) * noise
+    if extra_noise is not None:
+        latents = latents + latent_noise * mx.stop_gradient(mx.std(mean)) * extra_noise
     error = vae.decode(latents) - images
     mse = mx.mean(error ** 2)
     kl = 0.5 * mx.mean(mean ** 2 + mx.exp(logvar) - 1.0 - logvar)
@@ -198,8 +207,8 @@ def train_vae(parts: Parts, data: ShapeData, s: Settings, ckpt: Checkpoints, sta
     loss_and_grad = nn.value_and_grad(vae, vae_loss)
     state = [vae.state, optimizer.state]
 
-    def step(images, weights, noise):
-        (loss, mse), grads = loss_and_grad(vae, images, weights, noise, s.kl_weight)
+    def step(images, weights, noise, extra_noise):
+        (loss, mse), grads = loss_and_grad(vae, images, weights, noise, s.kl_weight, s.latent_noise, extra_noise)
         optimizer.update(vae, optim.clip_grad_norm(grads, 1.0)[0])
         return loss, mse
 
@@ -211,7 +220,8 @@ def train_vae(parts: Parts, data: ShapeData, s: Settings, ckpt: Checkpoints, sta
         images, objects = data.crops(rng.integers(0, len(data.images), s.vae_batch), s.vae_crop, rng)
         weights = 1.0 + (s.object_weight - 1.0) * objects[..., None].astype(np.float32)
         noise = rng.standard_normal((s.vae_batch, latent, latent, 4)).astype(np.float32)
-        loss, mse = step(mx.array(images), mx.array(weights), mx.array(noise))
+        extra = rng.standard_normal(noise.shape).astype(np.float32) if s.latent_noise > 0 else np.zeros_like(noise)
+        loss, mse = step(mx.array(images), mx.array(weights), mx.array(noise), mx.array(extra))
         mx.eval(state)
         bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.4f}")
         if (i + 1) % s.checkpoint_every == 0 or i + 1 == s.vae_steps:
