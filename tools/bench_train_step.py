@@ -22,10 +22,9 @@ from backend.embedded import model as embedded, train  # noqa: E402
 
 
 def step_seconds(widths: list[int], context: int, steps: int, batch: int = 32) -> tuple[float, int]:
-    embedded.UNET_CONFIG["block_out_channels"] = widths
-    embedded.TEXT_ENCODER_CONFIG["max_position_embeddings"] = context
     mx.random.seed(0)
-    parts = embedded.Parts()
+    parts = embedded.Parts(text_config={**embedded.text_encoder_config(), "max_position_embeddings": context},
+                           unet_config={**embedded.UNET_CONFIG, "block_out_channels": widths})
     model = train.Denoiser(parts)
     optimizer = optim.AdamW(1e-4)
     loss_and_grad = nn.value_and_grad(model, train.denoise_loss)

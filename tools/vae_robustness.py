@@ -5,11 +5,10 @@
 The UNet never hands the decoder an exact latent. This encodes 60 drawn squares, adds Gaussian noise
 scaled to the latents' own spread, decodes, and reads each image back with backend.embedded.analysis:
 the mean fill of the bounding box (1.0 drawn, ~0.89 is where the analysis starts saying "circle") and the
-share still read as squares. Any folder with vae/config.json and its weights works (a model or a
+share still read as squares. Any folder backend.embedded.model.save_folder wrote works (a model or a
 training checkpoint).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,15 +18,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from backend.embedded import analysis, dataset  # noqa: E402
-from backend.embedded.model import WEIGHTS  # noqa: E402
-from backend.engines.mlx import weights as weight_io  # noqa: E402
-from backend.engines.mlx.vae import AutoencoderKL, VAEConfig  # noqa: E402
-
-
-def load_vae(folder: Path) -> AutoencoderKL:
-    vae = AutoencoderKL(VAEConfig.from_dict(json.loads((folder / "vae" / "config.json").read_text())))
-    weight_io.load_into(vae, weight_io.read_safetensors([folder / "vae" / WEIGHTS["vae"]]), mx.float32)
-    return vae
+from backend.embedded.model import load_folder  # noqa: E402
 
 
 def squares(n: int = 60, seed: int = 7) -> np.ndarray:
@@ -45,7 +36,7 @@ def main(argv=None) -> None:
     images = squares()
     print("| VAE | noise | mean fill | read as square |\n|---|---|---|---|")
     for folder in args.folders:
-        vae = load_vae(folder)
+        vae = load_folder(folder).vae
         mean = np.array(vae.encode(mx.array(images.astype(np.float32) / 127.5 - 1.0))[0])
         for sigma in args.noise:
             noise = np.random.default_rng(1).standard_normal(mean.shape).astype(np.float32)

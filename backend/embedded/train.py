@@ -194,7 +194,7 @@ def vae_loss(vae, images, weights, noise, kl_weight, latent_noise=0.0, extra_noi
     """
     mean, logvar = vae.encode(images)
     latents = mean + mx.exp(0.5 * logvar) * noise
-    if extra_noise is not None:
+    if latent_noise > 0:
         latents = latents + latent_noise * mx.stop_gradient(mx.std(mean)) * extra_noise
     error = vae.decode(latents) - images
     mse = mx.mean(error ** 2)
