@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from backend.embedded import analysis, dataset
 
@@ -77,6 +77,31 @@ def test_analysis_tolerates_mild_blur_and_noise():
         noisy = np.clip(blurred + rng.normal(0, 8, blurred.shape), 0, 255).astype(np.uint8)
         correct += all(analysis.read_scene(noisy).matches(scene.said()).values())
     assert correct >= 0.95 * n
+
+
+def _drawn(shape: str, side: int, amount: float) -> np.ndarray:
+    """A yellow shape on blue, `side` pixels wide at 64x64: a square with corners rounded by `amount` of its
+    half-side ("rounded"), or with its sides bowed in by `amount` of its side ("bowed")."""
+    big = Image.new("RGB", (256, 256), dataset.COLORS["blue"])
+    draw, s = ImageDraw.Draw(big), side * 4
+    x0, x1, mid, dent = 128 - s // 2, 128 + s // 2, 128, amount * s
+    if shape == "rounded":
+        draw.rounded_rectangle((x0, x0, x1, x1), radius=int(amount * s / 2), fill=dataset.COLORS["yellow"])
+    else:
+        draw.polygon([(x0, x0), (mid, x0 + dent), (x1, x0), (x1 - dent, mid), (x1, x1), (mid, x1 - dent),
+                      (x0, x1), (x0 + dent, mid)], fill=dataset.COLORS["yellow"])
+    return np.asarray(big.resize((64, 64), Image.Resampling.BOX))
+
+
+@pytest.mark.parametrize("side", [14, 23])
+def test_analysis_tells_squares_from_circles_by_their_corners(side):
+    """A square with bowed sides (as models often draw them) is a square; one rounded most of the way is not."""
+    for bowed in (0.08, 0.10):   # they fill under 0.89 of their box, where fill alone says "circle"
+        reading = analysis.read_scene(_drawn("bowed", side, bowed))
+        assert reading.shape == "square" and reading.fill < 0.89, (bowed, reading)
+    assert analysis.read_scene(_drawn("rounded", side, 0.3)).shape == "square"
+    assert analysis.read_scene(_drawn("rounded", side, 0.8)).shape == "circle"
+    assert analysis.read_scene(_drawn("rounded", side, 1.0)).shape == "circle"
 
 
 def test_analysis_sees_no_object_on_a_plain_image():

@@ -5,8 +5,11 @@
   color (the color of the pixels that differ most from the background), so anti-aliased or blurry
   edges count partly;
 - position: the opacity-weighted centroid, "in the center" near the middle, else the dominant axis;
-- shape: nearest prototype by (fill ratio of the bounding box, share of the mass in the top half):
-  circle (pi/4, 1/2), square (1, 1/2), upright triangle (1/2, 1/4).
+- shape: first triangle or not, by the nearest ideal shape in (fill ratio of the bounding box, share of
+  the mass in its top half): circle (pi/4, 1/2), square (1, 1/2), upright triangle (1/2, 1/4); then
+  circle or square, by the nearest in (fill ratio, coverage of the box's four corners): circle (pi/4, 0),
+  square (1, 1). The corners tell a square from a circle where the fill alone cannot: a square drawn
+  with slightly bowed sides fills less of its box, but its corners are there; a rounded one's are not.
 """
 from __future__ import annotations
 
@@ -19,7 +22,12 @@ from backend.embedded.dataset import COLORS, OFFSET
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], np.float32)
-_SHAPE_PROTOTYPES = {"circle": (np.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 0.25)}
+# Triangle or not by (fill, top share); then circle or square by (fill, corner coverage). A corner is the
+# triangle u + v < CORNER at each corner of the box (u, v in box widths): an inscribed circle does not
+# reach it, a square fills it.
+_OUTLINE_PROTOTYPES = {"circle": (np.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 0.25)}
+_CORNER_PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 1.0)}
+CORNER = 0.3
 MIN_CONTRAST = 40.0      # an object must differ from the background by this much (RGB distance)
 CENTER_RADIUS = OFFSET / 2
 LOW = 0.2                # opacity ramp: [LOW, 1 - LOW] -> [0, 1]
@@ -34,6 +42,7 @@ class Reading:
     shape: Optional[str] = None
     fill: float = 0.0            # object area / its bounding box area
     top_share: float = 0.0       # share of the object's mass above its bounding box's middle
+    corners: float = 0.0         # mean opacity in the four corners of its bounding box
     centroid: tuple = (0.0, 0.0)  # (x, y) in [0, 1]
     coverage: float = 0.0        # object area / image area
 
@@ -75,8 +84,26 @@ def _position(cx: float, cy: float) -> str:
     return "on the left" if dx < 0 else "on the right"
 
 
-def _shape(opacity: np.ndarray) -> tuple[str, float, float]:
-    """(shape name, fill ratio, top share) of the object's opacity map."""
+def _nearest(prototypes: dict, features: tuple) -> str:
+    return min(prototypes, key=lambda name: sum((f - p) ** 2 for f, p in zip(features, prototypes[name])))
+
+
+def _corners(opacity: np.ndarray) -> float:
+    """Mean opacity inside the corner triangles of the box of rows and columns at least half covered."""
+    cols = np.nonzero(opacity.max(axis=0) >= 0.5)[0]
+    rows = np.nonzero(opacity.max(axis=1) >= 0.5)[0]
+    if len(cols) == 0 or len(rows) == 0:
+        return 0.0
+    ys, xs = np.mgrid[0:opacity.shape[0], 0:opacity.shape[1]]
+    u = (xs + 0.5 - cols[0]) / (cols[-1] + 1 - cols[0])
+    v = (ys + 0.5 - rows[0]) / (rows[-1] + 1 - rows[0])
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    corner = inside & (np.minimum(u, 1 - u) + np.minimum(v, 1 - v) < CORNER)
+    return float(opacity[corner].mean()) if corner.any() else 0.0
+
+
+def _shape(opacity: np.ndarray) -> tuple[str, float, float, float]:
+    """(shape name, fill ratio, top share, corner coverage) of the object's opacity map."""
     width = float(opacity.max(axis=0).sum())     # soft extents: partly covered columns count partly
     height = float(opacity.max(axis=1).sum())
     area = float(opacity.sum())
@@ -87,9 +114,11 @@ def _shape(opacity: np.ndarray) -> tuple[str, float, float]:
     whole = int(np.floor(middle))
     top = row_mass[:whole].sum() + (middle - whole) * (row_mass[whole] if whole < len(row_mass) else 0.0)
     top_share = float(top / max(area, 1e-6))
-    name = min(_SHAPE_PROTOTYPES, key=lambda s: (fill - _SHAPE_PROTOTYPES[s][0]) ** 2
-               + (top_share - _SHAPE_PROTOTYPES[s][1]) ** 2)
-    return name, fill, top_share
+    corners = _corners(opacity)
+    name = _nearest(_OUTLINE_PROTOTYPES, (fill, top_share))
+    if name != "triangle":
+        name = _nearest(_CORNER_PROTOTYPES, (fill, corners))
+    return name, fill, top_share, corners
 
 
 def read_scene(image) -> Reading:
@@ -105,9 +134,9 @@ def read_scene(image) -> Reading:
     mass = float(opacity.sum())
     cx = float((opacity * (xs + 0.5)).sum() / mass / w)
     cy = float((opacity * (ys + 0.5)).sum() / mass / h)
-    shape, fill, top_share = _shape(opacity)
+    shape, fill, top_share, corners = _shape(opacity)
     reading.color = nearest_color(object_rgb)
     reading.position = _position(cx, cy)
-    reading.shape, reading.fill, reading.top_share = shape, fill, top_share
+    reading.shape, reading.fill, reading.top_share, reading.corners = shape, fill, top_share, corners
     reading.centroid, reading.coverage = (cx, cy), mass / (h * w)
     return reading
