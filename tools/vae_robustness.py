@@ -4,8 +4,8 @@
 
 The UNet never hands the decoder an exact latent. This encodes 60 drawn squares, adds Gaussian noise
 scaled to the latents' own spread, decodes, and reads each image back with backend.embedded.analysis:
-the mean fill of the bounding box (1.0 drawn, ~0.89 is where the analysis starts saying "circle") and the
-share still read as squares. Any folder backend.embedded.model.save_folder wrote works (a model or a
+the mean fill of the bounding box (1.0 drawn) and the share still read as squares (the analysis tells a
+square from a circle by the corners of its box). Any folder backend.embedded.model.save_folder wrote works (a model or a
 training checkpoint).
 """
 import argparse

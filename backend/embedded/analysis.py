@@ -22,9 +22,8 @@ from backend.embedded.dataset import COLORS, OFFSET
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], np.float32)
-# Triangle or not by (fill, top share); then circle or square by (fill, corner coverage). A corner is the
-# triangle u + v < CORNER at each corner of the box (u, v in box widths): an inscribed circle does not
-# reach it, a square fills it.
+# A corner is the triangle u + v < CORNER at each corner of the box (u, v in box widths): an inscribed
+# circle does not reach it, a square fills it.
 _OUTLINE_PROTOTYPES = {"circle": (np.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 0.25)}
 _CORNER_PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 1.0)}
 CORNER = 0.3
@@ -88,10 +87,8 @@ def _nearest(prototypes: dict, features: tuple) -> str:
     return min(prototypes, key=lambda name: sum((f - p) ** 2 for f, p in zip(features, prototypes[name])))
 
 
-def _corners(opacity: np.ndarray) -> float:
-    """Mean opacity inside the corner triangles of the box of rows and columns at least half covered."""
-    cols = np.nonzero(opacity.max(axis=0) >= 0.5)[0]
-    rows = np.nonzero(opacity.max(axis=1) >= 0.5)[0]
+def _corners(opacity: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> float:
+    """Mean opacity inside the corner triangles of the box of `rows` and `cols` (those at least half covered)."""
     if len(cols) == 0 or len(rows) == 0:
         return 0.0
     ys, xs = np.mgrid[0:opacity.shape[0], 0:opacity.shape[1]]
@@ -104,17 +101,18 @@ def _corners(opacity: np.ndarray) -> float:
 
 def _shape(opacity: np.ndarray) -> tuple[str, float, float, float]:
     """(shape name, fill ratio, top share, corner coverage) of the object's opacity map."""
-    width = float(opacity.max(axis=0).sum())     # soft extents: partly covered columns count partly
-    height = float(opacity.max(axis=1).sum())
+    col_cover, row_cover = opacity.max(axis=0), opacity.max(axis=1)
+    width = float(col_cover.sum())     # soft extents: partly covered columns count partly
+    height = float(row_cover.sum())
     area = float(opacity.sum())
     fill = area / max(width * height, 1e-6)
-    rows = np.nonzero(opacity.max(axis=1) >= 0.5)[0]
+    rows, cols = np.nonzero(row_cover >= 0.5)[0], np.nonzero(col_cover >= 0.5)[0]
     middle = (rows[0] + rows[-1] + 1) / 2 if len(rows) else opacity.shape[0] / 2
     row_mass = opacity.sum(axis=1)
     whole = int(np.floor(middle))
     top = row_mass[:whole].sum() + (middle - whole) * (row_mass[whole] if whole < len(row_mass) else 0.0)
     top_share = float(top / max(area, 1e-6))
-    corners = _corners(opacity)
+    corners = _corners(opacity, rows, cols)
     name = _nearest(_OUTLINE_PROTOTYPES, (fill, top_share))
     if name != "triangle":
         name = _nearest(_CORNER_PROTOTYPES, (fill, corners))
