@@ -42,9 +42,11 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="s
                        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
-def scheduler_choices() -> list:
-    from backend.schedulers import SCHEDULERS
-    return [("Model default", "default")] + [(name.replace("_", " "), name) for name in SCHEDULERS]
+def scheduler_choices(names=None) -> list:
+    """The dropdown's choices: `names` (a model's schedulers), else every scheduler."""
+    from backend.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+    names = names or SCHEDULERS + FLOW_SCHEDULERS
+    return [("Model default", "default")] + [(name.replace("_", " "), name) for name in names]
 
 
 def model_choices(extra: str = "") -> list:
@@ -212,8 +214,8 @@ class App:
         if not d:
             return [gr.skip()] * 5
         size = dict(minimum=d["size_min"], step=d["size_step"])
-        return [d["steps"], d["guidance"], "default", gr.update(value=d["width"], **size),
-                gr.update(value=d["height"], **size)]
+        return [d["steps"], d["guidance"], gr.update(choices=scheduler_choices(d["schedulers"]), value="default"),
+                gr.update(value=d["width"], **size), gr.update(value=d["height"], **size)]
 
     # -- Compare tab -------------------------------------------------------------------------------------
     def _compare(self, prompt, negative, model, keys, seed, steps, stop):
@@ -383,9 +385,13 @@ class App:
                 source = "in the app" if not Path(m.path).is_absolute() else str(m.local_folder)
                 status = "ready" if m.local_folder.is_dir() else "missing"
             else:
-                source, status = m.hub, "downloaded" if m.hub in cached else "not downloaded"
-            rows.append([m.name, m.title, source, (m.coreml or {}).get("repo", "—"), status])
-        return pd.DataFrame(rows, columns=["Name", "Model", "Weights (MLX)", "Core ML resources", "Status"])
+                source = m.hub + (f" + {m.transformer_file['repo']}" if m.transformer_file else "")
+                status = "downloaded" if m.hub in cached else (
+                    "not downloaded (gated: needs a Hub login)" if m.gated else "not downloaded")
+            rows.append([m.name, m.title, source, (m.coreml or {}).get("repo", "—"), present.fmt_defaults(m.defaults),
+                         status])
+        return pd.DataFrame(rows, columns=["Name", "Model", "Weights (MLX)", "Core ML resources", "Defaults",
+                                           "Status"])
 
     # -- layout --------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -569,7 +575,7 @@ class App:
                     u.m_delete = gr.Button("Delete", variant="stop", scale=1)
         gr.Markdown("#### Registry")
         u.m_registry = gr.Dataframe(self.registry_table(), interactive=False, wrap=True, max_height=460,
-                                    column_widths=["14%", "28%", "26%", "22%", "10%"])
+                                    column_widths=["13%", "23%", "22%", "17%", "15%", "10%"])
         u.m_download.click(self.download, u.m_pick, [u.m_progress, u.m_table, u.m_delete_pick],
                            show_progress_on=[u.m_progress], concurrency_id="download", concurrency_limit=1, **PRIVATE)
         u.m_delete.click(self.delete, u.m_delete_pick, [u.m_progress, u.m_table, u.m_delete_pick],

@@ -36,10 +36,12 @@ def cmd_generate(a) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read latents {a.latents}: {exc}")
     pipe = load_pipeline(a.model, engine=a.backend, precision=a.precision, quantization=a.quantization,
-                         compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory)
+                         compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory,
+                         t5=not a.no_t5)
     result = pipe.generate(GenerationRequest(
         prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
-        scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents))
+        scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents,
+        max_sequence_length=a.max_sequence_length))
     save_png(result.image, a.out, result.parameters)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -74,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"])
     g.add_argument("--attention", choices=["original", "split_einsum"])
     g.add_argument("--reduce-memory", action="store_true")
+    g.add_argument("--no-t5", action="store_true",
+                   help="SD3: skip the T5 text encoder (~9 GB less; its tokens are zeros, as without T5)")
+    g.add_argument("--max-sequence-length", type=_positive_int,
+                   help="SD3: T5 tokens after CLIP's 77 (default 256, or what Core ML packages fix)")
     g.add_argument("--out", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
     g.set_defaults(func=cmd_generate)

@@ -166,6 +166,19 @@ def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeat
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions, printed with every figure (speed ratios depend on them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({vector})"
+
+
 def _torch_available() -> bool:
     try:
         import diffusers  # noqa: F401
@@ -175,10 +188,18 @@ def _torch_available() -> bool:
         return False
 
 
-def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path, threads=None) -> dict:
-    from backend import blas
+def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path, threads=None,
+              sd3_sizes=(512, 1024), sd3_quantizations=(None,)) -> dict:
+    from backend import blas, bench_sd3
     rows = []
     for model in models:
+        if model == "sd3-medium":  # its own table: a transformer step against diffusers and DiffusionKit
+            engines = bench_sd3.ENGINES if with_torch else ("mlx", "diffusionkit")
+            print("\n" + bench_sd3.HEADER, flush=True)
+            for row in bench_sd3.rows(sd3_sizes, precisions, sd3_quantizations, repeats, engines, threads):
+                rows.append(row)
+                print(bench_sd3.row_md(row), flush=True)
+            continue
         size = 1024 if model == "sdxl" else 512
         for precision in precisions:
             for part in parts:
@@ -188,7 +209,8 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
                     row["diffusers"] = _spawn("torch", model, part, precision, size, repeats, threads)
                 rows.append(row)
                 print(_row_md(row), flush=True)
-    report = {"blas": blas.describe(), "cpu_count": os.cpu_count(), "threads": threads or "default", "rows": rows,
+    report = {"blas": blas.describe(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+              "threads": threads or "default", "rows": rows,
               "targets": _targets(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -214,7 +236,7 @@ def _row_md(row: dict) -> str:
 def _targets(rows) -> dict:
     out = {}
     for row in rows:
-        m, d = row["mlx"], row.get("diffusers") or {}
+        m, d = row.get("mlx") or {}, row.get("diffusers") or {}
         if "seconds" not in m or "seconds" not in d:
             continue
         if row["part"] == "unet" and row["model"] == "sd-1.5" and row["precision"] == "fp32":
@@ -231,16 +253,20 @@ def cmd_bench(a) -> int:
     with_torch = not a.no_torch and _torch_available()
     print("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
-    report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads)
-    print(f"\nBLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")
+    report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
+                       a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations])
+    print(f"\nCPU: {report['cpu']}; BLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")
     for name, t in report["targets"].items():
         print(f"target {name}: {t}")
     return 0
 
 
 def add_command(sub) -> None:
-    b = sub.add_parser("bench", help="per-stage timings at real SD 1.5 / SDXL sizes, MLX vs diffusers")
-    b.add_argument("--models", nargs="+", default=["sd-1.5"], choices=["sd-1.5", "sdxl"])
+    b = sub.add_parser("bench", help="per-stage timings at real SD 1.5 / SDXL / SD3 sizes, MLX vs diffusers")
+    b.add_argument("--models", nargs="+", default=["sd-1.5"], choices=["sd-1.5", "sdxl", "sd3-medium"])
+    b.add_argument("--sd3-sizes", nargs="+", type=int, default=[512, 1024], help="image sizes of the SD3 rows")
+    b.add_argument("--sd3-quantizations", nargs="+", default=["none", "q8"], choices=["none", "q8", "q6", "q4"],
+                   help="MLX weight quantizations of the SD3 rows (the other engines run unquantized rows only)")
     b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
     b.add_argument("--parts", nargs="+", default=["text_encoder", "unet", "vae_decode", "pipeline"],
                    choices=["text_encoder", "unet", "vae_decode", "pipeline"])

@@ -1,7 +1,8 @@
 """What a diffusers-layout checkpoint folder is: its family, components, configs and defaults.
 
-Everything architectural comes from the folder's own JSON files; the defaults (steps, guidance,
-scheduler, size) come from an optional `silicon_diffusion.json`, else from the family.
+Everything architectural comes from the folder's own JSON files; the family (backend/families.py) from
+the components model_index.json names; the defaults (steps, guidance, scheduler, size) from an optional
+`silicon_diffusion.json`, else from the family.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from backend import families
+from backend.families import Family
 from backend.types import UserError
 
 SETTINGS_FILE = "silicon_diffusion.json"
@@ -27,20 +30,34 @@ def read_json(path: Path) -> dict:
 @dataclass
 class ModelSpec:
     folder: Path
-    family: str                      # "sd" (1.x / 2.x) or "sdxl"
+    family: str                      # a backend.families name: "sd" (1.x / 2.x), "sdxl" or "sd3"
     pipeline_class: str
-    text_encoders: list              # component names, in order
+    text_encoders: list              # component names, in order: the CLIP encoders, then T5 when present
     tokenizers: list
-    unet_config: dict
+    denoiser_config: dict            # unet/config.json or transformer/config.json
     vae_config: dict
     text_encoder_configs: list
     scheduler_config: dict
     force_zeros_for_empty_prompt: bool = False
     defaults: dict = field(default_factory=dict)
+    weight_files: dict = field(default_factory=dict)  # component -> safetensors files in place of its folder's
+
+    @property
+    def traits(self) -> Family:
+        """What this model's family does: conditioning, denoiser, latents (backend/families.py)."""
+        return families.get(self.family)
+
+    @property
+    def has_t5(self) -> bool:
+        return self.traits.t5 is not None and self.traits.t5[0] in self.text_encoders
 
     @property
     def is_lcm(self) -> bool:
-        return self.unet_config.get("time_cond_proj_dim") is not None
+        return self.denoiser_config.get("time_cond_proj_dim") is not None
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.traits.denoiser == "transformer"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -48,23 +65,45 @@ class ModelSpec:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet_config.get("in_channels", 4))
+        return int(self.denoiser_config.get("in_channels", 4))
 
     @property
-    def unet_multiple(self) -> int:
-        """Latent sizes must be multiples of this (one factor 2 per UNet downsampling)."""
-        return 2 ** (len(self.unet_config.get("down_block_types", [])) - 1)
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of this: the transformer's patch, or one factor 2 per UNet level."""
+        if self.is_transformer:
+            return int(self.denoiser_config.get("patch_size", 2))
+        return 2 ** (len(self.denoiser_config.get("down_block_types", [])) - 1)
+
+    @property
+    def max_size(self) -> int:
+        """The largest width or height in pixels: what the transformer's position table covers, else 4096."""
+        cells = self.denoiser_config.get("pos_embed_max_size") if self.is_transformer else None
+        return min(4096, int(cells) * self.latent_multiple * self.vae_scale_factor) if cells else 4096
+
+    @property
+    def size_step(self) -> int:
+        """Image sides are multiples of this many pixels: the VAE's block, or the transformer's patch in pixels."""
+        return self.vae_scale_factor * (self.latent_multiple if self.is_transformer else 1)
+
+    @property
+    def min_size(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
 
     @property
     def native_size(self) -> int:
-        return int(self.defaults.get("size") or self.unet_config.get("sample_size", 64) * self.vae_scale_factor)
+        return int(self.defaults.get("size") or self.denoiser_config.get("sample_size", 64) * self.vae_scale_factor)
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return "flow" if self.traits.flow else self.scheduler_config.get("prediction_type", "epsilon")
 
     def default(self, key: str):
         return self.defaults[key]
+
+    def patch_count(self, width: int, height: int) -> int:
+        """The transformer's image tokens at this size (the flow schedule's resolution shift reads it)."""
+        cell = self.vae_scale_factor * self.latent_multiple
+        return (height // cell) * (width // cell)
 
     @classmethod
     def from_folder(cls, folder) -> "ModelSpec":
@@ -72,20 +111,24 @@ class ModelSpec:
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
         index = read_json(folder / "model_index.json")
-        family = "sdxl" if "text_encoder_2" in index else "sd"
-        if "text_encoder" not in index or "unet" not in index or "vae" not in index:
+        family = families.family_of_index(index)
+        if "text_encoder" not in index or family.denoiser not in index or "vae" not in index:
             raise UserError(f"{folder.name} is not a text-to-image Stable Diffusion model "
-                            "(model_index.json needs text_encoder, unet and vae)")
-        encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-        tokenizers = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+                            f"(model_index.json needs text_encoder, {family.denoiser} and vae)")
+        encoders = [e for e, _ in family.encoders]
+        tokenizers = [t for _, t in family.encoders]
+        if family.t5 is not None and _present(index, folder, family.t5[0]):
+            encoders.append(family.t5[0])
+            tokenizers.append(family.t5[1])
         spec = cls(
-            folder=folder, family=family, pipeline_class=index.get("_class_name", ""),
+            folder=folder, family=family.name, pipeline_class=index.get("_class_name", ""),
             text_encoders=encoders, tokenizers=tokenizers,
-            unet_config=read_json(folder / "unet" / "config.json"),
+            denoiser_config=read_json(folder / family.denoiser / "config.json"),
             vae_config=read_json(folder / "vae" / "config.json"),
             text_encoder_configs=[read_json(folder / e / "config.json") for e in encoders],
             scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                        family.zeros_for_empty_negative)),
         )
         spec.defaults = spec._family_defaults()
         settings = folder / SETTINGS_FILE
@@ -100,20 +143,24 @@ class ModelSpec:
         if self.scheduler_config.get("timestep_spacing") == "trailing" and "Euler" in sched_class:
             # SD-Turbo / SDXL-Turbo: one to four steps, no guidance
             return {"steps": 1, "guidance": 0.0, "scheduler": "euler_a"}
-        if self.family == "sdxl":
-            return {"steps": 25, "guidance": 5.0, "scheduler": "dpmpp_2m"}
-        return {"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m"}
+        return dict(self.traits.defaults)
+
+
+def _present(index: dict, folder: Path, component: str) -> bool:
+    """A component the index names with a class (not [null, null]) and whose folder is there."""
+    entry = index.get(component)
+    return isinstance(entry, list) and entry[0] is not None and (folder / component).is_dir()
 
 
 def resolve_dims(spec: ModelSpec, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
     """Validate an image size for this model; return (width, height) in pixels."""
     w = spec.native_size if width is None else int(width)
     h = spec.native_size if height is None else int(height)
-    step = spec.vae_scale_factor
-    low = step * spec.unet_multiple
+    step, low, high = spec.size_step, spec.min_size, spec.max_size
     for name, v in (("width", w), ("height", h)):
-        if v < low or v > 4096:
-            raise UserError(f"{name} {v} is out of range: use {low} to 4096 pixels")
+        if v < low or v > high:
+            raise UserError(f"{name} {v} is out of range: use {low} to {high} pixels")
         if v % step:
-            raise UserError(f"{name} {v} is not a multiple of {step} (the VAE works in {step}-pixel blocks)")
+            block = "the transformer works on" if spec.is_transformer else "the VAE works in"
+            raise UserError(f"{name} {v} is not a multiple of {step} ({block} {step}-pixel blocks)")
     return w, h

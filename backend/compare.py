@@ -7,6 +7,8 @@ it yields the whole grid's state after each variant, so a front end can fill the
 """
 from __future__ import annotations
 
+import json
+
 import secrets
 import threading
 from collections import OrderedDict
@@ -142,8 +144,8 @@ class ResultCache:
 def shared_noise(model: str, width: Optional[int], height: Optional[int], seed: int) -> np.ndarray:
     """The standard-normal starting latents every variant gets: (1, C, H/f, W/f) from numpy's PCG64(seed)."""
     from backend import registry
-    from backend.checkpoint import ModelSpec, resolve_dims
-    spec = ModelSpec.from_folder(registry.resolve(model))
+    from backend.checkpoint import resolve_dims
+    spec, _ = registry.load_spec(model)
     w, h = resolve_dims(spec, width, height)
     f = spec.vae_scale_factor
     return np.random.default_rng(seed).standard_normal((1, spec.latent_channels, h // f, w // f)).astype(np.float32)
@@ -159,11 +161,14 @@ def mlx_variant_folder(model: str, quantization: str) -> str:
     import hashlib
     from backend import quantize, registry
     from backend.session import home
-    source = registry.resolve(model).resolve()
-    tag = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    spec, t5 = registry.load_spec(model)
+    source = spec.folder.resolve()
+    # the same folder serves several registry entries (distilled transformers, without T5): each its own variant
+    identity = json.dumps([str(source), {k: [str(f) for f in v] for k, v in spec.weight_files.items()}, t5])
+    tag = hashlib.sha256(identity.encode()).hexdigest()[:8]
     method, bits = ("mixed", None) if quantization == "mixed" else ("mlx", int(quantization[1:]))
     out = home() / "variants" / f"{source.name}-{tag}-mlx-{quantization}"
-    folder, _, _ = quantize.quantize_mlx(source, method, bits, out=out)
+    folder, _, _ = quantize.quantize_mlx(source, method, bits, out=out, spec=spec, t5=t5)
     return str(folder)
 
 

@@ -1,5 +1,5 @@
-"""Conditioning helpers shared by every engine: classifier-free guidance, SDXL micro-conditioning,
-the LCM guidance embedding, and the cheap latent-to-RGB preview."""
+"""Conditioning helpers shared by every engine: classifier-free guidance, SDXL micro-conditioning and
+the LCM guidance embedding."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,24 +30,3 @@ def lcm_guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
     if dim % 2 == 1:
         emb = np.pad(emb, ((0, 0), (0, 1)))
     return emb.astype(np.float32)
-
-
-# Linear maps from SD latents to RGB, fitted by the community on real images (ComfyUI's previews use the
-# same idea); good enough for a live preview, at no cost.
-_SD_LATENT_RGB = np.array([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                           [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]], dtype=np.float32)
-_SDXL_LATENT_RGB = np.array([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
-                             [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], dtype=np.float32)
-_SDXL_BIAS = np.array([0.1084, -0.0175, -0.0011], dtype=np.float32)
-
-
-def latent_preview(latents: np.ndarray, family: str, projection=None) -> np.ndarray:
-    """(4, h, w) latents -> (h, w, 3) uint8 through a fixed linear projection (no VAE)."""
-    if projection is not None:
-        matrix, bias = projection
-    elif family == "sdxl":
-        matrix, bias = _SDXL_LATENT_RGB, _SDXL_BIAS
-    else:
-        matrix, bias = _SD_LATENT_RGB, np.zeros(3, np.float32)
-    rgb = np.einsum("chw,cr->hwr", latents[: matrix.shape[0]].astype(np.float32), matrix) + bias
-    return (np.clip((rgb + 1.0) / 2.0, 0, 1) * 255).round().astype(np.uint8)

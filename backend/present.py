@@ -74,6 +74,22 @@ def esc(text) -> str:
     return html.escape(str(text), quote=True)
 
 
+def fmt_defaults(defaults: dict) -> str:
+    """A registry entry's default settings in one short line ("28 steps, guidance 7, flow euler, 1024 px")."""
+    if not defaults:
+        return "the model's own"
+    parts = []
+    if "steps" in defaults:
+        parts.append(f"{defaults['steps']} steps")
+    if "guidance" in defaults:
+        parts.append(f"guidance {defaults['guidance']:g}")
+    if "scheduler" in defaults:
+        parts.append(defaults["scheduler"].replace("_", " "))
+    if "size" in defaults:
+        parts.append(f"{defaults['size']} px")
+    return ", ".join(parts)
+
+
 def fmt_bytes(n: Optional[int]) -> str:
     if not n:
         return "—"

@@ -139,22 +139,25 @@ def _mlx_scheme(method: Optional[str], bits: Optional[int], recipe) -> str:
 
 
 def quantize_mlx(source: Path, method: Optional[str] = None, bits: Optional[int] = None, recipe=None,
-                 group_size: Optional[int] = None, out=None) -> tuple[Path, dict, bool]:
-    """Write (or find up to date) the MLX variant of a diffusers folder; return (folder, manifest, written)."""
-    from backend.checkpoint import ModelSpec
+                 group_size: Optional[int] = None, out=None, spec=None, t5: bool = True) -> tuple[Path, dict, bool]:
+    """Write (or find up to date) the MLX variant of a diffusers folder; return (folder, manifest, written).
+    `spec`: the model as the registry describes it (a distilled transformer file in place of the folder's);
+    `t5=False` leaves SD3's T5 encoder out of the variant."""
+    from backend.checkpoint import SETTINGS_FILE, ModelSpec
     from backend.engines.mlx import quantize as Q
 
     source = Path(source).resolve()
     if Q.read_saved_plan(source) is not None:
         raise UserError(f"{source.name} is already a quantized variant; quantize its fp16 source instead")
-    spec = ModelSpec.from_folder(source)
+    spec = spec or ModelSpec.from_folder(source)
     scheme = _mlx_scheme(method, bits, recipe)
     recipe_doc = Q.scheme_recipe(scheme, group_size, recipe)  # validates group size and recipe
     out = Path(out).expanduser().resolve() if out else source.with_name(f"{source.name}-mlx-{scheme}")
     if out == source:
         raise UserError("--out must differ from the source folder")
     files = source_files(source)
-    settings = {"format": FORMAT, "engine": "mlx", "method": scheme, "bits": bits,
+    settings = {"format": FORMAT, "engine": "mlx", "method": scheme, "bits": bits, "t5": bool(t5 and spec.has_t5),
+                "weight_files": {k: [str(f) for f in v] for k, v in spec.weight_files.items()},
                 "group_size": int(recipe_doc.get("group_size", Q.DEFAULT_GROUP_SIZE)),
                 "recipe": None if scheme != "mixed" else {
                     "file": str(Path(recipe or Q.DEFAULT_RECIPE).resolve()),
@@ -174,7 +177,9 @@ def quantize_mlx(source: Path, method: Optional[str] = None, bits: Optional[int]
     def build(tmp: Path) -> None:
         from backend.engines.mlx.engine import MLXStages
         copy_configs(source, tmp)
-        stages = MLXStages(spec, precision="fp16")
+        # the settings it was made with (a registry entry's defaults included) travel with the variant
+        (tmp / SETTINGS_FILE).write_text(json.dumps(spec.defaults, indent=1))
+        stages = MLXStages(spec, precision="fp16", t5=t5)
         stages.quantized_layers = Q.quantize_stages(stages, scheme, group_size, recipe)
         Q.save_stages(stages, tmp, scheme)
         manifest.update(

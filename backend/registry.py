@@ -23,7 +23,7 @@ DEFAULT_MODEL = "tiny-shapes"
 
 _CONFIG_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*.json", "tokenizer*/*.txt",
                     "silicon_diffusion.json"]
-_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
 
 
 @dataclass
@@ -33,6 +33,10 @@ class ModelEntry:
     path: Optional[str] = None       # a local folder
     hub: Optional[str] = None        # a diffusers repository on the Hub
     coreml: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # steps, guidance, scheduler, size: over the model folder's own
+    gated: bool = False              # the Hub repository needs an accepted licence and a login
+    transformer_file: dict = field(default_factory=dict)  # {"repo", "file"}: a distilled transformer for `hub`
+    t5: bool = True                  # False: an SD3 model that runs without T5 (what it was distilled with)
 
     @property
     def local_folder(self) -> Optional[Path]:
@@ -54,6 +58,58 @@ def get_entry(name: str) -> Optional[ModelEntry]:
     return next((m for m in list_models() if m.name == name), None)
 
 
+def transformer_override(model: str, progress: Optional[Callable[[str], None]] = None,
+                         local_only: bool = False) -> Optional[Path]:
+    """The distilled transformer file a registry entry puts in place of its Hub model's (downloaded once)."""
+    entry = get_entry(model)
+    if entry is None or not entry.transformer_file:
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError
+    repo, name = entry.transformer_file["repo"], entry.transformer_file["file"]
+    try:
+        return Path(hf_hub_download(repo, name, local_files_only=True))
+    except Exception:
+        if offline() or local_only:
+            raise UserError(f"{repo}/{name} is not downloaded and offline mode is on") from None
+    if progress:
+        progress(f"downloading the distilled transformer {repo}/{name}")
+    try:
+        return Path(hf_hub_download(repo, name))
+    except GatedRepoError as exc:
+        raise UserError(_gated_sentence(repo)) from exc
+    except Exception as exc:
+        raise UserError(f"cannot download {repo}/{name} ({type(exc).__name__})") from exc
+
+
+def load_spec(model: str, progress: Optional[Callable[[str], None]] = None, t5: bool = True,
+              local_only: bool = False):
+    """(ModelSpec, whether T5 runs) for a registry name, folder or Hub id, with the registry entry's say:
+    its default settings, its distilled transformer file, and whether it runs without T5. `local_only`:
+    what is on disk already, never a download (a missing distilled file is then left out)."""
+    from backend.checkpoint import ModelSpec
+    entry = get_entry(model)
+    t5 = t5 and (entry is None or entry.t5)
+    try:
+        distilled = transformer_override(model, progress, local_only)
+    except UserError:
+        if not local_only:
+            raise
+        distilled = None
+    skip = (() if t5 else ("text_encoder_3",)) + (("transformer",) if distilled else ())
+    spec = ModelSpec.from_folder(resolve(model, progress, skip=skip, local_only=local_only))
+    spec.defaults.update(entry_defaults(model))
+    if distilled is not None:
+        spec.weight_files["transformer"] = [distilled]
+    return spec, t5
+
+
+def entry_defaults(model: str) -> dict:
+    """The registry's default settings for `model` ({} for folders and Hub ids)."""
+    entry = get_entry(model)
+    return dict(entry.defaults) if entry is not None else {}
+
+
 def add_local_model(folder: str, name: Optional[str] = None) -> ModelEntry:
     """Remember a user's model folder so the app lists it."""
     from backend.checkpoint import ModelSpec
@@ -71,20 +127,22 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _weight_patterns(files: list[str]) -> list[str]:
+def _weight_patterns(files: list[str], skip: tuple = ()) -> list[str]:
     """Choose one set of safetensors per component: the fp16 variant when present."""
     chosen = []
-    for comp in _COMPONENTS:
+    for comp in (c for c in _COMPONENTS if c not in skip):
         mine = [f for f in files if f.startswith(comp + "/") and ".safetensors" in f]
         fp16 = [f for f in mine if ".fp16." in f]
         chosen += fp16 or [f for f in mine if ".fp16." not in f]
     return chosen
 
 
-def download(repo_id: str, progress: Optional[Callable[[str], None]] = None, local_only: bool = False) -> Path:
-    """The local folder of a diffusers repository, downloading only what the engines read."""
+def download(repo_id: str, progress: Optional[Callable[[str], None]] = None, local_only: bool = False,
+             skip: tuple = ()) -> Path:
+    """The local folder of a diffusers repository, downloading only what the engines read (less `skip`:
+    component folders not wanted, e.g. SD3's T5 encoder when it is skipped)."""
     from huggingface_hub import snapshot_download, HfApi
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
     if local_only or offline():
         try:
             return Path(snapshot_download(repo_id, allow_patterns=_CONFIG_PATTERNS + ["*.safetensors", "*.json"],
@@ -94,13 +152,15 @@ def download(repo_id: str, progress: Optional[Callable[[str], None]] = None, loc
                             "download it first from the Models tab or with network access") from exc
     try:
         files = HfApi().list_repo_files(repo_id)
+    except GatedRepoError as exc:
+        raise UserError(_gated_sentence(repo_id)) from exc
     except Exception as exc:
         try:
             return download(repo_id, progress, local_only=True)
         except UserError:
             raise UserError(f"the Hugging Face Hub cannot be reached to download {repo_id} ({type(exc).__name__}); "
                             "cached models and the embedded model still work") from exc
-    weights = _weight_patterns(files)
+    weights = _weight_patterns(files, skip)
     if not weights:
         pickles = [f for f in files if f.endswith((".bin", ".ckpt"))]
         raise UserError(f"{repo_id} has no safetensors weights" + (
@@ -108,11 +168,21 @@ def download(repo_id: str, progress: Optional[Callable[[str], None]] = None, loc
             "unpickling can run arbitrary code)" if pickles else ""))
     if progress:
         progress(f"downloading {len(weights)} weight files of {repo_id}")
-    return Path(snapshot_download(repo_id, allow_patterns=_CONFIG_PATTERNS + weights))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_CONFIG_PATTERNS + weights))
+    except GatedRepoError as exc:
+        raise UserError(_gated_sentence(repo_id)) from exc
 
 
-def resolve(model: str, progress: Optional[Callable[[str], None]] = None) -> Path:
-    """A registry name, a local folder or a Hub id -> the local diffusers folder."""
+def _gated_sentence(repo_id: str) -> str:
+    return (f"{repo_id} is gated: accept its licence on huggingface.co/{repo_id} while logged in, then log in "
+            "here with `hf auth login` (or set HF_TOKEN) and try again")
+
+
+def resolve(model: str, progress: Optional[Callable[[str], None]] = None, skip: tuple = (),
+            local_only: bool = False) -> Path:
+    """A registry name, a local folder or a Hub id -> the local diffusers folder (`skip`: see download;
+    `local_only`: only from the cache)."""
     if not model or not str(model).strip():
         raise UserError("no model given")
     p = Path(model).expanduser()
@@ -124,9 +194,9 @@ def resolve(model: str, progress: Optional[Callable[[str], None]] = None) -> Pat
             if not entry.local_folder.is_dir():
                 raise UserError(f"model {entry.name}: folder {entry.local_folder} is missing")
             return entry.local_folder
-        return download(entry.hub, progress)
+        return download(entry.hub, progress, local_only=local_only, skip=skip)
     if "/" in model and not model.startswith((".", "/")) and model.count("/") == 1:
-        return download(model, progress)
+        return download(model, progress, local_only=local_only, skip=skip)
     names = ", ".join(m.name for m in list_models())
     raise UserError(f"unknown model '{model}': give a folder, a Hub id (owner/name) or one of: {names}")
 

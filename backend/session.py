@@ -283,27 +283,19 @@ def request_settings(parameters: dict) -> dict:
 
 
 def model_defaults(model: str) -> Optional[dict]:
-    """A model's default steps, guidance, scheduler and size, and the size grid its UNet needs (size_step,
+    """A model's default steps, guidance, scheduler and size, and the size grid its denoiser needs (size_step,
     size_min); None when that cannot be known without downloading."""
     from backend import registry
-    from backend.checkpoint import ModelSpec
+    from backend.schedulers import schedulers_for
     try:
-        p = Path(model).expanduser()
-        if p.is_dir():
-            folder = p
-        else:
-            entry = registry.get_entry(model)
-            if entry is not None and entry.local_folder is not None:
-                folder = entry.local_folder
-            elif entry is not None and entry.hub:
-                folder = registry.download(entry.hub, local_only=True)
-            else:
-                return None
-        spec = ModelSpec.from_folder(folder)
+        entry = registry.get_entry(model)
+        if not Path(model).expanduser().is_dir() and entry is None:
+            return None
+        spec = registry.load_spec(model, local_only=True)[0]  # never a download here
     except (UserError, OSError, ValueError):
         return None
-    multiple = spec.vae_scale_factor  # any multiple of the VAE's block, from one block per UNet level up
-    smallest = max(multiple * spec.unet_multiple, -(-min(64, spec.native_size) // multiple) * multiple)
+    multiple = spec.size_step
+    smallest = max(spec.min_size, -(-min(64, spec.native_size) // multiple) * multiple)
     return {"steps": int(spec.default("steps")), "guidance": float(spec.default("guidance")),
             "scheduler": spec.default("scheduler"), "width": spec.native_size, "height": spec.native_size,
-            "size_step": multiple, "size_min": smallest}
+            "size_step": multiple, "size_min": smallest, "schedulers": list(schedulers_for(spec.scheduler_config))}

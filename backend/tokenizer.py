@@ -9,16 +9,20 @@ regex, byte-level BPE with a "</w>" end-of-word suffix; <|startoftext|> ... <|en
 truncated to `model_max_length` (77) and padded with the checkpoint's pad token (SD 1.x: <|endoftext|>,
 SD 2.x: "!"). Special tokens typed in the prompt (including the pad token) are matched before
 normalization and become their ids, as in transformers.
+
+`T5Tokenizer` does the same for SD3's T5 encoder (tokenizer_3): SentencePiece Unigram from a tokenizer.json,
+"</s>" appended, padded with "<pad>" to diffusers' 256 tokens (see its docstring).
 """
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import BPE
+from tokenizers.models import BPE, Unigram
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -149,6 +153,126 @@ class CLIPTokenizer:
         ids[1:1 + len(body)] = body
         ids[1 + len(body)] = self.eos_token_id
         return Tokenized(ids=ids, length=len(body) + 2, truncated=truncated, dropped_text=dropped_text)
+
+    def batch(self, prompts) -> np.ndarray:
+        """(B, max_length) int32 ids for a prompt or a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return np.stack([self.encode(p).ids for p in prompts])
+
+    def __call__(self, prompts) -> np.ndarray:
+        return self.batch(prompts)
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 (SD3's tokenizer_3)
+# ----------------------------------------------------------------------------------------------
+
+T5_DEFAULT_MAX_LENGTH = 256  # diffusers' StableDiffusion3Pipeline max_sequence_length default
+SPIECE_UNDERLINE = "\u2581"
+
+
+def _precompiled_charsmap(normalizer: dict | None) -> bytes | None:
+    """The SentencePiece charsmap of a tokenizer.json normalizer (alone or inside a Sequence), if any."""
+    if not normalizer:
+        return None
+    parts = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    for part in parts:
+        if part.get("type") == "Precompiled" and part.get("precompiled_charsmap"):
+            return base64.b64decode(part["precompiled_charsmap"])
+    return None
+
+
+class T5Tokenizer:
+    """Turns prompts into the (max_length,) int32 id rows a T5 encoder takes, as transformers' T5TokenizerFast
+    does with diffusers' SD3 call (padding="max_length", truncation=True, add_special_tokens=True).
+
+    The pipeline is transformers 5's T5Tokenizer, which rebuilds it from tokenizer.json rather than taking
+    the file's as is: SentencePiece Unigram over the file's pieces and scores (no byte fallback); the file's
+    Precompiled charsmap as the normalizer (SentencePiece's nmt_nfkc), any other normalizer ignored;
+    whitespace split, then "▁" for each space and before each word (Metaspace, prepend "always"); tokens,
+    then "</s>", truncated to `max_length` (the "</s>" kept), padded with "<pad>" (id 0 in T5). Special
+    tokens typed in the prompt ("</s>", "<extra_id_0>", ...) are matched before normalization and become
+    their ids. Real T5 files (t5-v1_1, SD3's tokenizer_3) use exactly this pipeline in their tokenizer.json.
+    """
+
+    def __init__(self, vocab: list[tuple[str, float]], *, unk_id: int | None = None,
+                 precompiled_charsmap: bytes | None = None, eos_token: str = "</s>", pad_token: str = "<pad>",
+                 unk_token: str = "<unk>", special_tokens=(), max_length: int = T5_DEFAULT_MAX_LENGTH):
+        pieces = {piece: i for i, (piece, _) in enumerate(vocab)}
+        for name, token in (("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
+            if token not in pieces:
+                raise ValueError(f"the tokenizer's {name} token {token!r} is not in its vocabulary")
+        self.max_length = int(max_length)
+        self.eos_token_id = pieces[eos_token]
+        self.pad_token_id = pieces[pad_token]
+        self.unk_token_id = pieces[unk_token] if unk_id is None else int(unk_id)
+        self.pad_token = pad_token
+        tokenizer = Tokenizer(Unigram([(piece, float(score)) for piece, score in vocab], self.unk_token_id,
+                                      byte_fallback=False))
+        if precompiled_charsmap:
+            tokenizer.normalizer = normalizers.Precompiled(precompiled_charsmap)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme="always", split=True),
+        ])
+        specials = dict.fromkeys([pad_token, eos_token, unk_token, *special_tokens])
+        tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_folder(cls, folder, max_length: int = T5_DEFAULT_MAX_LENGTH) -> "T5Tokenizer":
+        """From a checkpoint's T5 tokenizer folder (tokenizer.json, + tokenizer_config.json /
+        special_tokens_map.json when present). `max_length` is the sequence length the encoder gets
+        (diffusers' max_sequence_length), not the config's model_max_length."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"{folder} has no tokenizer.json (a T5 tokenizer needs it; spiece.model is not read)")
+        data = _read_json(folder / "tokenizer.json")
+        model = data.get("model", {})
+        if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
+            raise ValueError(f"{folder}/tokenizer.json is not a SentencePiece Unigram tokenizer (type "
+                             f"{model.get('type')!r}); T5 tokenizers are")
+        settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        specials = [t["content"] for t in data.get("added_tokens", []) if t.get("special", True)]
+        extra = settings.get("additional_special_tokens") or settings.get("extra_special_tokens") or []
+        specials += [_token_text(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+        specials += [_token_text(t) for t in settings.get("added_tokens_decoder", {}).values()
+                     if not isinstance(t, dict) or t.get("special", True)]
+        return cls([(piece, score) for piece, score in model["vocab"]], unk_id=model.get("unk_id"),
+                   precompiled_charsmap=_precompiled_charsmap(data.get("normalizer")),
+                   eos_token=_token_text(settings.get("eos_token")) or "</s>",
+                   pad_token=_token_text(settings.get("pad_token")) or "<pad>",
+                   unk_token=_token_text(settings.get("unk_token")) or "<unk>",
+                   special_tokens=[t for t in specials if t], max_length=max_length)
+
+    # ------------------------------------------------------------------ encoding
+
+    def tokens(self, text: str) -> list[str]:
+        """The pieces of `text`, without "</s>" (for inspection and tests)."""
+        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, prompt: str, max_length: int | None = None) -> Tokenized:
+        """tokens + "</s>", truncated to `max_length` (max_length-1 tokens + "</s>"), then padded.
+        `max_length` None: the tokenizer's own."""
+        length = self.max_length if max_length is None else int(max_length)
+        if length < 1:
+            raise ValueError(f"max_length must be at least 1, not {length}")
+        encoding = self._tokenizer.encode(prompt, add_special_tokens=False)
+        room = length - 1
+        body = encoding.ids[:room]
+        truncated = len(encoding.ids) > room
+        dropped_text = prompt[encoding.offsets[room][0]:].strip() if truncated else ""
+        ids = np.full(length, self.pad_token_id, dtype=np.int32)
+        ids[:len(body)] = body
+        ids[len(body)] = self.eos_token_id
+        return Tokenized(ids=ids, length=len(body) + 1, truncated=truncated, dropped_text=dropped_text)
 
     def batch(self, prompts) -> np.ndarray:
         """(B, max_length) int32 ids for a prompt or a list of prompts."""

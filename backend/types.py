@@ -27,6 +27,7 @@ class GenerationRequest:
     seed: Optional[int] = None           # None: a random seed, reported on the result
     latents: Optional[np.ndarray] = None  # standard-normal noise, NCHW (diffusers' `latents=`)
     batch_size: int = 1
+    max_sequence_length: Optional[int] = None  # SD3: T5 tokens after the 77 CLIP ones (None: 256, or as packaged)
 
 
 @dataclass

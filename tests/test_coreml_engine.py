@@ -119,10 +119,10 @@ class StandInModel:
 
     def _unet(self, x):
         t, context, extra = self._conditions(x)
-        return {"noise_pred": nchw(self.mlx.unet(nhwc(x["sample"]), t, context, **extra))}
+        return {"noise_pred": nchw(self.mlx.denoiser(nhwc(x["sample"]), t, context, **extra))}
 
     def _unetchunk1(self, x):
-        unet, (t, context, extra) = self.mlx.unet, self._conditions(x)
+        unet, (t, context, extra) = self.mlx.denoiser, self._conditions(x)
         sample = nhwc(x["sample"])
         emb = unet.time_embed(t, sample.shape[0], mx.float32, extra.get("text_embeds"), extra.get("time_ids"),
                               extra.get("timestep_cond"))
@@ -134,7 +134,7 @@ class StandInModel:
         return out
 
     def _unetchunk2(self, x):
-        unet = self.mlx.unet
+        unet = self.mlx.denoiser
         skips = [nhwc(x[f"chunk_skip_{i}"]) for i in range(sum(n.startswith("chunk_skip_") for n in x))]
         context = None
         if "encoder_hidden_states" in x:
@@ -294,7 +294,7 @@ def test_spec_and_tokenizers_without_configs_use_the_descriptions_and_sd_default
     assert spec.native_size == 32 and spec.vae_scale_factor == 2 and spec.latent_channels == 4
     assert spec.vae_config["scaling_factor"] == 0.13025
     assert spec.scheduler_config["beta_schedule"] == "scaled_linear" and spec.prediction_type == "epsilon"
-    assert spec.unet_config["addition_embed_type"] == "text_time"
+    assert spec.denoiser_config["addition_embed_type"] == "text_time"
     tokenizers = coreml_tokenizers(bare, spec)
     prompt = "a small cat at the left"
     for mine, theirs in zip(tokenizers, (pipe.tokenizer, pipe.tokenizer_2)):  # "!" pads SDXL's second encoder

@@ -28,7 +28,7 @@ def generated(sd1):
 
 
 def _unet_and_text_bytes(pipe) -> int:
-    return module_bytes(pipe.stages.unet) + sum(module_bytes(m) for m in pipe.stages.text_encoders)
+    return module_bytes(pipe.stages.denoiser) + sum(module_bytes(m) for m in pipe.stages.text_encoders)
 
 
 def test_8bit_image_is_close_to_fp16_and_4bit_is_further(generated):
@@ -57,7 +57,7 @@ def test_results_say_which_layers_are_quantized(generated):
 
 
 def test_unet_convolutions_and_linears_are_quantized(generated):
-    unet = generated["q4"][0].stages.unet
+    unet = generated["q4"][0].stages.denoiser
     kinds = {type(m).__name__ for _, m in unet.named_modules()}
     assert {"QuantizedConv2d", "QuantizedLinear"} <= kinds
     assert "Conv2d" in kinds  # conv_in: rows of 4*3*3 = 36 weights do not fit a group of 32

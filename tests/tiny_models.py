@@ -2,7 +2,8 @@
 
 Each builder returns the folder it wrote; the same folder is what the engines load and what the parity
 tests run through diffusers. Families: sd1 (epsilon, conv proj), sd2 (v-prediction, linear proj, "!" pad,
-upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim).
+upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim), and
+SD3: sd3 (MMDiT, no T5, shift 3), sd3-t5 (with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting).
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from backend.vocab import write_tokenizer_folder
 WORDS = ("a photo of an astronaut riding horse on mars red green blue yellow circle square triangle "
          "large small at the top bottom left right center background painting cat dog").split()
 FAMILIES = ("sd1", "sd2", "sdxl", "lcm")
+# SD3 (MMDiT): sd3 (no T5), sd3-t5 (with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting, no T5)
+SD3_FAMILIES = ("sd3", "sd3-t5", "sd35")
+SD3_JOINT_DIM = 96  # wider than the two CLIP encoders together (64), so the zero padding is exercised
 
 
-def _text_encoder(vocab_size: int, with_projection: bool = False, act: str = "quick_gelu", hidden: int = 32):
+def _text_encoder(vocab_size: int, with_projection: bool = False, act: str = "quick_gelu", hidden: int = 32,
+                  seed=None):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    torch.manual_seed(1 if with_projection else 0)
+    torch.manual_seed(seed if seed is not None else (1 if with_projection else 0))
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
                          num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
                          bos_token_id=vocab_size - 2, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5)
@@ -82,8 +87,65 @@ def _scheduler(family: str):
     return LCMScheduler(**base, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=True)
 
 
+def _sd3_transformer(sd35: bool):
+    import torch
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(4)
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
+                                 num_layers=3 if sd35 else 2, attention_head_dim=8, num_attention_heads=4,
+                                 joint_attention_dim=SD3_JOINT_DIM, caption_projection_dim=32,
+                                 pooled_projection_dim=64, pos_embed_max_size=32,
+                                 qk_norm="rms_norm" if sd35 else None,
+                                 dual_attention_layers=(0, 1) if sd35 else ()).eval()
+
+
+def _sd3_vae():
+    import torch
+    from diffusers import AutoencoderKL
+    torch.manual_seed(5)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+                         use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def _t5(folder: Path):
+    """A tiny T5 encoder whose width is the transformer's joint dimension, with its tokenizer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from backend.vocab import write_t5_tokenizer_folder
+    write_t5_tokenizer_folder(folder, WORDS)
+    tokenizer = T5TokenizerFast.from_pretrained(str(folder))
+    torch.manual_seed(6)
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=SD3_JOINT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(cfg).eval(), tokenizer
+
+
+def build_sd3_pipeline(family: str):
+    """A tiny StableDiffusion3Pipeline: two CLIP encoders with projection, MMDiT, 16-channel VAE with shift."""
+    import tempfile
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    tmp = Path(tempfile.mkdtemp(prefix="tok-"))
+    tokenizer = _tokenizer(tmp / "tokenizer", "<|endoftext|>")
+    vocab_size = len(tokenizer)
+    sd35 = family == "sd35"
+    scheduler = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=64, max_image_seq_len=256)
+                 if sd35 else FlowMatchEulerDiscreteScheduler(shift=3.0))
+    t5, t5_tokenizer = _t5(tmp / "tokenizer_3") if family == "sd3-t5" else (None, None)
+    return StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(sd35), scheduler=scheduler, vae=_sd3_vae(),
+        text_encoder=_text_encoder(vocab_size, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(vocab_size, with_projection=True, act="gelu", seed=7),
+        tokenizer_2=_tokenizer(tmp / "tokenizer_2", "!"), text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+
+
 def build_pipeline(family: str):
     """The diffusers pipeline object for `family` (random weights, deterministic)."""
+    if family in SD3_FAMILIES:
+        return build_sd3_pipeline(family)
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="tok-"))

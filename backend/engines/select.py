@@ -44,15 +44,17 @@ def _mlx_device() -> str:
     return "GPU" if mx.default_device() == mx.gpu else "CPU"
 
 
-def _mlx_choice(model: str, reason: str, progress) -> EngineChoice:
+def _mlx_choice(model: str, reason: str, progress, t5: bool = True) -> EngineChoice:
     from backend.engines.mlx.engine import load_mlx_stages
-    from backend.tokenizer import CLIPTokenizer
-    folder = registry.resolve(model, progress)
-    spec = ModelSpec.from_folder(folder)
-    tokenizers = [CLIPTokenizer.from_folder(folder / t) for t in spec.tokenizers]
+    from backend.tokenizer import CLIPTokenizer, T5Tokenizer
+    spec, t5 = registry.load_spec(model, progress, t5)
+    folder = spec.folder
+    tokenizers = [CLIPTokenizer.from_folder(folder / t) for _, t in spec.traits.encoders]
+    if spec.has_t5 and t5:
+        tokenizers.append(T5Tokenizer.from_folder(folder / spec.traits.t5[1]))
     return EngineChoice(name=model, kind="mlx", reason=reason, spec=spec, tokenizers=tokenizers,
-                        disk_bytes=disk_bytes(folder),
-                        load=lambda **opts: load_mlx_stages(spec, **opts))
+                        disk_bytes=disk_bytes(folder) + sum(disk_bytes(f) for f in spec.weight_files.get("transformer", [])),
+                        load=lambda **opts: load_mlx_stages(spec, t5=t5, **opts))
 
 
 def _coreml_choice(model: str, reason: str, progress) -> EngineChoice:
@@ -72,7 +74,8 @@ def coreml_resources_for(model: str) -> Optional[str]:
     return entry.coreml.get("repo") if entry is not None and entry.coreml else None
 
 
-def choose_engine(model: str, engine: str = "auto", progress=None) -> EngineChoice:
+def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = True) -> EngineChoice:
+    """`t5=False`: SD3 models run without their T5 encoder (not downloaded, not loaded; zeros in its place)."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
     blocked = coreml_unavailable_reason()
@@ -85,7 +88,7 @@ def choose_engine(model: str, engine: str = "auto", progress=None) -> EngineChoi
                             "`python -m backend export-coreml` or choose the MLX engine")
         return _coreml_choice(model, "Core ML was asked for", progress)
     if engine == "mlx":
-        return _mlx_choice(model, f"MLX was asked for; running MLX on the {_mlx_device()}", progress)
+        return _mlx_choice(model, f"MLX was asked for; running MLX on the {_mlx_device()}", progress, t5)
     why = blocked or "this model has no Core ML resources"
     if blocked and resources and Path(model).expanduser().is_dir():
         raise UserError(f"{model} holds only Core ML resources, and {blocked}; give its diffusers folder for MLX")
@@ -94,4 +97,4 @@ def choose_engine(model: str, engine: str = "auto", progress=None) -> EngineChoi
             return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress)
         except UserError as exc:  # not cached and not downloadable now, or unreadable: MLX still runs
             why = f"Core ML resources could not be used ({exc})"
-    return _mlx_choice(model, f"{why}; running MLX on the {_mlx_device()}", progress)
+    return _mlx_choice(model, f"{why}; running MLX on the {_mlx_device()}", progress, t5)

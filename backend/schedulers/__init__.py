@@ -7,6 +7,9 @@
         model_in = scheduler.scale_model_input(latents, t)
         latents = scheduler.step(unet(model_in, t), t, latents, rng=rng)
 
+Flow-matching models (SD3, `FlowMatchEulerDiscreteScheduler` configs) take the flow schedulers only, and
+the others take the rest; `schedulers_for(config)` lists a model's choices.
+
 Each name reproduces one diffusers class built with `Class.from_config(scheduler_config)` plus the
 overrides the name implies: same timesteps, same sigmas, same step results within float32 rounding.
 Only the keys that class accepts are read from the config, each falling back to that class's default, as
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 from backend.schedulers.alpha import DDIM, LCM, PNDM
 from backend.schedulers.base import Scheduler
+from backend.schedulers.flow import FIXED_SIGMAS, FlowMatchEuler
 from backend.schedulers.sigma import DPMSolverPP2M, Euler, EulerAncestral
 from backend.types import UserError
 
-__all__ = ["SCHEDULERS", "Scheduler", "make_scheduler", "describe"]
+__all__ = ["SCHEDULERS", "FLOW_SCHEDULERS", "Scheduler", "make_scheduler", "describe", "is_flow", "schedulers_for"]
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm")
+FLOW_SCHEDULERS = ("flow_euler", *FIXED_SIGMAS)
 
 # name -> (class, config overrides the name implies)
 _REGISTRY = {
@@ -38,6 +43,8 @@ _REGISTRY = {
                                             use_karras_sigmas=True)),
     "lcm": (LCM, {}),
     "pndm": (PNDM, dict(skip_prk_steps=True)),
+    "flow_euler": (FlowMatchEuler, {}),
+    **{name: (FlowMatchEuler, {}) for name in FIXED_SIGMAS},
 }
 
 _DESCRIPTIONS = {
@@ -48,6 +55,9 @@ _DESCRIPTIONS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras: DPM++ 2M on the Karras noise schedule; often the best at few steps.",
     "lcm": "LCM: for latent-consistency (LCM) models only; 2-8 steps, guidance around 1-2.",
     "pndm": "PNDM (PLMS): Stable Diffusion 1.x's original sampler; wants ~50 steps.",
+    "flow_euler": "Flow-matching Euler: SD3's own sampler, shifted as the model's config says; 28-40 steps.",
+    "flow_2step": "2-step flow schedule (sigmas 1, 0.75, 0) for SD3 models distilled to 2 steps.",
+    "flow_4step": "4-step flow schedule (sigmas 1, 0.9, 0.75, 0.5, 0) for SD3 models distilled to 4 steps.",
 }
 
 
@@ -57,16 +67,33 @@ def describe(name: str) -> str:
     return _DESCRIPTIONS[name]
 
 
+def is_flow(config: dict) -> bool:
+    """Whether a scheduler_config.json belongs to a flow-matching model (SD3 and its kin)."""
+    return str((config or {}).get("_class_name", "")).startswith("FlowMatch")
+
+
+def schedulers_for(config: dict) -> tuple:
+    """The scheduler names a model with this scheduler config can use."""
+    return FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS
+
+
 def make_scheduler(name: str, config: dict) -> Scheduler:
-    """The scheduler `name` configured from a checkpoint's scheduler_config.json dict (any `_class_name`)."""
+    """The scheduler `name` configured from a checkpoint's scheduler_config.json dict."""
     _check_name(name)
+    choices = schedulers_for(config)
+    if name not in choices:
+        kind = "a flow-matching model" if is_flow(config) else "not a flow-matching model"
+        raise UserError(f"Scheduler {name!r} does not fit this model ({kind}); choose one of: {', '.join(choices)}.")
     cls, overrides = _REGISTRY[name]
-    return cls(name, _resolve(cls.defaults, config or {}, overrides))
+    resolved = _resolve(cls.defaults, config or {}, overrides)
+    if name in FIXED_SIGMAS:
+        return cls(name, resolved, fixed_sigmas=FIXED_SIGMAS[name])
+    return cls(name, resolved)
 
 
 def _check_name(name) -> None:
     if name not in _REGISTRY:
-        raise UserError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}.")
+        raise UserError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS + FLOW_SCHEDULERS)}.")
 
 
 def _resolve(defaults: dict, config: dict, overrides: dict) -> dict:

@@ -24,6 +24,8 @@ class Scheduler:
     prediction_types = ("epsilon", "v_prediction", "sample")
     needs_noise = False
     init_noise_sigma = 1.0
+    flow = False         # True for flow-matching samplers (the model predicts a velocity)
+    fixed_steps = None   # a schedule with a fixed number of steps says how many
 
     def __init__(self, name: str, config: dict):
         self.name = name
@@ -39,8 +41,10 @@ class Scheduler:
         self.num_inference_steps = 0
         self._index = 0
 
-    def set_timesteps(self, num_steps: int) -> None:
-        """Build the schedule for `num_steps` UNet evaluations (PNDM adds one) and reset all state."""
+    def set_timesteps(self, num_steps: int, image_seq_len=None) -> None:
+        """Build the schedule for `num_steps` UNet evaluations (PNDM adds one) and reset all state.
+
+        `image_seq_len` (the denoiser's token count) matters only to resolution-shifted flow schedules."""
         if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise UserError(f"The number of steps must be a whole number of at least 1 (got {num_steps!r}).")
         if num_steps > self.train_steps:

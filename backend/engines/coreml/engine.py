@@ -100,7 +100,7 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
         folder=resources.folder, family="sdxl" if sdxl else "sd",
         pipeline_class=index.get("_class_name", "CoreMLStableDiffusionPipeline"),
         text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
-        unet_config=unet_config, vae_config=vae_config,
+        denoiser_config=unet_config, vae_config=vae_config,
         text_encoder_configs=[_read(configs, f"{name}/config.json") or {"hidden_size": width}
                               for (_, name, _), width in zip(present, widths)],
         scheduler_config=scheduler,

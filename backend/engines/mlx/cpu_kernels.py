@@ -1,4 +1,4 @@
-"""Vectorized CPU versions of MLX's scalar exp-based ops: exp2, SiLU, GELU, softmax attention.
+"""Vectorized CPU versions of MLX's scalar exp-based ops: exp2, SiLU, GELU (exact and tanh), softmax attention.
 
 Also `affine_silu`, SiLU(x * scale + shift) in one pass (a GroupNorm applied and activated), and
 `squared_deviation`, for the VAE's row-band decoder (vae_bands.py).
@@ -25,6 +25,9 @@ _EXP2_COEFFS = (0.6931470036506653, 0.24022242426872253, 0.0555073544383049,
 # Abramowitz & Stegun 7.1.26: erf(z) = 1 - t P(t) exp(-z^2), t = 1 / (1 + p z), |error| < 1.5e-7.
 _ERF_P = 0.3275911
 _ERF_COEFFS = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+# tanh-GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): exp(-2u) = 2^(x (K + K A x^2)).
+_GELU_TANH_K = -2 * math.sqrt(2 / math.pi) * _LOG2E
+_GELU_TANH_A = 0.044715
 _CHUNK_SCORES = 1 << 19  # attention scores computed at once on the CPU (2 MiB in fp32, cache-sized)
 _CHUNK_ELEMENTS = 1 << 20  # activation elements per chunk under eager_chunks (SD's sizes are multiples of it)
 
@@ -65,6 +68,24 @@ def _erf_poly(t):
 def _gelu_from_parts(x, poly, e):
     # x/2 (1 + erf(x/sqrt2)) = relu(x) - |x|/2 (1 - erf(|x|/sqrt2))
     return mx.maximum(x, 0) - 0.5 * mx.abs(x) * poly * e
+
+
+# tanh-GELU: like affine_silu below, both kernels recompute the exponent (an FMA and two products)
+# rather than read it back. It is clipped so that |x| near fp32's limit (x^2 = inf) stays finite.
+@mx.compile
+def _gelu_tanh_exponent(x):
+    return mx.clip(x * (_GELU_TANH_K + (_GELU_TANH_K * _GELU_TANH_A) * (x * x)), -200.0, 200.0)
+
+
+@mx.compile
+def _gelu_tanh_fraction(x):
+    y = _gelu_tanh_exponent(x)
+    return y - ((y + _ROUND_MAGIC) - _ROUND_MAGIC)
+
+
+@mx.compile
+def _gelu_tanh_from_fraction(f, x):
+    return x / (1 + _exp2_from_fraction(f, _gelu_tanh_exponent(x)))
 
 
 # SiLU(x * scale + shift) without writing the affine result: each kernel recomputes it (an FMA)
@@ -148,6 +169,19 @@ def _gelu32_vjp(primals, cotangent, output):
     return (cotangent * (cdf + x * gauss * (1 / math.sqrt(2 * math.pi))),)
 
 
+@mx.custom_function
+def _gelu_tanh32(x):
+    return _gelu_tanh_from_fraction(_gelu_tanh_fraction(x), x)
+
+
+@_gelu_tanh32.vjp
+def _gelu_tanh32_vjp(primals, cotangent, output):
+    x = _single(primals)
+    sig = 1 / (1 + exp2(_gelu_tanh_exponent(x)))  # sigmoid(2u)
+    du2 = (-_GELU_TANH_K / _LOG2E) * (1 + (3 * _GELU_TANH_A) * (x * x))  # d(2u)/dx
+    return (cotangent * (sig + x * sig * (1 - sig) * du2),)
+
+
 def _sum_to(x: mx.array, shape) -> mx.array:
     """Reduce a broadcast result back to `shape` (the gradient of a broadcast operand)."""
     lead = x.ndim - len(shape)
@@ -207,6 +241,11 @@ def silu(x: mx.array) -> mx.array:
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as torch's F.gelu."""
     return _in_chunks(lambda part: _gelu32(part.astype(mx.float32)).astype(x.dtype), x)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """tanh-approximated GELU, as torch's F.gelu(approximate="tanh"), computed in fp32."""
+    return _in_chunks(lambda part: _gelu_tanh32(part.astype(mx.float32)).astype(x.dtype), x)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -1,5 +1,8 @@
 """The MLX engine: loads a diffusers folder into MLX modules and runs the three stages.
 
+The family (backend/families.py) says which modules: CLIP encoders (+ SD3's T5), a UNet or an SD3
+transformer, the VAE.
+
 Numpy NCHW at the boundary (backend/engines/base.py), NHWC inside. Weights are read memory-mapped
 from safetensors and cast once to the chosen precision. Layer norms, group norms and softmax run in
 fp32 inside the modules, and a VAE decode that overflows in fp16 is redone in fp32 (diffusers'
@@ -15,8 +18,10 @@ import numpy as np
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.mlx import cpu_kernels, weights as W
-from backend.engines.mlx.quantize import load_saved_component, quantize_stages, saved_method
+from backend.engines.mlx.quantize import load_saved_component, quantize_stages, saved_components, saved_method
 from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel, checkpoint_names
+from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
+from backend.engines.mlx.t5 import T5Config, T5EncoderModel, checkpoint_names as t5_names
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
 from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
 from backend.types import UserError
@@ -38,24 +43,49 @@ def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda
     saved = load_saved_component(spec.folder, component, module, dtype)  # a `quantize` output folder
     if saved is not None:
         return saved
-    files = W.safetensors_files(spec.folder / component, variant="fp16" if dtype != mx.float32 else None)
+    files = spec.weight_files.get(component) or \
+        W.safetensors_files(spec.folder / component, variant="fp16" if dtype != mx.float32 else None)
     try:
         return W.load_into(module, names(W.read_safetensors(files)), dtype)
     except W.WeightError as exc:
         raise UserError(f"{component}: {exc}") from exc
 
 
+def _text_encoder(spec: ModelSpec, name: str, config: dict, dtype):
+    if spec.has_t5 and name == spec.traits.t5[0]:
+        return _load_component(spec, name, T5EncoderModel(T5Config.from_dict(config)), dtype, t5_names)
+    return _load_component(spec, name, CLIPTextModel(CLIPTextConfig.from_dict(config)), dtype, checkpoint_names)
+
+
+def _denoiser(spec: ModelSpec, dtype):
+    if spec.is_transformer:
+        model = SD3Transformer2DModel(SD3Config.from_dict(spec.denoiser_config))
+    else:
+        model = UNet2DConditionModel(UNetConfig.from_dict(spec.denoiser_config))
+    return _load_component(spec, spec.traits.denoiser, model, dtype)
+
+
 class MLXStages(Stages):
-    def __init__(self, spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None):
+    def __init__(self, spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None,
+                 t5: bool = True):
         self.spec = spec
         precision = resolve_precision(precision)
         self.dtype = PRECISIONS[precision]
-        self.text_encoders = []
-        for name, config in zip(spec.text_encoders, spec.text_encoder_configs):
-            model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-            self.text_encoders.append(_load_component(spec, name, model, self.dtype, checkpoint_names))
-        self.unet = _load_component(spec, "unet", UNet2DConditionModel(UNetConfig.from_dict(spec.unet_config)),
-                                    self.dtype)
+        notes = []
+        names = list(spec.text_encoders)
+        saved = saved_components(spec.folder)
+        if spec.has_t5 and t5 and saved is not None and spec.traits.t5[0] not in saved:
+            t5 = False
+            notes.append("this quantized variant was made without the T5 text encoder: its tokens are zeros")
+        elif spec.has_t5 and not t5:
+            names.remove(spec.traits.t5[0])
+            notes.append("T5 text encoder skipped on request: its tokens are zeros, as in a checkpoint without T5")
+        elif spec.traits.t5 is not None and not spec.has_t5:
+            notes.append("this checkpoint has no T5 text encoder: its tokens are zeros")
+        configs = dict(zip(spec.text_encoders, spec.text_encoder_configs))
+        self.encoder_names = names
+        self.text_encoders = [_text_encoder(spec, name, configs[name], self.dtype) for name in names]
+        self.denoiser = _denoiser(spec, self.dtype)
         self.vae = _load_component(spec, "vae", AutoencoderKL(VAEConfig.from_dict(spec.vae_config)), self.dtype)
         self._vae_fp32 = None
         self.quantized_layers = ""
@@ -63,19 +93,29 @@ class MLXStages(Stages):
         if quantization:
             self.quantized_layers = quantize_stages(self, quantization)
         device = "GPU" if mx.default_device() == mx.gpu else "CPU"
-        self.info = {"engine": "mlx", "device": device, "precision": precision,
+        self.info = {"engine": "mlx", "device": device, "precision": precision, "family": spec.family,
                      "quantization": quantization or "none", "quantized_layers": self.quantized_layers,
-                     "compute_units": device, "attention": "fused" if device == "GPU" else "chunked"}
+                     "compute_units": device, "attention": "fused" if device == "GPU" else "chunked",
+                     "notes": notes}
+        if spec.traits.t5 is not None:
+            self.info["t5"] = "loaded" if len(names) > len(spec.traits.encoders) else \
+                ("skipped" if spec.has_t5 else "absent")
+
+    def components(self):
+        """(component folder name, loaded module) pairs: text encoders, denoiser, VAE."""
+        return [*zip(self.encoder_names, self.text_encoders), (self.spec.traits.denoiser, self.denoiser),
+                ("vae", self.vae)]
 
     # -- stages ---------------------------------------------------------------------------------------
     def encode_text(self, index: int, input_ids: np.ndarray) -> EncoderOutput:
+        traits = self.spec.traits
         out = self.text_encoders[index](mx.array(input_ids.astype(np.int32)))
-        if self.spec.family == "sdxl":
-            hidden = out.hidden_states[-2]
-            pooled = out.text_embeds if out.text_embeds is not None else None
-        else:
+        if index >= len(traits.encoders):  # T5
             hidden, pooled = out.last_hidden_state, None
-        mx.eval(hidden, *( [pooled] if pooled is not None else []))
+        else:
+            hidden = out.last_hidden_state if traits.clip_layer == -1 else out.hidden_states[traits.clip_layer]
+            pooled = out.text_embeds if traits.pooled != "none" else None
+        mx.eval(hidden, *([pooled] if pooled is not None else []))
         return EncoderOutput(hidden=np.array(hidden.astype(mx.float32)),
                              pooled=None if pooled is None else np.array(pooled.astype(mx.float32)))
 
@@ -84,8 +124,11 @@ class MLXStages(Stages):
         t = mx.full((latents.shape[0],), timestep, dtype=mx.float32)
         cast = lambda a: None if a is None else mx.array(a).astype(self.dtype)  # noqa: E731
         with cpu_kernels.eager_chunks():
-            out = self.unet(x, t, cast(hidden), text_embeds=cast(text_embeds), time_ids=cast(time_ids),
-                            timestep_cond=cast(timestep_cond))
+            if self.spec.is_transformer:
+                out = self.denoiser(x, t, cast(hidden), cast(text_embeds))
+            else:
+                out = self.denoiser(x, t, cast(hidden), text_embeds=cast(text_embeds), time_ids=cast(time_ids),
+                                    timestep_cond=cast(timestep_cond))
             return np.array(out.astype(mx.float32)).transpose(0, 3, 1, 2)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -111,7 +154,7 @@ class MLXStages(Stages):
 
     # -- measurements ---------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
-        return sum(W.module_bytes(m) for m in (*self.text_encoders, self.unet, self.vae))
+        return sum(W.module_bytes(m) for _, m in self.components())
 
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
@@ -121,6 +164,8 @@ class MLXStages(Stages):
 
 
 def load_mlx_stages(spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None,
-                    compute_units: str = "ALL", attention=None, reduce_memory: bool = False) -> MLXStages:
-    """Compute units and attention variants are Core ML options; MLX runs on its default device."""
-    return MLXStages(spec, precision=precision, quantization=quantization)
+                    compute_units: str = "ALL", attention=None, reduce_memory: bool = False,
+                    t5: bool = True) -> MLXStages:
+    """Compute units and attention variants are Core ML options; MLX runs on its default device.
+    `t5=False` leaves an SD3 checkpoint's T5 encoder unloaded (its tokens become zeros)."""
+    return MLXStages(spec, precision=precision, quantization=quantization, t5=t5)

@@ -1,6 +1,6 @@
 """Shared MLX building blocks of the UNet and the VAE, named like diffusers' modules.
 
-Owns: the attention function UNet and VAE share (`attention`), SiLU/GELU and GroupNorm with
+Owns: the attention function UNet and VAE share (`attention`), SiLU/GELU (exact and tanh) and GroupNorm with
 their fast CPU paths, `Attention` (self/cross, optional group norm as in the VAE), `FeedForward`
 with GEGLU, `BasicTransformerBlock`, `Transformer2DModel`, `ResnetBlock2D`,
 `Downsample2D`, `Upsample2D`, the sinusoidal `timestep_embedding` and `TimestepEmbedding`.
@@ -37,6 +37,11 @@ def silu(x: mx.array) -> mx.array:
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as torch's F.gelu."""
     return cpu_kernels.gelu(x) if cpu_kernels.available() else nn.gelu(x)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """tanh-approximated GELU, as torch's F.gelu(approximate="tanh") (diffusers' "gelu-approximate")."""
+    return cpu_kernels.gelu_tanh(x) if cpu_kernels.available() else nn.gelu_approx(x)
 
 
 # ----------------------------------------------------------------------------------------------

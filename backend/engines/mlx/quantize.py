@@ -35,7 +35,8 @@ DEFAULT_GROUP_SIZE = 64
 DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "mixed_bit_recipes" / "mlx-mixed.json"
 PLAN_FILE = "mlx_quantization.json"
 WEIGHTS_FILE = "mlx_weights.safetensors"
-LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+LABELS = {"unet": "UNet", "transformer": "transformer", "text_encoder": "text encoder",
+          "text_encoder_2": "text encoder 2", "text_encoder_3": "T5 text encoder", "vae": "VAE"}
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -149,7 +150,7 @@ def load_recipe(path=None) -> dict:
 
 def uniform_recipe(bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     everything = [{"match": ["*"], "bits": bits}]
-    return {"group_size": group_size, "unet": everything, "text_encoder": everything}
+    return {"group_size": group_size, "unet": everything, "transformer": everything, "text_encoder": everything}
 
 
 def scheme_recipe(quantization: str, group_size: Optional[int] = None, recipe_path=None) -> dict:
@@ -242,9 +243,7 @@ def quantize_module(module: nn.Module, component: str, recipe: dict) -> dict:
 
 
 def _components(stages):
-    yield from zip(stages.spec.text_encoders, stages.text_encoders)
-    yield "unet", stages.unet
-    yield "vae", stages.vae
+    return stages.components()
 
 
 def quantize_stages(stages, quantization: str, group_size: Optional[int] = None, recipe_path=None) -> str:
@@ -284,6 +283,7 @@ def save_stages(stages, folder: Path, quantization: str) -> None:
     for name, module in _components(stages):
         save_component(module, Path(folder), name)
     doc = {"method": quantization, "sentence": stages.quantized_layers,
+           "components": [name for name, _ in _components(stages)],
            "layers": {name: p["layers"] for name, p in plans.items()}}
     (Path(folder) / PLAN_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True))
 
@@ -296,6 +296,12 @@ def read_saved_plan(folder) -> Optional[dict]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): quantize the model again") from None
+
+
+def saved_components(folder) -> Optional[list]:
+    """The components a saved variant holds (None: not a saved variant, or one written before this was kept)."""
+    saved = read_saved_plan(folder)
+    return None if saved is None else saved.get("components")
 
 
 def saved_method(folder) -> Optional[str]:

@@ -1,0 +1,206 @@
+"""The SD3 rows of `python -m backend bench`: one transformer step at SD3 Medium size, three engines.
+
+The SD3 Medium transformer (configs/reference/sd3-medium, the real config) with random weights, batch 1
+(guidance off, MobileDiffuser's setting; with guidance every engine does twice the work), 77 CLIP + 77
+T5-slot tokens (the context Apple's and MobileDiffuser's Core ML packages and DiffusionKit use), timed
+in a fresh worker process per engine so each peak memory is its own:
+
+- mlx: this project's MLX transformer (backend/engines/mlx/mmdit.py), as the engine runs it;
+- diffusers: diffusers' SD3Transformer2DModel on torch;
+- diffusionkit: DiffusionKit's MLX MMDiT, the MLX peer. Its package pins an old MLX and needs argmaxtools
+  and beartype, so its `mlx/mmdit.py` and `mlx/config.py` are loaded from an installed or unpacked
+  wheel (`pip download --no-deps diffusionkit`, path in DIFFUSIONKIT_SRC or the installed package)
+  with those two imports shimmed to the standard library, and the `memory_efficient_threshold` argument
+  its attention call passes (gone from today's MLX) dropped; nothing of it ships with this project.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "reference" / "sd3-medium" / "transformer" / "config.json"
+TOKENS = 154
+ENGINES = ("mlx", "diffusers", "diffusionkit")
+
+
+def _config() -> dict:
+    return json.loads(CONFIG.read_text())
+
+
+def _timed(fn, repeats: int):
+    from backend.bench import _median_time
+    return _median_time(fn, repeats)
+
+
+def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+    import backend  # noqa: F401  (OpenBLAS before MLX)
+    import mlx.core as mx
+    from backend.engines.mlx import cpu_kernels
+    from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
+    from backend.engines.mlx.quantize import quantize_module, uniform_recipe
+    from backend.engines.mlx.weights import module_bytes
+    from backend.measure import ProcessPeak
+    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    model = SD3Transformer2DModel(SD3Config.from_dict(_config()))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    if quantization:
+        quantize_module(model, "transformer", uniform_recipe(int(quantization[1:])))
+    mx.clear_cache()
+    latent = size // 8
+    x = mx.random.normal((1, latent, latent, 16)).astype(dtype)
+    context = mx.random.normal((1, TOKENS, 4096)).astype(dtype)
+    pooled = mx.random.normal((1, 2048)).astype(dtype)
+    t = mx.array([750.0])
+    peak = ProcessPeak()
+    peak.reset()
+
+    def step():
+        with cpu_kernels.eager_chunks():
+            mx.eval(model(x, t, context, pooled))
+    sec, times = _timed(step, repeats)
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "weight_bytes": module_bytes(model)}
+
+
+def diffusers_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from backend.measure import ProcessPeak
+    if quantization:
+        return {"error": "not measured (diffusers has no built-in int8 CPU path)"}
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    torch.set_grad_enabled(False)
+    model = SD3Transformer2DModel.from_config(_config()).to(dtype).eval()
+    latent = size // 8
+    x = torch.randn(1, 16, latent, latent, dtype=dtype)
+    context = torch.randn(1, TOKENS, 4096, dtype=dtype)
+    pooled = torch.randn(1, 2048, dtype=dtype)
+    t = torch.tensor([750.0])
+    peak = ProcessPeak()
+    peak.reset()
+    sec, times = _timed(lambda: model(x, t, context, pooled), repeats)
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
+
+
+def _diffusionkit_modules():
+    """DiffusionKit's mlx/config.py and mlx/mmdit.py, imported without its package __init__."""
+    src = os.environ.get("DIFFUSIONKIT_SRC")
+    if src:
+        folder = Path(src) / "diffusionkit" / "mlx"
+    else:
+        spec = importlib.util.find_spec("diffusionkit")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("DiffusionKit not found: pip download --no-deps diffusionkit, unpack the wheel "
+                               "and set DIFFUSIONKIT_SRC to it")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "mlx"
+    import logging
+    import typing
+    sys.modules.setdefault("beartype", types.ModuleType("beartype"))
+    sys.modules.setdefault("beartype.typing", typing)
+    tools = sys.modules.setdefault("argmaxtools", types.ModuleType("argmaxtools"))
+    utils = types.ModuleType("argmaxtools.utils")
+    utils.get_logger = logging.getLogger
+    tools.utils = utils
+    sys.modules.setdefault("argmaxtools.utils", utils)
+    import mlx.core as mx
+    fused = mx.fast.scaled_dot_product_attention
+    if not getattr(fused, "drops_old_arguments", False):  # its call passes an argument MLX 0.2x removed
+        def sdpa(*args, memory_efficient_threshold=None, **kwargs):
+            return fused(*args, **kwargs)
+        sdpa.drops_old_arguments = True
+        mx.fast.scaled_dot_product_attention = sdpa
+    package = types.ModuleType("dk_mlx")
+    package.__path__ = [str(folder)]
+    sys.modules["dk_mlx"] = package
+    loaded = {}
+    for name in ("config", "mmdit"):
+        spec = importlib.util.spec_from_file_location(f"dk_mlx.{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"dk_mlx.{name}"] = module
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    return loaded["config"], loaded["mmdit"]
+
+
+def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+    import backend  # noqa: F401  (the same BLAS for both MLX engines)
+    import mlx.core as mx
+    from backend.measure import ProcessPeak
+    if quantization:
+        return {"error": "not measured (DiffusionKit quantizes its own checkpoints only)"}
+    config, mmdit = _diffusionkit_modules()
+    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    cfg = config.MMDiTConfig(depth_multimodal=24, num_heads=24, dtype=dtype, float16_dtype=dtype)
+    model = mmdit.MMDiT(cfg)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    latent = size // 8
+    x = mx.random.normal((1, latent, latent, 16)).astype(dtype)
+    context = mx.random.normal((1, TOKENS, 1, 4096)).astype(dtype)
+    t = mx.array([750.0], dtype=dtype)
+    model.cache_modulation_params(mx.random.normal((1, 2048)).astype(dtype), t)  # done once per generation
+    mx.clear_cache()
+    peak = ProcessPeak()
+    peak.reset()
+    sec, times = _timed(lambda: mx.eval(model(x, context, t)), repeats)
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
+
+
+WORKERS = {"mlx": mlx_worker, "diffusers": diffusers_worker, "diffusionkit": diffusionkit_worker}
+
+
+def spawn(engine: str, size: int, precision: str, quantization, repeats: int, threads=None) -> dict:
+    import subprocess
+    cmd = [sys.executable, "-m", "backend.bench_sd3", engine, str(size), precision, quantization or "none",
+           str(repeats)]
+    env = dict(os.environ)
+    if threads:
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None):
+    """Yield one result row per size x precision x quantization, every engine measured side by side."""
+    for size in sizes:
+        for precision in precisions:
+            for quantization in quantizations:
+                row = {"model": "sd3-medium", "size": size, "precision": precision, "part": "transformer",
+                       "quantization": quantization or "none", "tokens": TOKENS}
+                for engine in engines:
+                    if quantization and engine != "mlx":
+                        continue
+                    row[engine] = spawn(engine, size, precision, quantization, repeats, threads)
+                yield row
+
+
+def row_md(row: dict) -> str:
+    def cell(r, key, scale=1.0, unit=""):
+        if not r:
+            return "-"
+        return "error: " + r["error"][:50] if "error" in r else f"{r[key] / scale:.2f}{unit}"
+    m, d, k = row.get("mlx", {}), row.get("diffusers", {}), row.get("diffusionkit", {})
+    ratio = lambda other: f"{m['seconds'] / other['seconds']:.2f}x" \
+        if "seconds" in m and other and "seconds" in other else "-"  # noqa: E731
+    label = row["precision"] + ("" if row["quantization"] == "none" else f" + {row['quantization']}")
+    return (f"| sd3-medium {row['size']}px | transformer step, batch 1 | {label} | {cell(m, 'seconds', unit=' s')} "
+            f"| {cell(d, 'seconds', unit=' s')} | {ratio(d)} | {cell(k, 'seconds', unit=' s')} | {ratio(k)} "
+            f"| {cell(m, 'peak_rss', 2**30, ' GiB')} | {cell(d, 'peak_rss', 2**30, ' GiB')} "
+            f"| {cell(k, 'peak_rss', 2**30, ' GiB')} |")
+
+
+HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | DiffusionKit | MLX/DiffusionKit "
+          "| MLX peak RSS | diffusers peak RSS | DiffusionKit peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+if __name__ == "__main__":
+    engine, size, precision, quantization, repeats = sys.argv[1:6]
+    result = WORKERS[engine](int(size), precision, None if quantization == "none" else quantization, int(repeats))
+    print(json.dumps(result))
