@@ -33,7 +33,7 @@ ENGINES = [("Auto", "auto"), ("Core ML", "coreml"), ("MLX", "mlx")]
 UNITS = [("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"), ("CPU and GPU", "CPU_AND_GPU"),
          ("CPU only", "CPU_ONLY")]
 SETTING_NAMES = ("prompt", "negative_prompt", "model", "engine", "compute_units", "precision", "scheduler", "steps",
-                 "guidance", "width", "height", "seed")
+                 "guidance", "width", "height", "seed", "t5")
 FALLBACK_DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "default", "width": 512, "height": 512,
                      "size_step": 64, "size_min": 64}
 EXAMPLE_PROMPT = "a large red circle in the center on a blue background"
@@ -126,19 +126,19 @@ class App:
         signal.set()
         return "stopping between two steps"
 
-    def _stream(self, model, engine, units, precision, request, stop, min_interval=0.05):
-        key = PipelineKey.from_choice(model or self.model, engine, precision, units)
+    def _stream(self, model, engine, units, precision, request, stop, min_interval=0.05, t5=False):
+        key = PipelineKey.from_choice(model or self.model, engine, precision, units, t5)
         return stream_generation(self.pipelines, key, request, stop, min_interval=min_interval)
 
     # -- Generate tab ------------------------------------------------------------------------------------
     def generate_ui(self, prompt, negative, model, engine, units, precision, scheduler, steps, guidance, width,
-                    height, seed, history, request: gr.Request):
+                    height, seed, t5, history, request: gr.Request):
         u = self.ui
         stop = self._signal(request, fresh=False)  # armed by the click: a Stop while queued counts
         try:
             req = _request(prompt, negative, scheduler, steps, guidance, width, height, seed)
             size = (req.width or self.defaults["width"], req.height or self.defaults["height"])
-            for ev in self._stream(model, engine, units, precision, req, stop):
+            for ev in self._stream(model, engine, units, precision, req, stop, t5=t5):
                 if ev.kind == "status":
                     if ev.pipeline is not None:  # loaded: previews take the model's own size
                         native = ev.pipeline.spec.native_size
@@ -169,12 +169,12 @@ class App:
             self._release(request, stop)
 
     def generate_api(self, prompt, negative_prompt, model, engine, compute_units, precision, scheduler, steps,
-                     guidance, width, height, seed, request: gr.Request, progress=gr.Progress()):
+                     guidance, width, height, seed, t5=False, request: gr.Request = None, progress=gr.Progress()):
         """Text to image: the PNG (its `parameters` text chunk reproduces it) and the measurements as JSON."""
         stop = self._signal(request, fresh=True)
         try:
             req = _request(prompt, negative_prompt, scheduler, steps, guidance, width, height, seed)
-            for ev in self._stream(model, engine, compute_units, precision, req, stop, min_interval=0.1):
+            for ev in self._stream(model, engine, compute_units, precision, req, stop, min_interval=0.1, t5=bool(t5)):
                 if ev.kind == "status":
                     progress(0, desc=ev.message)
                 elif ev.kind == "step":
@@ -434,6 +434,9 @@ class App:
                         u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="auto",
                                                   label="Precision or quantization", min_width=140)
                         u.units = gr.Dropdown(UNITS, value="ALL", label="Compute units (Core ML)", min_width=200)
+                    u.t5 = gr.Checkbox(False, label="T5 text encoder (SD3 models)",
+                                       info="Better prompt following and text in images, ~9.5 GB more at fp16 "
+                                            "(19 GB at fp32). Off: its tokens are zeros, as in Apple's app")
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
                         u.scheduler = gr.Dropdown(scheduler_choices(), value="default", label="Scheduler")
@@ -462,7 +465,7 @@ class App:
             u.drop = gr.Image(label="Drop a PNG made by this app", type="filepath", format="png",
                               sources=["upload"], height=210, scale=1, min_width=200)
         settings = [u.prompt, u.negative, u.model, u.engine, u.units, u.precision, u.scheduler, u.steps, u.guidance,
-                    u.width, u.height, u.seed]
+                    u.width, u.height, u.seed, u.t5]
         gr.on([u.go.click, u.prompt.submit], self.arm, None, None, queue=False, **PRIVATE).then(
             self.generate_ui, settings + [u.history],
             [u.image, u.progress, u.stats, u.gallery, u.history, u.last_seed], show_progress_on=[u.progress],
@@ -592,7 +595,8 @@ class App:
                       gr.Textbox("ALL", label="compute_units"), gr.Textbox("auto", label="precision"),
                       gr.Textbox("default", label="scheduler"), gr.Number(-1, label="steps", precision=0),
                       gr.Number(-1, label="guidance"), gr.Number(-1, label="width", precision=0),
-                      gr.Number(-1, label="height", precision=0), gr.Number(-1, label="seed", precision=0)]
+                      gr.Number(-1, label="height", precision=0), gr.Number(-1, label="seed", precision=0),
+                      gr.Checkbox(False, label="t5")]
             gen_out = [gr.Image(format="png", type="filepath", label="image"), gr.JSON(label="measurements")]
             cmp_in = [gr.Textbox(None, label="prompt"), gr.Textbox("", label="negative_prompt"),
                       gr.Textbox(self.model, label="model"),

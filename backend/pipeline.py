@@ -205,7 +205,8 @@ class Pipeline:
                         weight_bytes=self.stages.weight_bytes(), disk_bytes=self.disk_bytes)
         params = {**p, "engine": self.stages.info.get("engine"), "precision": self.stages.info.get("precision"),
                   "quantization": self.stages.info.get("quantization"),
-                  "compute_units": self.stages.info.get("compute_units")}
+                  "compute_units": self.stages.info.get("compute_units"),
+                  **({"t5": self.stages.info["t5"]} if "t5" in self.stages.info else {})}
         return GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
                                 parameters=params, warnings=warnings, pixels=pixels)
 

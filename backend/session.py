@@ -52,13 +52,15 @@ class PipelineKey:
     precision: str = "auto"
     quantization: Optional[str] = None
     compute_units: str = "ALL"
+    t5: bool = False   # SD3's T5 encoder (~9.5 GB at fp16): off unless asked, as in Apple's and DiffusionKit's apps
 
     @classmethod
-    def from_choice(cls, model: str, engine: str, precision_choice: str, compute_units: str) -> "PipelineKey":
+    def from_choice(cls, model: str, engine: str, precision_choice: str, compute_units: str,
+                    t5: bool = False) -> "PipelineKey":
         if precision_choice not in PRECISION_CHOICES:
             raise UserError(f"unknown precision '{precision_choice}': choose one of {', '.join(PRECISION_CHOICES)}")
         precision, quantization = PRECISION_CHOICES[precision_choice]
-        return cls((model or "").strip(), engine or "auto", precision, quantization, compute_units or "ALL")
+        return cls((model or "").strip(), engine or "auto", precision, quantization, compute_units or "ALL", bool(t5))
 
     def label(self) -> str:
         q = f" {self.quantization}" if self.quantization else ""
@@ -79,7 +81,7 @@ class PipelineCache:
             return self._loader(key, progress)
         from backend.pipeline import load_pipeline
         return load_pipeline(key.model, engine=key.engine, precision=key.precision, quantization=key.quantization,
-                             compute_units=key.compute_units, progress=progress)
+                             compute_units=key.compute_units, progress=progress, t5=key.t5)
 
     def get(self, key: PipelineKey, progress: Optional[Callable[[str], None]] = None) -> tuple[object, bool]:
         """(pipeline, was_cached). Loading happens outside the cache's own lock but under the engine lock."""
@@ -266,6 +268,8 @@ def request_settings(parameters: dict) -> dict:
         out["engine"] = parameters["engine"]
     if parameters.get("compute_units") in COMPUTE_UNITS:
         out["compute_units"] = parameters["compute_units"]
+    if parameters.get("t5") in ("loaded", "skipped", "absent"):
+        out["t5"] = parameters["t5"] == "loaded"
     for key, cast in (("steps", int), ("width", int), ("height", int), ("seed", int), ("guidance", float)):
         try:
             if parameters.get(key) is not None:

@@ -166,3 +166,20 @@ def test_pipeline_cache_keeps_the_most_recent_pipelines():
     cache.get(b), cache.get(c)
     assert cache.keys() == [b, c] and loads == ["a", "b", "c"]
     assert PipelineKey.from_choice("m", "mlx", "4-bit", "ALL").quantization == "q4"
+
+
+def test_sd3_generates_and_compares_through_the_api(tiny_pipelines, client):
+    """An SD3 model folder: /generate with and without T5 (the result says which), /compare with q8."""
+    _, folder = tiny_pipelines("sd3-t5")
+    path, m = client.predict("a red circle at the top", model=str(folder), steps=2, seed=5, api_name="/generate")
+    assert m["engine"]["family"] == "sd3" and m["parameters"]["t5"] == "skipped"
+    assert any("T5 text encoder skipped" in w for w in m["warnings"])
+    assert m["parameters"]["scheduler"] == "flow_euler" and Image.open(path).size == (32, 32)
+    _, with_t5 = client.predict("a red circle at the top", model=str(folder), steps=2, seed=5, t5=True,
+                                api_name="/generate")
+    assert with_t5["parameters"]["t5"] == "loaded" and not with_t5["warnings"]
+    images, summary = client.predict("a red circle", model=str(folder), variants=["mlx-fp16", "mlx-8bit"], seed=3,
+                                     steps=2, api_name="/compare")
+    by_key = {v["variant"]: v for v in summary["variants"]}
+    assert by_key["mlx-8bit"]["status"] == "done" and by_key["mlx-8bit"]["psnr"] > 30
+    assert len(images) == 2
