@@ -276,3 +276,23 @@ def test_fused_path_matches_transformers(tiny, monkeypatch):
         out = load_t5_encoder(folder / "text_encoder_3", dtype=dtype)(mx.array(ids)).last_hidden_state
         assert out.dtype == dtype
         assert _relative_error(out.astype(mx.float32), expected) <= tolerance, dtype
+
+
+def test_fp16_stored_weights_compute_in_fp32(tmp_path):
+    """compute_in(fp32) on fp16-stored weights: transformers' fp32 model with those fp16-rounded weights."""
+    import mlx.core as mx
+    import torch
+    from backend.engines.mlx.t5 import load_t5_encoder
+    from tests.tiny_t5 import tiny_t5
+    model, tokenizer = tiny_t5(tmp_path / "tok")
+    model.save_pretrained(str(tmp_path / "enc"), safe_serialization=True)
+    mine = load_t5_encoder(tmp_path / "enc", dtype=mx.float16).compute_in(mx.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+        ids = tokenizer(["a red circle at the top"], padding="max_length", max_length=32,
+                        return_tensors="pt").input_ids
+        ref = model(ids).last_hidden_state.numpy()
+    out = mine(mx.array(ids.numpy().astype(np.int32))).last_hidden_state
+    assert out.dtype == mx.float32 and mine.shared.weight.dtype == mx.float16
+    assert np.linalg.norm(np.array(out) - ref) / np.linalg.norm(ref) < 1e-5

@@ -2,13 +2,16 @@
 
 What it owns, and nothing more (the loop, tokenizer, schedulers and guidance are backend/pipeline.py's):
 
-- a `ModelSpec` for a resources folder: family from TextEncoder2's presence, sizes from the UNet's and
-  VAE decoder's own descriptions, configs from the folder's `configs/` (our exports), else from the paired
-  diffusers model when the registry names one and it is cached, else Stable Diffusion's defaults;
+- a `ModelSpec` for a resources folder: family from its models (SD3's MMDiT, else TextEncoder2's presence),
+  sizes from the denoiser's and VAE decoder's own descriptions, configs from the folder's `configs/` (our
+  exports), else from the paired diffusers model when the registry names one and it is cached, else the
+  family's defaults (SD3: flow matching with shift 3, VAE scale 1.5305 / shift 0.0609, as Apple's CLI);
 - `CoreMLStages`: inputs prepared to each model's described names, shapes and dtypes (text as
   (B, C, 1, 77); the batch split or padded to the batch the model was exported with; a chunked UNet run as
-  chunk 1, then chunk 2 fed with chunk 1's outputs by name); models loaded per compute unit and cached, or,
-  with `reduce_memory`, loaded just before their stage runs and released after it (Apple's --reduce-memory);
+  chunk 1, then chunk 2 fed with chunk 1's outputs by name; SD3's MMDiT as Apple's one package, or as
+  MobileDiffuser's Conditioning, then Stage0..N, each stage's `X_out` outputs renamed `X` for the next);
+  models loaded per compute unit and cached, or, with `reduce_memory`, loaded just before their stage runs
+  and released after it (Apple's --reduce-memory; a split MMDiT's stages one at a time, as MobileDiffuser);
 - `coreml_choice`: where the resources come from (a local folder, or a registry entry's Hub repository and
   variant subfolder, downloaded with only that subfolder's files).
 Core ML itself is called only through a runtime (runtime.py, or a stand-in with the same contract).
@@ -39,6 +42,13 @@ _ENCODERS = (("TextEncoder", "text_encoder", "tokenizer"), ("TextEncoder2", "tex
 _HIDDEN_OUTPUTS = ("hidden_embeds", "last_hidden_state")  # SDXL's penultimate layer / SD's last layer
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
+# SD3's defaults where a folder has no configs: apple/ml-stable-diffusion's CLI for --sd3 (scaleFactor 1.5305,
+# shiftFactor 0.0609, timestepShift 3.0) and stable-diffusion-3-medium-diffusers' scheduler_config.json
+_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+_SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+# the MMDiT's tensor names (Apple's package; MobileDiffuser's split stages add modulation_inputs and *_out)
+_LATENT, _TEXT, _POOLED = "latent_image_embeddings", "token_level_text_embeddings", "pooled_text_embeddings"
+_CLIP_TOKENS = 77
 
 
 # ------------------------------------------------------------------ the model's spec and tokenizers
@@ -68,8 +78,84 @@ def _text_width(resources: res.CoreMLResources, stage: str) -> int:
     return int(hidden.shape[-1]) if hidden.shape else 0
 
 
+def _vae_config(resources: res.CoreMLResources, configs: Optional[Path], channels: int, defaults: dict) -> dict:
+    vae = resources.io("VAEDecoder")
+    image = _only(vae.outputs, ("image",)).shape
+    scale = int(image[-1]) // int(_only(vae.inputs).shape[-1]) if len(image) == 4 else 8
+    vae_config = {**defaults, **_read(configs, "vae/config.json")}
+    vae_config["latent_channels"] = channels
+    if len(vae_config.get("block_out_channels", [0] * 4)) != int(math.log2(scale)) + 1:
+        # ModelSpec counts the VAE's levels for its scale factor; the description is what counts here
+        vae_config["block_out_channels"] = [0] * (int(math.log2(scale)) + 1)
+    return vae_config
+
+
+def _finish(spec: ModelSpec, h: int, w: int, paired: Optional[Path], folder: Path) -> ModelSpec:
+    spec.defaults = spec._family_defaults()
+    if h == w:
+        spec.defaults["size"] = int(h) * spec.vae_scale_factor
+    for settings in (paired, folder):
+        spec.defaults.update({k: v for k, v in _read(settings, SETTINGS_FILE).items() if v is not None})
+    return spec
+
+
+def mmdit_tensors(resources: res.CoreMLResources) -> dict:
+    """The MMDiT's described inputs by name, over its stages: latents and text as Stage0 (or the single
+    package) takes them, pooled text and timestep as the Conditioning (or the single package) takes them."""
+    found = {}
+    for stage in resources.denoiser_stages:
+        for name, tensor in resources.io(stage).inputs.items():
+            found.setdefault(name, tensor)
+    for name in (_LATENT, _TEXT, _POOLED, "timestep"):
+        if name not in found:
+            raise UserError(f"the SD3 MMDiT models in {resources.folder} have no input '{name}'; "
+                            "they are not in Apple's or MobileDiffuser's layout")
+    return found
+
+
+def _patch_size(resources: res.CoreMLResources, config: dict, h: int, w: int) -> int:
+    """The transformer's patch: from its config, else from Stage0's token count (h/p * w/p), else 2 (every SD3)."""
+    if config.get("patch_size"):
+        return int(config["patch_size"])
+    if resources.split_mmdit:
+        tokens = resources.io(resources.denoiser_stages[1]).outputs.get(_LATENT + "_out")
+        if tokens is not None and len(tokens.shape) == 3 and tokens.shape[1]:
+            return int(round(math.sqrt(h * w / tokens.shape[1])))
+    return 2
+
+
+def _sd3_spec(resources: res.CoreMLResources, paired: Optional[Path]) -> ModelSpec:
+    configs = resources.configs or paired
+    tensors = mmdit_tensors(resources)
+    _, channels, h, w = tensors[_LATENT].shape
+    _, joint_dim, _, sequence = tensors[_TEXT].shape
+    present = [e for e in _ENCODERS if e[0] in resources.models]
+    widths = [_text_width(resources, stage) for stage, _, _ in present]
+    transformer = dict(_read(configs, "transformer/config.json"), in_channels=channels, out_channels=channels,
+                       sample_size=h, joint_attention_dim=joint_dim,
+                       pooled_projection_dim=tensors[_POOLED].shape[1])
+    transformer["patch_size"] = _patch_size(resources, transformer, h, w)
+    index = _read(configs, "model_index.json")
+    spec = ModelSpec(
+        folder=resources.folder, family="sd3",
+        pipeline_class=index.get("_class_name", "CoreMLStableDiffusion3Pipeline"),
+        text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
+        denoiser_config=transformer, vae_config=_vae_config(resources, configs, channels, _SD3_VAE),
+        text_encoder_configs=[_read(configs, f"{name}/config.json") or {"hidden_size": width}
+                              for (_, name, _), width in zip(present, widths)],
+        scheduler_config=_read(configs, "scheduler/scheduler_config.json") or dict(_SD3_SCHEDULER))
+    spec.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt",
+                                                       spec.traits.zeros_for_empty_negative))
+    if sequence <= _CLIP_TOKENS:
+        raise UserError(f"the MMDiT in {resources.folder} takes {sequence} text tokens; SD3 needs 77 CLIP "
+                        "tokens followed by T5's (154 in Apple's and MobileDiffuser's exports)")
+    return _finish(spec, h, w, paired, resources.folder)
+
+
 def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -> ModelSpec:
     """What the pipeline needs to know about a resources folder; the models' descriptions win over configs."""
+    if resources.is_sd3:
+        return _sd3_spec(resources, paired)
     configs = resources.configs or paired
     unet = resources.io(resources.unet_stages[0]).inputs
     vae = resources.io("VAEDecoder")
@@ -87,11 +173,7 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
         unet_config["time_cond_proj_dim"] = unet["timestep_cond"].shape[1]
     if "time_ids" in unet:
         unet_config["addition_embed_type"] = "text_time"
-    vae_config = {"scaling_factor": 0.13025 if sdxl else 0.18215, **_read(configs, "vae/config.json")}
-    vae_config["latent_channels"] = channels
-    if len(vae_config.get("block_out_channels", [0] * 4)) != int(math.log2(scale)) + 1:
-        # ModelSpec counts the VAE's levels for its scale factor; the description is what counts here
-        vae_config["block_out_channels"] = [0] * (int(math.log2(scale)) + 1)
+    vae_config = _vae_config(resources, configs, channels, {"scaling_factor": 0.13025 if sdxl else 0.18215})
     # SD 2.x at 768 (OpenCLIP ViT-H text, 96x96 latents) predicts v; the 512 "base" models predict noise
     v_prediction = not sdxl and widths[0] == 1024 and h * scale == 768
     scheduler = _read(configs, "scheduler/scheduler_config.json") or _default_scheduler(sdxl, v_prediction)
@@ -105,12 +187,7 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
                               for (_, name, _), width in zip(present, widths)],
         scheduler_config=scheduler,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)))
-    spec.defaults = spec._family_defaults()
-    if h == w:
-        spec.defaults["size"] = int(h) * scale
-    for folder in (paired, resources.folder):
-        spec.defaults.update({k: v for k, v in _read(folder, SETTINGS_FILE).items() if v is not None})
-    return spec
+    return _finish(spec, h, w, paired, resources.folder)
 
 
 def _tokenizer_files(resources: res.CoreMLResources) -> tuple:
@@ -148,7 +225,7 @@ def _quantization(resources: res.CoreMLResources) -> str:
     if method and method != "export":
         bits = manifest.get("average_bits") or manifest.get("bits")
         return f"{method} {bits}-bit" if bits else method
-    ops = resources.io(resources.unet_stages[0]).op_counts
+    ops = resources.io(resources.denoiser_stages[-1]).op_counts
     if ops.get("constexpr_lut_to_dense"):
         return "palettized"
     return "linear int8" if ops.get("constexpr_affine_dequantize") else "none"
@@ -166,9 +243,12 @@ class CoreMLStages(Stages):
         self.runtime = runtime or CoreMLRuntime
         self.reduce_memory = reduce_memory
         self.text_stages = [stage for stage, _, _ in _ENCODERS if stage in resources.models]
-        self.models_of = {"text_encoder": self.text_stages, "unet": resources.unet_stages,
+        self.models_of = {"text_encoder": self.text_stages, "unet": resources.denoiser_stages,
                           "vae_decoder": ["VAEDecoder"]}
         self.io = {stage: resources.io(stage) for stages in self.models_of.values() for stage in stages}
+        # with reduce_memory, a split MMDiT's stages are loaded one at a time and released right after they
+        # run (MobileDiffuser unloads each stage after its prediction); other stages load per pipeline stage
+        self._streamed = set(resources.denoiser_stages) if reduce_memory and resources.split_mmdit else set()
         self._loaded: dict = {}          # (model stage, compute units) -> loaded model
         self._active: set = set()        # pipeline stages between begin_stage and end_stage
         self._resident_peak = 0
@@ -179,7 +259,19 @@ class CoreMLStages(Stages):
                      or resources.manifest.get("source_manifest", {}).get("precision", "fp16"),
                      "quantization": _quantization(resources), "reduce_memory": reduce_memory,
                      "format": "mlmodelc" if resources.compiled else "mlpackage", "resources": str(resources.folder)}
+        if resources.is_sd3:
+            self._sd3_info()
         self.set_compute_units(compute_units)
+
+    def _sd3_info(self) -> None:
+        tensors = mmdit_tensors(self.resources)
+        self.info.update(t5_tokens=int(tensors[_TEXT].shape[-1]) - _CLIP_TOKENS,
+                         mmdit="split" if self.resources.split_mmdit else "single",
+                         denoiser_stages=len(self.resources.denoiser_stages), t5="absent")
+        t5 = [p for p in self.resources.folder.iterdir() if p.stem == "TextEncoderT5"]
+        self.info["notes"] = [
+            f"{t5[0].name} is not run by the Core ML engine: its T5 tokens are zeros" if t5 else
+            "these Core ML resources have no T5 text encoder: its tokens are zeros"]
 
     def set_compute_units(self, units: str) -> None:
         """Run the next generations on `units`; models loaded for other units stay cached for switching back."""
@@ -206,23 +298,26 @@ class CoreMLStages(Stages):
         """Bytes on disk of the models loaded now (what their weights take in memory, give or take)."""
         return sum(self.resources.disk_bytes[stage] for stage, _ in self._loaded)
 
+    def _release(self, stages) -> None:
+        released = [k for k in self._loaded if k[0] in set(stages)]
+        for key in released:
+            del self._loaded[key]
+        if released:
+            gc.collect()
+
     def begin_stage(self, name: str) -> None:
         if self.reduce_memory:
             for other in [n for n in self.models_of if n != name]:  # left loaded by a run that failed midway
                 self.end_stage(other)
             for stage in self.models_of.get(name, []):
-                self._model(stage)
+                if stage not in self._streamed:
+                    self._model(stage)
         self._active.add(name)
 
     def end_stage(self, name: str) -> None:
         self._active.discard(name)
         if self.reduce_memory:
-            stages = set(self.models_of.get(name, []))
-            released = [k for k in self._loaded if k[0] in stages]
-            for key in released:
-                del self._loaded[key]
-            if released:
-                gc.collect()
+            self._release(self.models_of.get(name, []))
 
     @contextmanager
     def _running(self, name: str):
@@ -248,7 +343,11 @@ class CoreMLStages(Stages):
             if tensor.shape and tuple(array.shape) != tuple(tensor.shape):
                 raise UserError(f"{stage} input '{name}' must have shape {tensor.shape}, not {array.shape}")
             inputs[name] = np.ascontiguousarray(array.astype(tensor.dtype, copy=False))
-        return self._model(stage).predict(inputs)
+        try:
+            return self._model(stage).predict(inputs)
+        finally:
+            if stage in self._streamed:
+                self._release([stage])
 
     def _batched(self, run, stage: str, arrays: dict) -> dict:
         """Call `run` on slices of the model's exported batch size; a short slice is padded, its padding dropped."""
@@ -269,13 +368,19 @@ class CoreMLStages(Stages):
         with self._running("text_encoder"):
             out = self._batched(lambda part: self._predict(stage, part), stage, {"input_ids": input_ids})
         hidden = out[next(n for n in (*_HIDDEN_OUTPUTS, *out) if n in out and out[n].ndim == 3)]
-        # the pipeline conditions SDXL on the second (projecting) encoder's pooled output only
-        pooled = out.get("pooled_outputs") if stage == "TextEncoder2" else None
+        # the family says whose pooled output conditions: none (SD), the last encoder's (SDXL), all (SD3)
+        pooling = self.spec.traits.pooled
+        wanted = pooling == "concat" or (pooling == "last" and index == len(self.text_stages) - 1)
+        pooled = out.get("pooled_outputs") if wanted else None
+        if wanted and pooled is None:
+            raise UserError(f"{self.resources.models[stage].name} has no 'pooled_outputs' output, which "
+                            f"{self.spec.family} conditions on")
         return EncoderOutput(hidden=hidden.astype(np.float32),
                              pooled=None if pooled is None else pooled.astype(np.float32))
 
     def _check_size(self, latents: np.ndarray) -> None:
-        described = self.io[self.resources.unet_stages[0]].inputs["sample"].shape
+        described = (mmdit_tensors(self.resources)[_LATENT] if self.resources.is_sd3
+                     else self.io[self.resources.denoiser_stages[0]].inputs["sample"]).shape
         if tuple(latents.shape[1:]) != tuple(described[1:]):
             scale = self.spec.vae_scale_factor
             raise UserError(f"these Core ML resources were exported for {described[3] * scale}x{described[2] * scale} "
@@ -289,8 +394,34 @@ class CoreMLStages(Stages):
             out = self._predict(stage, {**inputs, **out})
         return out
 
+    def _run_mmdit(self, inputs: dict) -> dict:
+        """Apple's one package, or MobileDiffuser's chain: Conditioning, then Stage0..N, each stage fed the
+        inputs it declares from the arrays so far, where a stage's `X_out` becomes `X` for the next."""
+        stages = self.resources.denoiser_stages
+        named = dict(inputs)
+        for i, stage in enumerate(stages):
+            out = self._predict(stage, named)
+            if i == len(stages) - 1:
+                return out
+            named.update({(n[:-4] if n.endswith("_out") else n): v for n, v in out.items()})
+
+    def _predict_mmdit(self, latents, timestep, hidden, pooled) -> np.ndarray:
+        if pooled is None:
+            raise UserError("SD3's MMDiT needs the pooled text embeddings of both CLIP encoders")
+        batch = latents.shape[0]
+        arrays = {_LATENT: latents, "timestep": np.full((batch,), timestep, dtype=np.float32),
+                  _TEXT: np.asarray(hidden).transpose(0, 2, 1)[:, :, None, :],
+                  _POOLED: np.asarray(pooled)[:, :, None, None]}
+        with self._running("unet"):
+            out = self._batched(self._run_mmdit, self.resources.denoiser_stages[0], arrays)
+        # Apple's package answers denoiser_output, MobileDiffuser's last stage noise_pred (Swift takes the first)
+        name = next(n for n in ("denoiser_output", "noise_pred", *out) if n in out)
+        return out[name].astype(np.float32)
+
     def predict_noise(self, latents, timestep, hidden, text_embeds=None, time_ids=None, timestep_cond=None):
         self._check_size(latents)
+        if self.resources.is_sd3:
+            return self._predict_mmdit(latents, timestep, hidden, text_embeds)
         batch = latents.shape[0]
         arrays = {"sample": latents, "timestep": np.full((batch,), timestep, dtype=np.float32),
                   "encoder_hidden_states": np.asarray(hidden).transpose(0, 2, 1)[:, :, None, :]}
@@ -344,6 +475,8 @@ def quantized_resources(resources: res.CoreMLResources, quantization: str) -> Pa
     if quantization in ("q6", "q4", "q2"):
         return Path(quantize_coreml(resources.folder, "palettize", int(quantization[1]), None, None, None))
     if quantization == "mixed":
+        if resources.is_sd3:
+            raise UserError("there is no mixed-bit recipe for SD3's MMDiT yet: choose q8, q6, q4 or q2")
         recipe = recipes / ("sdxl-base-rule-based-example.json" if resources.is_sdxl
                             else "sd15-rule-based-example.json")
         return Path(quantize_coreml(resources.folder, "mixed", None, str(recipe), None, None))

@@ -11,6 +11,25 @@ them (`Stable_Diffusion_version_<model>_unet.mlpackage` ...), with Apple's tenso
   VAEDecoder      z (1, 4, h, w) -> image (1, 3, 8h, 8w) in [-1, 1];  VAEEncoder (optional) x -> latent
                   (the mean and log-variance, 2 x 4 channels)
 
+SD3 / SD3.5 (a `transformer` instead of a `unet`): both CLIP encoders as SDXL's (hidden_embeds = the
+penultimate layer, pooled_outputs = the projected text_embeds diffusers' SD3 pipeline uses), the VAE decoder
+(16 channels, no post_quant_conv when the config has none), and the MMDiT in MobileDiffuser's split layout
+(TWWinde/MobileDiffuser scripts/convert_sd3_medium_split_coreml.py), float32 inputs and outputs:
+
+  MMDiT conditioning  pooled_text_embeddings (B, P, 1, 1), timestep (B,) = sigma * 1000
+                      -> modulation_inputs (B, dim)  (diffusers' time_text_embed: temb)
+  MMDiT stage 0       latent_image_embeddings (B, 16, h, w), token_level_text_embeddings (B, J, 1, 77 + T)
+                      [+ modulation_inputs when it holds blocks] -> pos_embed + context_embedder (+ blocks)
+                      -> latent_image_embeddings_out (B, N, dim), token_level_text_embeddings_out (B, S, dim)
+  MMDiT stage k       latent_image_embeddings (B, N, dim), token_level_text_embeddings (B, S, dim),
+                      modulation_inputs -> the same names + "_out"; the last stage (blocks + norm_out + proj_out
+                      + unpatchify) -> noise_pred (B, 16, h, w), the flow-matching velocity
+
+The blocks are split so that no stage's weights exceed MAX_STAGE_BYTES (`mmdit_stages` overrides), or,
+with `mmdit_layout="single"`, the whole MMDiT is one package with Apple's names (apple/ml-stable-diffusion
+torch2coreml.py::convert_mmdit): the four inputs above -> denoiser_output. No T5 encoder is exported: its
+`t5_tokens` tokens (77 as Apple and MobileDiffuser) are zeros at generation time.
+
 plus vocab.json + merges.txt, configs/ (the checkpoint's small config files: model_index.json,
 scheduler/, tokenizer/, each model's config.json) and manifest.json. The folder is written under a
 temporary name and renamed at the end, so an interrupted export leaves nothing half-written.
@@ -31,10 +50,13 @@ from typing import Optional
 
 import numpy as np
 
+from backend.checkpoint import SETTINGS_FILE
 from backend.types import UserError
 from backend.engines.coreml import resources as res
 
 PRECISIONS = ("fp16", "fp32")
+MMDIT_LAYOUTS = ("split", "single")
+MAX_STAGE_BYTES = 1_000_000_000  # a split MMDiT's stages stay under ~1 GB of weights each
 _PATCHED = False
 
 
@@ -59,7 +81,7 @@ def _patch_coremltools() -> None:
 
 
 def package_name(model_version: str, stage: str) -> str:
-    return f"Stable_Diffusion_version_{model_version}_{res.STAGE_SUFFIXES[stage]}.mlpackage".replace("/", "_")
+    return f"Stable_Diffusion_version_{model_version}_{res.python_suffix(stage)}.mlpackage".replace("/", "_")
 
 
 def _load_components(folder: Path) -> dict:
@@ -72,7 +94,7 @@ def _load_components(folder: Path) -> dict:
         raise UserError(f"{folder} is not a diffusers checkpoint folder (no model_index.json).")
     index = json.loads(index_path.read_text())
     parts = {}
-    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae"):
         entry = index.get(name)
         if not entry or entry[0] is None:
             continue
@@ -80,9 +102,12 @@ def _load_components(folder: Path) -> dict:
         cls = getattr(library, entry[1])
         kwargs = {"attn_implementation": "sdpa"} if library is transformers else {}
         parts[name] = cls.from_pretrained(str(folder / name), torch_dtype=torch.float32, **kwargs).eval()
-    for required in ("unet", "vae"):
-        if required not in parts:
-            raise UserError(f"{folder} has no {required}; a Core ML export needs it.")
+    if "unet" not in parts and "transformer" not in parts:
+        raise UserError(f"{folder} has no unet (or SD3 transformer); a Core ML export needs one.")
+    if "vae" not in parts:
+        raise UserError(f"{folder} has no vae; a Core ML export needs it.")
+    if "transformer" in parts and not hasattr(parts["transformer"], "transformer_blocks"):
+        raise UserError(f"{folder}'s transformer ({type(parts['transformer']).__name__}) is not SD3's MMDiT.")
     if "text_encoder" not in parts and "text_encoder_2" not in parts:
         raise UserError(f"{folder} has no text encoder; a Core ML export needs one.")
     return parts
@@ -135,6 +160,13 @@ _DESCRIPTIONS = {
     "image": "Decoded image in [-1, 1]",
     "x": "Image in [-1, 1]",
     "latent": "Mean and log-variance of the latent distribution",
+    "latent_image_embeddings": "Noisy latents (B, C, h, w), or the image tokens (B, N, dim) between MMDiT stages",
+    "token_level_text_embeddings": "Text tokens (B, C, 1, 77 CLIP + T5 tokens), or (B, S, dim) between MMDiT stages",
+    "pooled_text_embeddings": "Pooled CLIP-L and CLIP-G text embeddings, concatenated (B, P, 1, 1)",
+    "modulation_inputs": "Timestep and pooled-text embedding (temb) that modulates every MMDiT block",
+    "latent_image_embeddings_out": "Image tokens for the next MMDiT stage",
+    "token_level_text_embeddings_out": "Text tokens for the next MMDiT stage",
+    "denoiser_output": "The MMDiT's flow-matching velocity",
 }
 
 
@@ -145,14 +177,31 @@ def _settings(diffusers_dir, attention, chunk_unet, precision, unet_batch_size, 
             "latent_size": list(latent_size), "vae_encoder": bool(vae_encoder), "model_version": model_version}
 
 
+def _read_config(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def latent_size_for(diffusers_dir, image_size: int) -> tuple:
+    """(h, w) latents for square `image_size`-pixel images: the VAE's scale factor from its config."""
+    vae = _read_config(Path(diffusers_dir).expanduser() / "vae" / "config.json")
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    if image_size % scale:
+        raise UserError(f"the image size must be a multiple of {scale} (the VAE's scale factor), not {image_size}.")
+    return image_size // scale, image_size // scale
+
+
 def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool = False, precision: str = "fp16",
            *, unet_batch_size: int = 2, latent_size: Optional[tuple] = None, vae_encoder: bool = False,
-           model_version: Optional[str] = None) -> res.CoreMLResources:
+           model_version: Optional[str] = None, mmdit_stages: Optional[int] = None, mmdit_layout: str = "split",
+           t5_tokens: int = 77) -> res.CoreMLResources:
     """Convert a diffusers checkpoint folder into a Core ML resources folder `out_dir`; return what it holds.
 
-    unet_batch_size: 2 for classifier-free guidance (Apple's default), 1 for guidance-free models.
-    latent_size: (h, w) of the latents; default the UNet's sample_size. Running again with the same
-    settings returns the existing folder; a different folder already at `out_dir` is a UserError.
+    unet_batch_size: 2 for classifier-free guidance (Apple's default), 1 for guidance-free models (also the
+    batch of SD3's MMDiT). latent_size: (h, w) of the latents; default the denoiser's sample_size.
+    SD3 only: mmdit_stages, the number of MMDiT stage packages (default: as few as keep each stage's weights
+    under MAX_STAGE_BYTES); mmdit_layout "single" writes Apple's one MultiModalDiffusionTransformer instead;
+    t5_tokens, the T5 tokens after CLIP's 77 the MMDiT takes. Running again with the same settings returns
+    the existing folder; a different folder already at `out_dir` is a UserError.
     """
     source, out = Path(diffusers_dir).expanduser(), Path(out_dir).expanduser()
     if attention not in res.ATTENTIONS:
@@ -161,14 +210,20 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
         raise UserError(f"precision must be fp16 or fp32, not {precision!r}.")
     if unet_batch_size not in (1, 2):
         raise UserError("unet_batch_size must be 1 or 2.")
-    unet_config = json.loads((source / "unet" / "config.json").read_text()) \
-        if (source / "unet" / "config.json").is_file() else {}
-    sample_size = unet_config.get("sample_size", 64)
+    sd3 = (source / "transformer" / "config.json").is_file() and not (source / "unet").is_dir()
+    denoiser_config = _read_config(source / ("transformer" if sd3 else "unet") / "config.json")
+    sample_size = denoiser_config.get("sample_size", 64)
     if latent_size is None:
         latent_size = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
     model_version = model_version or source.resolve().name
     settings = _settings(source, attention, chunk_unet, precision, unet_batch_size, latent_size, vae_encoder,
                          model_version)
+    if sd3:
+        _check_sd3_settings(attention, chunk_unet, mmdit_layout, mmdit_stages, t5_tokens, denoiser_config,
+                            latent_size)
+        settings.update(mmdit_layout=mmdit_layout, mmdit_stages=mmdit_stages, t5_tokens=int(t5_tokens))
+    elif mmdit_stages is not None or mmdit_layout != "split":
+        raise UserError("--stages and --mmdit-layout are for SD3 models (an MMDiT transformer); this one has a UNet.")
     if out.exists():
         manifest = out / "manifest.json"
         if manifest.is_file() and json.loads(manifest.read_text()).get("settings") == settings:
@@ -181,7 +236,10 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     try:
         exporter = _Exporter(source, tmp, settings)
         exporter.text_encoders()
-        exporter.unet(chunk_unet)
+        if exporter.sd3:
+            exporter.mmdit()
+        else:
+            exporter.unet(chunk_unet)
         exporter.vae(vae_encoder)
         _copy_small_files(source, tmp)
         exporter.write_manifest()
@@ -192,6 +250,29 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     return res.find_resources(out)
 
 
+def _check_sd3_settings(attention, chunk_unet, layout, stages, t5_tokens, config, latent_size) -> None:
+    if attention != "original":
+        raise UserError("SD3's MMDiT is exported with original attention only (as Apple's and MobileDiffuser's).")
+    if chunk_unet:
+        raise UserError("SD3 has no UNet to chunk: its MMDiT is split with --stages N.")
+    if layout not in MMDIT_LAYOUTS:
+        raise UserError(f"mmdit_layout must be split or single, not {layout!r}.")
+    if stages is not None and layout == "single":
+        raise UserError("--stages splits the MMDiT; the single layout is one package.")
+    blocks = int(config.get("num_layers", 0))
+    if stages is not None and not 1 <= int(stages) <= blocks + 1:
+        raise UserError(f"this MMDiT has {blocks} blocks: --stages must be from 1 to {blocks + 1}, not {stages}.")
+    if not 1 <= int(t5_tokens) <= 512:
+        raise UserError(f"t5_tokens must be from 1 to 512, not {t5_tokens}.")
+    patch = int(config.get("patch_size", 2))
+    if any(int(d) % patch for d in latent_size):
+        raise UserError(f"SD3 latents must be a multiple of the patch size {patch}: {tuple(latent_size)} is not.")
+    cells = config.get("pos_embed_max_size")
+    if cells and any(int(d) // patch > int(cells) for d in latent_size):
+        raise UserError(f"this MMDiT's position table covers {int(cells) * patch}x{int(cells) * patch} latents; "
+                        f"{tuple(latent_size)} is larger.")
+
+
 class _Exporter:
     """Converts the stages of one loaded checkpoint into packages under `folder`, timing each."""
 
@@ -200,7 +281,9 @@ class _Exporter:
         self.started = time.perf_counter()
         self.folder, self.settings = folder, settings
         self.parts = _load_components(source)
-        self.sdxl = "text_encoder_2" in self.parts or self.parts["unet"].config.addition_embed_type == "text_time"
+        self.sd3 = "transformer" in self.parts and "unet" not in self.parts
+        self.sdxl = not self.sd3 and ("text_encoder_2" in self.parts
+                                      or self.parts["unet"].config.addition_embed_type == "text_time")
         self.fp16 = settings["precision"] == "fp16"
         self.io_dtype = np.float16 if self.fp16 else np.float32
         self.seconds: dict = {}
@@ -209,21 +292,23 @@ class _Exporter:
         self.text_length = encoder.config.max_position_embeddings  # 77 for every CLIP text encoder
         torch.manual_seed(0)
 
-    def save(self, stage: str, mlmodel, t0: float) -> None:
+    def save(self, stage: str, mlmodel, t0: float, metadata: Optional[dict] = None) -> None:
         info = dict(self.settings, source=Path(self.settings["source"]).name)
         _describe(mlmodel, stage, info, _DESCRIPTIONS)
+        mlmodel.user_defined_metadata.update(metadata or {})
         mlmodel.save(str(self.folder / package_name(self.settings["model_version"], stage)))
         self.seconds[stage] = time.perf_counter() - t0
 
     def text_encoders(self) -> None:
         import torch
         from backend.engines.coreml import torch_modules as tm
-        hidden_name = "hidden_embeds" if self.sdxl else "last_hidden_state"
+        penultimate = self.sdxl or self.sd3  # SDXL and SD3 condition on the penultimate layer
+        hidden_name = "hidden_embeds" if penultimate else "last_hidden_state"
         for name, stage in (("text_encoder", "TextEncoder"), ("text_encoder_2", "TextEncoder2")):
             if name not in self.parts:
                 continue
             t0, encoder = time.perf_counter(), self.parts[name]
-            module = tm.TextEncoderIO(encoder, hidden_layer=-2 if self.sdxl else None)
+            module = tm.TextEncoderIO(encoder, hidden_layer=-2 if penultimate else None)
             ids = torch.randint(encoder.config.vocab_size, (1, self.text_length), dtype=torch.int32).float()
             self.save(stage, _convert(module, {"input_ids": ids}, {"input_ids": np.float32},
                                       {hidden_name: np.float32, "pooled_outputs": np.float32}, self.fp16), t0)
@@ -278,6 +363,67 @@ class _Exporter:
         self.save("UnetChunk2", _convert(second, second_example, {n: self.io_dtype for n in second_example},
                                          {"noise_pred": np.float32}, self.fp16), t0)
 
+    # -- SD3's MMDiT ---------------------------------------------------------------------------------------
+    def _mmdit_example(self) -> dict:
+        import torch
+        t = self.parts["transformer"]
+        b, (h, w) = self.settings["unet_batch_size"], self.settings["latent_size"]
+        return {"latent_image_embeddings": torch.randn(b, t.config.in_channels, h, w),
+                "token_level_text_embeddings": torch.randn(b, t.config.joint_attention_dim, 1,
+                                                           self.text_length + self.settings["t5_tokens"]),
+                "pooled_text_embeddings": torch.randn(b, t.config.pooled_projection_dim, 1, 1),
+                "timestep": torch.full((b,), 750.0)}
+
+    def mmdit_plan(self) -> list:
+        """Block ranges of the MMDiT stages: as asked, else the fewest whose weights each fit MAX_STAGE_BYTES."""
+        from backend.engines.coreml import torch_modules as tm
+        t = self.parts["transformer"]
+        weights = tm.mmdit_weight_counts(t, self.settings["latent_size"])
+        if self.settings["mmdit_stages"] is not None:
+            return tm.split_mmdit(weights, int(self.settings["mmdit_stages"]))
+        per_weight = 2 if self.fp16 else 4
+        most = len(t.transformer_blocks) + 1
+        for stages in range(1, most + 1):
+            plan = tm.split_mmdit(weights, stages)
+            if max(_stage_weights(weights, plan)) * per_weight <= MAX_STAGE_BYTES:
+                return plan
+        return tm.split_mmdit(weights, most)
+
+    def mmdit(self) -> None:
+        import torch
+        from backend.engines.coreml import torch_modules as tm
+        t = self.parts["transformer"]
+        example = self._mmdit_example()
+        f32 = lambda names: {n: np.float32 for n in names}  # noqa: E731  (MobileDiffuser: float32 I/O)
+        if self.settings["mmdit_layout"] == "single":
+            t0 = time.perf_counter()
+            self.save(res.MMDIT, _convert(tm.MMDiTIO(t), example, f32(example), f32(["denoiser_output"]), self.fp16),
+                      t0, {res.META_MMDIT_BLOCKS: f"0:{len(t.transformer_blocks)}"})
+            return
+        plan = self.mmdit_plan()
+        self.mmdit_blocks = plan
+        with torch.no_grad():
+            reference = tm.MMDiTIO(t)(*example.values())
+        t0 = time.perf_counter()
+        conditioning = {n: example[n] for n in ("pooled_text_embeddings", "timestep")}
+        self.save(res.MMDIT_CONDITIONING, _convert(tm.MMDiTConditioning(t), conditioning, f32(conditioning),
+                                                   f32(["modulation_inputs"]), self.fp16), t0)
+        with torch.no_grad():
+            named = {**example, "modulation_inputs": tm.MMDiTConditioning(t)(*conditioning.values())}
+        latent_size = tuple(self.settings["latent_size"])
+        for k, (first, last) in enumerate(plan):
+            t0 = time.perf_counter()
+            module = tm.MMDiTStage(t, first, last, embed=k == 0, final=k == len(plan) - 1, latent_size=latent_size)
+            inputs = {n: named[n] for n in module.input_names}
+            self.save(f"{res.MMDIT_STAGE}{k}", _convert(module, inputs, f32(inputs), f32(module.output_names),
+                                                         self.fp16), t0, {res.META_MMDIT_BLOCKS: f"{first}:{last}"})
+            with torch.no_grad():
+                out = module(*inputs.values())
+            out = out if isinstance(out, tuple) else (out,)
+            named.update({n[:-4] if n.endswith("_out") else n: v for n, v in zip(module.output_names, out)})
+        if not torch.allclose(named["noise_pred"], reference, atol=1e-4, rtol=1e-3):
+            raise RuntimeError("the MMDiT stages do not reproduce the whole transformer")
+
     def vae(self, with_encoder: bool) -> None:
         import torch
         from backend.engines.coreml import torch_modules as tm
@@ -307,7 +453,21 @@ class _Exporter:
                     "precision": self.settings["precision"], "vae_precision": "fp16" if self.vae_fp16 else "fp32",
                     "sdxl": self.sdxl, "stages": stages, "bytes": sum(s["bytes"] for s in stages.values()),
                     "seconds": round(time.perf_counter() - self.started, 3)}
+        if self.sd3:
+            manifest.update(sd3=True, mmdit_layout=self.settings["mmdit_layout"],
+                            t5_tokens=self.settings["t5_tokens"])
+            if self.settings["mmdit_layout"] == "split":
+                manifest["mmdit_blocks"] = [list(b) for b in self.mmdit_blocks]
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _stage_weights(weights: tuple, plan: list) -> list:
+    """Weights of each MMDiT stage of `plan` (block ranges): Stage0 adds the embedding, the last the output."""
+    embed, blocks, out = weights
+    sizes = [sum(blocks[a:b]) for a, b in plan]
+    sizes[0] += embed
+    sizes[-1] += out
+    return sizes
 
 
 def _vae_scale(vae) -> int:
@@ -348,6 +508,8 @@ def _copy_small_files(source: Path, dest: Path) -> None:
     """vocab.json + merges.txt at the top (Apple's layout) and the diffusers configs under configs/."""
     tokenizer = source / "tokenizer" if (source / "tokenizer").is_dir() else source / "tokenizer_2"
     _write_tokenizer_files(tokenizer, dest)
+    if (source / SETTINGS_FILE).is_file():  # the model's own defaults (steps, guidance, scheduler ...)
+        shutil.copy2(source / SETTINGS_FILE, dest / SETTINGS_FILE)
     configs = dest / "configs"
     configs.mkdir()
     shutil.copy2(source / "model_index.json", configs / "model_index.json")

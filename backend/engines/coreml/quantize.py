@@ -9,6 +9,10 @@ Three methods, each reading a resources folder of `.mlpackage`s (see resources.p
   {"recipes": {"recipe_4.50_bit_mixedpalette": {"down_blocks.0.attentions.0.proj_in": 6, ...}}}),
   applied to the UNet; a recipe names torch modules, matched here to the Core ML weights by name.
 
+By default the text encoders and the denoiser are compressed: the UNet's package(s), or every package of
+SD3's MMDiT (Apple's one MultiModalDiffusionTransformer, or MobileDiffuser's Conditioning + Stage0..N;
+its 8-bit recipe is linear_symmetric int8 per channel, weight-only, which `linear_quantize` writes).
+
 Each run writes `<out>.partial` and renames it at the end, so an interrupted run leaves nothing
 half-written; the new folder's manifest.json records method, bits, sizes and seconds, and a second
 run with the same settings on the same source returns the existing folder untouched.
@@ -115,12 +119,13 @@ def match_recipe(weight_names, recipe: dict) -> dict:
     return {name: recipe[key] for name, key in _matches(weight_names, recipe).items()}
 
 
-def mixed_bit_model(mlmodel, recipe: dict, mode: str = "kmeans"):
-    """Palettize each weight a recipe names to its bits; return (model, stats)."""
+def mixed_bit_model(mlmodel, recipe: dict, mode: str = "kmeans", require_match: bool = True):
+    """Palettize each weight a recipe names to its bits; return (model, stats). `require_match=False`: a
+    package the recipe does not name (an MMDiT stage without blocks) is left as it is."""
     ct, cto = _ct()
     weights = cto.get_weights_metadata(mlmodel, weight_threshold=0)
     keys = _matches(weights, recipe)
-    if not keys:
+    if not keys and require_match:
         raise UserError("The mixed-bit recipe names no weight of this UNet; was it made for another model?")
     bits = {name: recipe[key] for name, key in keys.items()}
     configs = {name: cto.OpPalettizerConfig(mode=mode, nbits=b, weight_threshold=0)
@@ -167,17 +172,30 @@ def _fingerprint(found: res.CoreMLResources) -> dict:
     return {stage: found.disk_bytes[stage] for stage in sorted(found.models)}
 
 
-def _compress_folder(resources_dir, out_dir, tag: str, settings: dict, stages, compress: Callable) -> Path:
+def _stages(found: res.CoreMLResources, stages) -> tuple:
+    """The stages to compress: as given, or "denoiser" (the UNet's or MMDiT's packages), or by default the
+    text encoders and the denoiser."""
+    if stages is None:
+        return tuple(s for s in DEFAULT_STAGES if not res.is_mmdit_stage(s)) + tuple(found.denoiser_stages)
+    if stages == "denoiser":
+        return tuple(found.denoiser_stages)
+    stages = tuple(stages)
+    unknown = [s for s in stages if not res.known_stage(s)]
+    if unknown:
+        raise UserError(f"Unknown stage(s) {', '.join(unknown)}; stages are {', '.join(res.STAGE_SUFFIXES)}, "
+                        f"{res.MMDIT}, {res.MMDIT_CONDITIONING} and {res.MMDIT_STAGE}<N>.")
+    return stages
+
+
+def _compress_folder(resources_dir, out_dir, tag: str, settings: dict, stages, compress: Callable,
+                     check: Optional[Callable] = None) -> Path:
     """Run `compress(stage, mlmodel) -> (mlmodel or None, stats)` over the chosen packages of a folder."""
     ct, _ = _ct()
     found = res.find_resources(resources_dir, require_tokenizer=False)
     if found.compiled:
         raise UserError(f"{found.folder} holds compiled .mlmodelc models, which cannot be re-compressed; "
                         "use the .mlpackage variant.")
-    stages = tuple(stages) if stages is not None else DEFAULT_STAGES
-    unknown = [s for s in stages if s not in res.STAGE_SUFFIXES]
-    if unknown:
-        raise UserError(f"Unknown stage(s) {', '.join(unknown)}; stages are {', '.join(res.STAGE_SUFFIXES)}.")
+    stages = _stages(found, stages)
     out = Path(out_dir).expanduser() if out_dir else found.folder.with_name(f"{found.folder.name}-{tag}")
     settings = dict(settings, stages=sorted(s for s in stages if s in found.models),
                     source=str(found.folder.resolve()), source_fingerprint=_fingerprint(found))
@@ -194,6 +212,8 @@ def _compress_folder(resources_dir, out_dir, tag: str, settings: dict, stages, c
     report = {}
     try:
         _compress_entries(found, tmp, stages, tag, compress, report)
+        if check is not None:
+            check(report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -267,12 +287,18 @@ def linear_quantize(resources_dir, bits: int = 8, *, out_dir=None, stages=None,
 
 def mixed_bit(resources_dir, recipe_json, *, recipe_name: Optional[str] = None, mode: str = "kmeans",
               out_dir=None) -> Path:
-    """Apply one of Apple's mixed-bit palettization recipes to the UNet package(s)."""
+    """Apply one of Apple's mixed-bit palettization recipes to the denoiser's package(s) (UNet or MMDiT)."""
     name, recipe = load_recipe(recipe_json, recipe_name)
     _check_kmeans(mode)
     recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     settings = {"method": "mixed_bit", "recipe": name, "recipe_sha256": recipe_hash, "mode": mode,
                 "bits": None, "minimum_os": "macOS13"}
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
-    return _compress_folder(resources_dir, out_dir, f"mixedbit-{slug}", settings, res.UNET_STAGES,
-                            lambda stage, m: mixed_bit_model(m, recipe, mode))
+
+    def check(report: dict) -> None:  # an MMDiT's packages are checked together: some stages hold no block
+        if not any(r.get("weights_matched") for r in report.values()):
+            raise UserError("The mixed-bit recipe names no weight of this MMDiT; was it made for another model?")
+
+    return _compress_folder(resources_dir, out_dir, f"mixedbit-{slug}", settings, "denoiser",
+                            lambda stage, m: mixed_bit_model(m, recipe, mode, not res.is_mmdit_stage(stage)),
+                            check)

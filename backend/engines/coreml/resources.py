@@ -7,6 +7,11 @@ either as an editable `.mlpackage` or a compiled `.mlmodelc`, named in one of tw
 - compiled / Swift style:  `TextEncoder.mlmodelc`, `Unet.mlmodelc`, `UnetChunk1.mlmodelc`, ...
 - python style:            `Stable_Diffusion_version_<model>_text_encoder.mlpackage`, `..._unet_chunk1...`
 
+SD3's MMDiT comes in two layouts: Apple's / Argmax's single `MultiModalDiffusionTransformer`
+(python style `..._mmdit`), or MobileDiffuser's split `MultiModalDiffusionTransformerConditioning` +
+`MultiModalDiffusionTransformerStage0` ... `StageN` (python style `..._mmdit_conditioning`,
+`..._mmdit_stage0` ...), run in that order.
+
 plus the CLIP tokenizer's `vocab.json` and `merges.txt`. Nothing here imports torch, and nothing
 here runs a model: `describe_model` reads input/output names, shapes and dtypes from the model's
 own description (the spec of a package; `metadata.json` or `model.mil` of a compiled model).
@@ -35,6 +40,11 @@ STAGE_SUFFIXES = {
     "SafetyChecker": "safety_checker",
 }
 UNET_STAGES = ("Unet", "UnetChunk1", "UnetChunk2")
+MMDIT = "MultiModalDiffusionTransformer"                 # Apple's single SD3 package
+MMDIT_CONDITIONING = MMDIT + "Conditioning"             # MobileDiffuser's split layout: timestep + pooled text
+MMDIT_STAGE = MMDIT + "Stage"                           # ... then Stage0, Stage1, ... (numbered)
+_MMDIT_SUFFIXES = {MMDIT: "mmdit", MMDIT_CONDITIONING: "mmdit_conditioning"}
+_STAGE_NUMBER = re.compile(r"(?:^" + MMDIT_STAGE + r"|_mmdit_stage)(\d+)$")
 MODEL_EXTENSIONS = (".mlpackage", ".mlmodelc")
 ATTENTIONS = ("original", "split_einsum")
 #: user-defined metadata keys export.py writes into every model it converts
@@ -42,6 +52,8 @@ META_ATTENTION = "silicon_diffusion.attention"
 META_STAGE = "silicon_diffusion.stage"
 META_PRECISION = "silicon_diffusion.precision"
 META_SOURCE = "silicon_diffusion.source"
+
+META_MMDIT_BLOCKS = "silicon_diffusion.mmdit_blocks"   # "first:last" transformer blocks of an MMDiT stage
 
 # ArrayFeatureType.ArrayDataType values of the Core ML spec
 _SPEC_DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32", 131080: "int8"}
@@ -81,16 +93,36 @@ class CoreMLResources:
 
     @property
     def is_sdxl(self) -> bool:
-        return "TextEncoder2" in self.models
+        return "TextEncoder2" in self.models and not self.is_sd3
+
+    @property
+    def is_sd3(self) -> bool:
+        return any(is_mmdit_stage(stage) for stage in self.models)
+
+    @property
+    def split_mmdit(self) -> bool:
+        """MobileDiffuser's layout: Conditioning + Stage0..N instead of one MultiModalDiffusionTransformer."""
+        return MMDIT_CONDITIONING in self.models
 
     @property
     def chunked(self) -> bool:
         return "UnetChunk1" in self.models
 
     @property
-    def unet_stages(self) -> list:
-        """The UNet's models in the order they run: ["Unet"] or ["UnetChunk1", "UnetChunk2"]."""
+    def denoiser_stages(self) -> list:
+        """The denoiser's models in the order they run: ["Unet"], ["UnetChunk1", "UnetChunk2"],
+        [MultiModalDiffusionTransformer], or [...Conditioning, ...Stage0, ...Stage1, ...]."""
+        if self.split_mmdit:
+            return [MMDIT_CONDITIONING] + sorted((s for s in self.models if s.startswith(MMDIT_STAGE)),
+                                                 key=lambda s: int(s[len(MMDIT_STAGE):]))
+        if MMDIT in self.models:
+            return [MMDIT]
         return ["UnetChunk1", "UnetChunk2"] if self.chunked else ["Unet"]
+
+    @property
+    def unet_stages(self) -> list:
+        """The denoiser's models in running order (the UNet's, or SD3's MMDiT's): see denoiser_stages."""
+        return self.denoiser_stages
 
     @property
     def total_bytes(self) -> int:
@@ -102,14 +134,36 @@ class CoreMLResources:
         return describe_model(self.models[stage])
 
 
+def is_mmdit_stage(stage: str) -> bool:
+    return stage.startswith(MMDIT)
+
+
+def known_stage(stage: str) -> bool:
+    """A stage name this module knows (the fixed ones, and any numbered MMDiT stage)."""
+    return stage in STAGE_SUFFIXES or stage in _MMDIT_SUFFIXES or bool(re.fullmatch(MMDIT_STAGE + r"\d+", stage))
+
+
+def python_suffix(stage: str) -> str:
+    """The suffix of a stage's python-style package name ("unet_chunk1", "mmdit_stage0" ...)."""
+    if stage.startswith(MMDIT_STAGE):
+        return f"mmdit_stage{int(stage[len(MMDIT_STAGE):])}"
+    return {**STAGE_SUFFIXES, **_MMDIT_SUFFIXES}[stage]
+
+
 def stage_of(path: Path) -> Optional[str]:
     """The stage a model file belongs to, from its name in either naming style (None: not a stage)."""
     path = Path(path)
     if path.suffix not in MODEL_EXTENSIONS:
         return None
     stem = path.stem
-    if stem in STAGE_SUFFIXES:
+    if stem in STAGE_SUFFIXES or stem in _MMDIT_SUFFIXES:
         return stem
+    numbered = _STAGE_NUMBER.search(stem)
+    if numbered:
+        return f"{MMDIT_STAGE}{int(numbered.group(1))}"
+    for stage, suffix in sorted(_MMDIT_SUFFIXES.items(), key=lambda kv: -len(kv[1])):
+        if stem.endswith("_" + suffix):
+            return stage
     # python style: the longest suffix wins ("..._unet_chunk1" is not "..._unet")
     for stage, suffix in sorted(STAGE_SUFFIXES.items(), key=lambda kv: -len(kv[1])):
         if stem.endswith("_" + suffix):
@@ -204,14 +258,10 @@ def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
         raise UserError(f"{base} mixes .mlpackage and .mlmodelc models; keep one kind.")
     if "TextEncoder" not in models and "TextEncoder2" not in models:
         raise UserError(f"{base} has no text encoder model (TextEncoder.mlmodelc / *_text_encoder.mlpackage).")
-    has_chunks = [s in models for s in ("UnetChunk1", "UnetChunk2")]
-    if any(has_chunks) and not all(has_chunks):
-        missing = "UnetChunk2" if has_chunks[0] else "UnetChunk1"
-        raise UserError(f"{base} has only one half of a chunked UNet: {missing} is missing.")
-    if "Unet" not in models and not all(has_chunks):
-        raise UserError(f"{base} has no UNet model (Unet, or UnetChunk1 + UnetChunk2).")
-    if "Unet" in models and all(has_chunks):
-        del models["Unet"]  # Apple's tools keep both; the pipelines prefer the chunks, so do we
+    if any(is_mmdit_stage(s) for s in models):
+        _check_mmdit(base, models)
+    else:
+        _check_unet(base, models)
     if "VAEDecoder" not in models:
         raise UserError(f"{base} has no VAE decoder model (VAEDecoder.mlmodelc / *_vae_decoder.mlpackage).")
 
@@ -223,13 +273,50 @@ def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
     manifest = {}
     if (base / "manifest.json").is_file():
         manifest = json.loads((base / "manifest.json").read_text())
-    first_unet = models.get("UnetChunk1", models.get("Unet"))
-    attention = _detect_attention(base, describe_model(first_unet), manifest)
     configs = base / "configs" if (base / "configs" / "model_index.json").is_file() else None
-    return CoreMLResources(
-        folder=base, models=models, attention=attention, compiled=kinds == {".mlmodelc"},
+    found = CoreMLResources(
+        folder=base, models=models, attention="unknown", compiled=kinds == {".mlmodelc"},
         disk_bytes={stage: disk_bytes(p) for stage, p in models.items()},
         vocab=vocab, merges=merges, configs=configs, manifest=manifest)
+    # the model that holds attention: the UNet's first, the MMDiT's last stage
+    denoiser = found.denoiser_stages[-1 if found.is_sd3 else 0]
+    found.attention = _detect_attention(base, describe_model(models[denoiser]), manifest)
+    return found
+
+
+def _check_unet(base: Path, models: dict) -> None:
+    has_chunks = [s in models for s in ("UnetChunk1", "UnetChunk2")]
+    if any(has_chunks) and not all(has_chunks):
+        missing = "UnetChunk2" if has_chunks[0] else "UnetChunk1"
+        raise UserError(f"{base} has only one half of a chunked UNet: {missing} is missing.")
+    if "Unet" not in models and not all(has_chunks):
+        raise UserError(f"{base} has no UNet model (Unet, or UnetChunk1 + UnetChunk2; for SD3 "
+                        f"{MMDIT}, or {MMDIT_CONDITIONING} + {MMDIT_STAGE}0...N).")
+    if "Unet" in models and all(has_chunks):
+        del models["Unet"]  # Apple's tools keep both; the pipelines prefer the chunks, so do we
+
+
+def _check_mmdit(base: Path, models: dict) -> None:
+    """SD3: both CLIP encoders, and one whole MMDiT or a complete split (Conditioning + Stage0..N)."""
+    stray = [s for s in UNET_STAGES if s in models]
+    if stray:
+        raise UserError(f"{base} holds both a UNet ({', '.join(stray)}) and SD3 MMDiT models; keep one model.")
+    for encoder in ("TextEncoder", "TextEncoder2"):
+        if encoder not in models:
+            raise UserError(f"{base} has SD3 MMDiT models but no {encoder}: SD3 needs both CLIP text encoders.")
+    numbers = sorted(int(s[len(MMDIT_STAGE):]) for s in models if s.startswith(MMDIT_STAGE))
+    if not numbers and MMDIT_CONDITIONING in models:
+        raise UserError(f"{base} has {MMDIT_CONDITIONING} but no {MMDIT_STAGE}0...N models.")
+    if numbers:
+        if MMDIT_CONDITIONING not in models:
+            raise UserError(f"{base} has {MMDIT_STAGE}<N> models but no {MMDIT_CONDITIONING}.")
+        missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
+        if missing:
+            raise UserError(f"{base} has an incomplete split MMDiT: "
+                            f"{', '.join(f'{MMDIT_STAGE}{n}' for n in missing)} missing.")
+        models.pop(MMDIT, None)  # MobileDiffuser's loader prefers the split stages, so do we
+    elif MMDIT not in models:
+        raise UserError(f"{base} has no SD3 MMDiT model ({MMDIT}, or {MMDIT_CONDITIONING} + {MMDIT_STAGE}0...N).")
 
 
 # ---------------------------------------------------------------- model descriptions

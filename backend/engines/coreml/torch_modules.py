@@ -7,6 +7,8 @@
   (the UNet takes encoder_hidden_states as (B, C, 1, 77), the ANE layout).
 - `UnetChunk1` / `UnetChunk2`: the UNet cut in two at a block boundary (the torch-level version of
   Apple's chunk_mlprogram.py); the first half returns every tensor the second half needs.
+- SD3's MMDiT: `MMDiTIO` (Apple's single package), `MMDiTConditioning` + `MMDiTStage` (MobileDiffuser's
+  split stages), and `split_mmdit`, which cuts the blocks into stages of balanced weight.
 Only export.py imports this (it needs torch, which the app does not).
 """
 from __future__ import annotations
@@ -243,3 +245,140 @@ def skip_count(unet, split) -> int:
         elif kind == "up":
             count -= len(block.resnets)
     return count
+
+
+# ------------------------------------------------------------------ SD3's MMDiT (Apple's and MobileDiffuser's IO)
+#
+# Apple's single package (apple/ml-stable-diffusion torch2coreml.py::convert_mmdit, DiffusionKit's MMDiT):
+#   latent_image_embeddings (B, 16, h, w), token_level_text_embeddings (B, 4096, 1, S),
+#   pooled_text_embeddings (B, 2048, 1, 1), timestep (B,) = sigma * 1000  ->  denoiser_output (B, 16, h, w)
+# MobileDiffuser's split (scripts/convert_sd3_medium_split_coreml.py):
+#   Conditioning: pooled_text_embeddings, timestep -> modulation_inputs (B, dim) (diffusers' temb)
+#   Stage0: latent_image_embeddings (NCHW), token_level_text_embeddings (BC1S) [, modulation_inputs]
+#   StageK: latent_image_embeddings (B, N, dim), token_level_text_embeddings (B, S, dim), modulation_inputs
+#   non-final stages -> latent_image_embeddings_out, token_level_text_embeddings_out; the last -> noise_pred
+# Every wrapper runs diffusers' own modules (PatchEmbed, CombinedTimestepTextProjEmbeddings, JointTransformerBlock,
+# AdaLayerNormContinuous), so SD3.5's q/k RMS norms and dual-attention blocks are diffusers' math too.
+
+MMDIT_LATENT = "latent_image_embeddings"
+MMDIT_TEXT = "token_level_text_embeddings"
+MMDIT_POOLED = "pooled_text_embeddings"
+MMDIT_MODULATION = "modulation_inputs"
+
+
+def _unpatchify(x, patch: int, channels: int, height: int, width: int):
+    """(B, h/p * w/p, p*p*C) -> (B, C, h, w): diffusers' einsum "nhwpqc->nchpwq" as a permute."""
+    b = x.shape[0]
+    h, w = height // patch, width // patch
+    x = x.reshape(b, h, w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, h * patch, w * patch)
+
+
+class MMDiTConditioning(nn.Module):
+    """pooled (B, P, 1, 1) + timestep (B,) -> modulation_inputs (B, dim): diffusers' time_text_embed."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, pooled_text_embeddings, timestep):
+        return self.transformer.time_text_embed(timestep, pooled_text_embeddings.flatten(1))
+
+
+class MMDiTStage(nn.Module):
+    """Transformer blocks [first, last) of an SD3 MMDiT; `embed`: starts with pos_embed + context_embedder
+    (latents NCHW, text BC1S); `final`: ends with norm_out + proj_out + unpatchify (-> noise_pred)."""
+
+    def __init__(self, transformer, first: int, last: int, embed: bool, final: bool, latent_size=None):
+        super().__init__()
+        self.transformer = transformer
+        self.first, self.last, self.embed, self.final = first, last, embed, final
+        self.latent_size = tuple(latent_size) if latent_size is not None else None
+        if final and last != len(transformer.transformer_blocks):
+            raise ValueError("the final stage must end with the last transformer block")
+        if final and not embed and self.latent_size is None:
+            raise ValueError("a final stage without the embedding needs the latent size to unpatchify")
+
+    @property
+    def input_names(self) -> list:
+        names = [MMDIT_LATENT, MMDIT_TEXT]
+        return names + [MMDIT_MODULATION] if self.last > self.first else names
+
+    @property
+    def output_names(self) -> list:
+        return ["noise_pred"] if self.final else [MMDIT_LATENT + "_out", MMDIT_TEXT + "_out"]
+
+    def forward(self, latent_image_embeddings, token_level_text_embeddings, modulation_inputs=None):
+        t = self.transformer
+        hidden, context, temb = latent_image_embeddings, token_level_text_embeddings, modulation_inputs
+        height, width = self.latent_size or (None, None)
+        if self.embed:
+            height, width = hidden.shape[-2:]
+            hidden = t.pos_embed(hidden)
+            context = t.context_embedder(context.squeeze(2).transpose(1, 2))
+        for block in t.transformer_blocks[self.first:self.last]:
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+        if not self.final:
+            return hidden, context
+        hidden = t.proj_out(t.norm_out(hidden, temb))
+        return _unpatchify(hidden, t.config.patch_size, t.out_channels, int(height), int(width))
+
+
+class MMDiTIO(nn.Module):
+    """The whole MMDiT with Apple's names: latents, BC1S text, (B, P, 1, 1) pooled, timestep -> velocity."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.conditioning = MMDiTConditioning(transformer)
+        self.body = MMDiTStage(transformer, 0, len(transformer.transformer_blocks), embed=True, final=True)
+
+    def forward(self, latent_image_embeddings, token_level_text_embeddings, pooled_text_embeddings, timestep):
+        temb = self.conditioning(pooled_text_embeddings, timestep)
+        return self.body(latent_image_embeddings, token_level_text_embeddings, temb)
+
+
+def mmdit_weight_counts(transformer, latent_size) -> tuple:
+    """(embedding, [per block], output) weight counts; the position table counts only the part used at
+    `latent_size` (the converter keeps just that slice)."""
+    t = transformer
+    patch = t.config.patch_size
+    cells = (latent_size[0] // patch) * (latent_size[1] // patch)
+    embed = (_parameter_count(t.pos_embed) + _parameter_count(t.context_embedder)
+             + cells * t.inner_dim)  # pos_embed's table is a buffer, cropped to the latent grid
+    blocks = [_parameter_count(b) for b in t.transformer_blocks]
+    out = _parameter_count(t.norm_out) + _parameter_count(t.proj_out)
+    return embed, blocks, out
+
+
+def split_mmdit(weights: tuple, stages: int) -> list:
+    """Block ranges [(first, last), ...] for `stages` packages: Stage0 holds the embedding, the last one the
+    output layers, every stage after Stage0 at least one block; the largest stage is as small as it can be."""
+    embed, blocks, out = weights
+    n = len(blocks)
+    if not 1 <= stages <= n + 1:
+        raise ValueError(f"an MMDiT with {n} blocks splits into 1 to {n + 1} stages, not {stages}")
+    # a partition of the units [embedding, block 0, ..., block n-1 + output layers] into contiguous stages
+    units = [embed] + blocks[:-1] + [blocks[-1] + out]
+    m = len(units)
+    prefix = [0]
+    for u in units:
+        prefix.append(prefix[-1] + u)
+    inf = float("inf")
+    # best[k][i]: the smallest largest stage when the first i units form k stages
+    best = [[inf] * (m + 1) for _ in range(stages + 1)]
+    cut = [[0] * (m + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(1, m + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], m
+    for k in range(stages, 0, -1):
+        j = cut[k][i]
+        bounds.append((j, i))
+        i = j
+    bounds.reverse()
+    # unit u >= 1 is block u - 1: a stage over units [j, i) holds blocks [max(j, 1) - 1, i - 1)
+    return [(max(j, 1) - 1, i - 1) for j, i in bounds]

@@ -51,9 +51,10 @@ def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda
         raise UserError(f"{component}: {exc}") from exc
 
 
-def _text_encoder(spec: ModelSpec, name: str, config: dict, dtype):
+def _text_encoder(spec: ModelSpec, name: str, config: dict, dtype, t5_storage):
     if spec.has_t5 and name == spec.traits.t5[0]:
-        return _load_component(spec, name, T5EncoderModel(T5Config.from_dict(config)), dtype, t5_names)
+        model = _load_component(spec, name, T5EncoderModel(T5Config.from_dict(config)), t5_storage, t5_names)
+        return model.compute_in(dtype) if t5_storage != dtype else model
     return _load_component(spec, name, CLIPTextModel(CLIPTextConfig.from_dict(config)), dtype, checkpoint_names)
 
 
@@ -69,8 +70,10 @@ class MLXStages(Stages):
     def __init__(self, spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None,
                  t5: bool = True):
         self.spec = spec
-        precision = resolve_precision(precision)
+        asked, precision = precision, resolve_precision(precision)
         self.dtype = PRECISIONS[precision]
+        # 'auto' on the CPU keeps T5's weights at fp16 and computes in fp32: T5-XXL in 9.5 GB, not 19
+        t5_storage = mx.float16 if asked == "auto" and self.dtype == mx.float32 else self.dtype
         notes = []
         names = list(spec.text_encoders)
         saved = saved_components(spec.folder)
@@ -84,7 +87,7 @@ class MLXStages(Stages):
             notes.append("this checkpoint has no T5 text encoder: its tokens are zeros")
         configs = dict(zip(spec.text_encoders, spec.text_encoder_configs))
         self.encoder_names = names
-        self.text_encoders = [_text_encoder(spec, name, configs[name], self.dtype) for name in names]
+        self.text_encoders = [_text_encoder(spec, name, configs[name], self.dtype, t5_storage) for name in names]
         self.denoiser = _denoiser(spec, self.dtype)
         self.vae = _load_component(spec, "vae", AutoencoderKL(VAEConfig.from_dict(spec.vae_config)), self.dtype)
         self._vae_fp32 = None
@@ -100,6 +103,8 @@ class MLXStages(Stages):
         if spec.traits.t5 is not None:
             self.info["t5"] = "loaded" if len(names) > len(spec.traits.encoders) else \
                 ("skipped" if spec.has_t5 else "absent")
+            if self.info["t5"] == "loaded" and t5_storage != self.dtype:
+                self.info["t5_weights"] = "fp16, computed in fp32"
 
     def components(self):
         """(component folder name, loaded module) pairs: text encoders, denoiser, VAE."""
