@@ -166,6 +166,15 @@ def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeat
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def _blas_line() -> str:
+    from backend import blas
+    return blas.describe()
+
+
 def cpu_model() -> str:
     """The CPU's model name and vector extensions, printed with every figure (speed ratios depend on them)."""
     try:
@@ -201,6 +210,8 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
                 print(bench_sd3.row_md(row), flush=True)
             continue
         size = 1024 if model == "sdxl" else 512
+        if not any(r["model"] != "sd3-medium" for r in rows):
+            print("\n" + HEADER, flush=True)
         for precision in precisions:
             for part in parts:
                 row = {"model": model, "size": size, "precision": precision, "part": part,
@@ -251,8 +262,7 @@ def _targets(rows) -> dict:
 
 def cmd_bench(a) -> int:
     with_torch = not a.no_torch and _torch_available()
-    print("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"CPU: {cpu_model()}; BLAS: {_blas_line()}")
     report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
                        a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations])
     print(f"\nCPU: {report['cpu']}; BLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")

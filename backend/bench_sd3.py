@@ -83,7 +83,8 @@ def diffusers_worker(size: int, precision: str, quantization, repeats: int) -> d
     t = torch.tensor([750.0])
     peak = ProcessPeak()
     peak.reset()
-    sec, times = _timed(lambda: model(x, t, context, pooled), repeats)
+    sec, times = _timed(lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=context,
+                                      pooled_projections=pooled), repeats)
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
 
 

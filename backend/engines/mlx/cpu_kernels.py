@@ -70,11 +70,12 @@ def _gelu_from_parts(x, poly, e):
     return mx.maximum(x, 0) - 0.5 * mx.abs(x) * poly * e
 
 
-# tanh-GELU: like affine_silu below, both kernels recompute the exponent (an FMA and two products)
-# rather than read it back. It is clipped so that |x| near fp32's limit (x^2 = inf) stays finite.
-@mx.compile
+# tanh-GELU as x / (1 + 2^y): three flat kernels, the first two recomputing y (an FMA and two products)
+# rather than reading it back, 2^round(y) built in the exponent field (about 20% faster here than calling
+# the exp2 kernels from a compiled function, whose fused graph MLX splits into more passes). y is clipped to [-126, 126] (the result is x or 0 beyond |y| ~ 25),
+# which keeps the exponent field valid and |x| near fp32's limit (x^2 = inf) finite.
 def _gelu_tanh_exponent(x):
-    return mx.clip(x * (_GELU_TANH_K + (_GELU_TANH_K * _GELU_TANH_A) * (x * x)), -200.0, 200.0)
+    return mx.clip(x * (_GELU_TANH_K + (_GELU_TANH_K * _GELU_TANH_A) * (x * x)), -126.0, 126.0)
 
 
 @mx.compile
@@ -84,8 +85,16 @@ def _gelu_tanh_fraction(x):
 
 
 @mx.compile
-def _gelu_tanh_from_fraction(f, x):
-    return x / (1 + _exp2_from_fraction(f, _gelu_tanh_exponent(x)))
+def _gelu_tanh_scale_bits(x):
+    y = _gelu_tanh_exponent(x)
+    return (((y + _ROUND_MAGIC) - _ROUND_MAGIC).astype(mx.int32) + 127) << 23
+
+
+@mx.compile
+def _gelu_tanh_from_parts(x, f, scale):
+    c1, c2, c3, c4, c5 = _EXP2_COEFFS
+    p = ((((c5 * f + c4) * f + c3) * f + c2) * f + c1) * f + 1.0
+    return x / (1 + p * scale)
 
 
 # SiLU(x * scale + shift) without writing the affine result: each kernel recomputes it (an FMA)
@@ -171,7 +180,7 @@ def _gelu32_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _gelu_tanh32(x):
-    return _gelu_tanh_from_fraction(_gelu_tanh_fraction(x), x)
+    return _gelu_tanh_from_parts(x, _gelu_tanh_fraction(x), mx.view(_gelu_tanh_scale_bits(x), mx.float32))
 
 
 @_gelu_tanh32.vjp

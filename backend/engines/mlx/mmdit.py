@@ -202,7 +202,8 @@ class AdaLayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """diffusers' RMSNorm with a weight, over the last axis, computed in fp32 (the result stays fp32)."""
+    """diffusers' RMSNorm with a weight, over the last axis, computed in fp32, returned in x's dtype
+    (as diffusers does; on a GPU the fused attention needs q, k and v of one dtype)."""
 
     def __init__(self, dim: int, eps: float = _NORM_EPS):
         super().__init__()
@@ -210,7 +211,7 @@ class RMSNorm(nn.Module):
         self.weight = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps).astype(x.dtype)
 
 
 class JointAttention(nn.Module):
