@@ -21,8 +21,9 @@ from mlx.utils import tree_flatten
 from backend import GenerationRequest
 from backend.checkpoint import ModelSpec
 from backend.engines.coreml import resources as res
-from backend.engines.coreml.engine import coreml_choice, coreml_spec, coreml_tokenizers
 from backend.engines.coreml.runtime import CoreMLRuntime
+from backend.engines.coreml.sources import coreml_choice
+from backend.engines.coreml.spec import coreml_spec, coreml_tokenizers
 from backend.engines.mlx.engine import MLXStages
 from backend.measure import psnr
 from backend.pipeline import Pipeline

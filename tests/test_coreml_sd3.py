@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(not HAVE_COREMLTOOLS, reason="coremltools cannot
 
 from backend import GenerationRequest  # noqa: E402
 from backend.engines.coreml import resources as res  # noqa: E402
-from backend.engines.coreml.engine import CoreMLStages, coreml_choice, coreml_spec  # noqa: E402
+from backend.engines.coreml.engine import CoreMLStages  # noqa: E402
 from backend.engines.coreml.runtime import CoreMLRuntime  # noqa: E402
+from backend.engines.coreml.sources import coreml_choice  # noqa: E402
+from backend.engines.coreml.spec import coreml_spec  # noqa: E402
 from backend.measure import psnr  # noqa: E402
 from backend.pipeline import Pipeline  # noqa: E402
 from backend.types import UserError  # noqa: E402
@@ -246,7 +248,7 @@ def test_default_split_keeps_every_stage_under_a_gigabyte_at_sd3_medium_size():
     """SD3 Medium's real transformer (config from stable-diffusion-3-medium-diffusers), built without weights."""
     import torch
     from diffusers import SD3Transformer2DModel
-    from backend.engines.coreml import export as ex, torch_modules as tm
+    from backend.engines.coreml import export as ex, export_sd3 as sd3, torch_modules as tm
     with torch.device("meta"):
         t = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -257,12 +259,12 @@ def test_default_split_keeps_every_stage_under_a_gigabyte_at_sd3_medium_size():
     exporter = ex._Exporter.__new__(ex._Exporter)
     exporter.parts, exporter.fp16 = {"transformer": t}, True
     exporter.settings = {"latent_size": (64, 64), "mmdit_stages": None}
-    plan = exporter.mmdit_plan()
-    sizes = ex._stage_weights(weights, plan)
-    assert len(plan) == 5 and max(sizes) * 2 <= ex.MAX_STAGE_BYTES  # 4.1 GB at fp16 in five stages
+    plan = sd3.mmdit_plan(exporter)
+    sizes = sd3._stage_weights(weights, plan)
+    assert len(plan) == 5 and max(sizes) * 2 <= sd3.MAX_STAGE_BYTES  # 4.1 GB at fp16 in five stages
     assert [b for a, b in plan][-1] == 24 and all(plan[k][1] == plan[k + 1][0] for k in range(4))
     fewer = tm.split_mmdit(weights, 4)
-    assert max(ex._stage_weights(weights, fewer)) * 2 > ex.MAX_STAGE_BYTES
+    assert max(sd3._stage_weights(weights, fewer)) * 2 > sd3.MAX_STAGE_BYTES
     # --stages 7, MobileDiffuser's count: no stage holds more than its 4 blocks
     assert max(b - a for a, b in tm.split_mmdit(weights, 7)) == 4
 

@@ -58,7 +58,7 @@ def _mlx_choice(model: str, reason: str, progress, t5: bool = True) -> EngineCho
 
 
 def _coreml_choice(model: str, reason: str, progress) -> EngineChoice:
-    from backend.engines.coreml.engine import coreml_choice
+    from backend.engines.coreml.sources import coreml_choice
     return coreml_choice(model, reason, progress)
 
 

@@ -1,26 +1,20 @@
-"""The Core ML engine: Apple's Stable Diffusion resources (resources.py) run as the pipeline's three stages.
+"""The Core ML engine: a resources folder (resources.py) run as the pipeline's three stages.
 
-What it owns, and nothing more (the loop, tokenizer, schedulers and guidance are backend/pipeline.py's):
+What it owns, and nothing more (the loop, tokenizer, schedulers and guidance are backend/pipeline.py's; what
+the folder says about its model is spec.py's; where the folder comes from is sources.py's):
 
-- a `ModelSpec` for a resources folder: family from its models (SD3's MMDiT, else TextEncoder2's presence),
-  sizes from the denoiser's and VAE decoder's own descriptions, configs from the folder's `configs/` (our
-  exports), else from the paired diffusers model when the registry names one and it is cached, else the
-  family's defaults (SD3: flow matching with shift 3, VAE scale 1.5305 / shift 0.0609, as Apple's CLI);
 - `CoreMLStages`: inputs prepared to each model's described names, shapes and dtypes (text as
   (B, C, 1, 77); the batch split or padded to the batch the model was exported with; a chunked UNet run as
   chunk 1, then chunk 2 fed with chunk 1's outputs by name; SD3's MMDiT as Apple's one package, or as
   MobileDiffuser's Conditioning, then Stage0..N, each stage's `X_out` outputs renamed `X` for the next);
   models loaded per compute unit and cached, or, with `reduce_memory`, loaded just before their stage runs
   and released after it (Apple's --reduce-memory; a split MMDiT's stages one at a time, as MobileDiffuser);
-- `coreml_choice`: where the resources come from (a local folder, or a registry entry's Hub repository and
-  variant subfolder, downloaded with only that subfolder's files).
+- `load_coreml_stages` and `quantized_resources`: the stages of a folder, or of its compressed variant.
 Core ML itself is called only through a runtime (runtime.py, or a stand-in with the same contract).
 """
 from __future__ import annotations
 
 import gc
-import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,210 +22,17 @@ from typing import Optional
 
 import numpy as np
 
-from backend import registry
-from backend.checkpoint import SETTINGS_FILE, ModelSpec
+from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.coreml import resources as res
 from backend.engines.coreml.runtime import CoreMLRuntime, check_compute_units
-from backend.tokenizer import CLIPTokenizer
+from backend.engines.coreml.spec import (CLIP_TOKENS, HIDDEN_OUTPUTS, MMDIT_LATENT, MMDIT_POOLED, MMDIT_TEXT,
+                                         TEXT_ENCODERS, mmdit_tensors, named_or_first, quantization_label)
 from backend.types import UserError
 
 DEVICES = {"ALL": "CPU, GPU and Neural Engine", "CPU_AND_NE": "CPU and Neural Engine",
            "CPU_AND_GPU": "CPU and GPU", "CPU_ONLY": "CPU"}
-_ENCODERS = (("TextEncoder", "text_encoder", "tokenizer"), ("TextEncoder2", "text_encoder_2", "tokenizer_2"))
-_HIDDEN_OUTPUTS = ("hidden_embeds", "last_hidden_state")  # SDXL's penultimate layer / SD's last layer
-_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1)
-# SD3's defaults where a folder has no configs: apple/ml-stable-diffusion's CLI for --sd3 (scaleFactor 1.5305,
-# shiftFactor 0.0609, timestepShift 3.0) and stable-diffusion-3-medium-diffusers' scheduler_config.json
-_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-_SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
-# the MMDiT's tensor names (Apple's package; MobileDiffuser's split stages add modulation_inputs and *_out)
-_LATENT, _TEXT, _POOLED = "latent_image_embeddings", "token_level_text_embeddings", "pooled_text_embeddings"
-_CLIP_TOKENS = 77
 
-
-# ------------------------------------------------------------------ the model's spec and tokenizers
-
-def _read(folder: Optional[Path], relative: str) -> dict:
-    path = folder / relative if folder is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
-def _default_scheduler(sdxl: bool, v_prediction: bool) -> dict:
-    if sdxl:
-        return dict(_class_name="EulerDiscreteScheduler", **_SD_BETAS, prediction_type="epsilon",
-                    timestep_spacing="leading")
-    return dict(_class_name="PNDMScheduler", **_SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False,
-                prediction_type="v_prediction" if v_prediction else "epsilon")
-
-
-def _only(tensors: dict, preferred=()) -> res.TensorSpec:
-    for name in preferred:
-        if name in tensors:
-            return tensors[name]
-    return next(iter(tensors.values()))
-
-
-def _text_width(resources: res.CoreMLResources, stage: str) -> int:
-    hidden = _only(resources.io(stage).outputs, _HIDDEN_OUTPUTS)
-    return int(hidden.shape[-1]) if hidden.shape else 0
-
-
-def _vae_config(resources: res.CoreMLResources, configs: Optional[Path], channels: int, defaults: dict) -> dict:
-    vae = resources.io("VAEDecoder")
-    image = _only(vae.outputs, ("image",)).shape
-    scale = int(image[-1]) // int(_only(vae.inputs).shape[-1]) if len(image) == 4 else 8
-    vae_config = {**defaults, **_read(configs, "vae/config.json")}
-    vae_config["latent_channels"] = channels
-    if len(vae_config.get("block_out_channels", [0] * 4)) != int(math.log2(scale)) + 1:
-        # ModelSpec counts the VAE's levels for its scale factor; the description is what counts here
-        vae_config["block_out_channels"] = [0] * (int(math.log2(scale)) + 1)
-    return vae_config
-
-
-def _finish(spec: ModelSpec, h: int, w: int, paired: Optional[Path], folder: Path) -> ModelSpec:
-    spec.defaults = spec._family_defaults()
-    if h == w:
-        spec.defaults["size"] = int(h) * spec.vae_scale_factor
-    for settings in (paired, folder):
-        spec.defaults.update({k: v for k, v in _read(settings, SETTINGS_FILE).items() if v is not None})
-    return spec
-
-
-def mmdit_tensors(resources: res.CoreMLResources) -> dict:
-    """The MMDiT's described inputs by name, over its stages: latents and text as Stage0 (or the single
-    package) takes them, pooled text and timestep as the Conditioning (or the single package) takes them."""
-    found = {}
-    for stage in resources.denoiser_stages:
-        for name, tensor in resources.io(stage).inputs.items():
-            found.setdefault(name, tensor)
-    for name in (_LATENT, _TEXT, _POOLED, "timestep"):
-        if name not in found:
-            raise UserError(f"the SD3 MMDiT models in {resources.folder} have no input '{name}'; "
-                            "they are not in Apple's or MobileDiffuser's layout")
-    return found
-
-
-def _patch_size(resources: res.CoreMLResources, config: dict, h: int, w: int) -> int:
-    """The transformer's patch: from its config, else from Stage0's token count (h/p * w/p), else 2 (every SD3)."""
-    if config.get("patch_size"):
-        return int(config["patch_size"])
-    if resources.split_mmdit:
-        tokens = resources.io(resources.denoiser_stages[1]).outputs.get(_LATENT + "_out")
-        if tokens is not None and len(tokens.shape) == 3 and tokens.shape[1]:
-            return int(round(math.sqrt(h * w / tokens.shape[1])))
-    return 2
-
-
-def _sd3_spec(resources: res.CoreMLResources, paired: Optional[Path]) -> ModelSpec:
-    configs = resources.configs or paired
-    tensors = mmdit_tensors(resources)
-    _, channels, h, w = tensors[_LATENT].shape
-    _, joint_dim, _, sequence = tensors[_TEXT].shape
-    present = [e for e in _ENCODERS if e[0] in resources.models]
-    widths = [_text_width(resources, stage) for stage, _, _ in present]
-    transformer = dict(_read(configs, "transformer/config.json"), in_channels=channels, out_channels=channels,
-                       sample_size=h, joint_attention_dim=joint_dim,
-                       pooled_projection_dim=tensors[_POOLED].shape[1])
-    transformer["patch_size"] = _patch_size(resources, transformer, h, w)
-    index = _read(configs, "model_index.json")
-    spec = ModelSpec(
-        folder=resources.folder, family="sd3",
-        pipeline_class=index.get("_class_name", "CoreMLStableDiffusion3Pipeline"),
-        text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
-        denoiser_config=transformer, vae_config=_vae_config(resources, configs, channels, _SD3_VAE),
-        text_encoder_configs=[_read(configs, f"{name}/config.json") or {"hidden_size": width}
-                              for (_, name, _), width in zip(present, widths)],
-        scheduler_config=_read(configs, "scheduler/scheduler_config.json") or dict(_SD3_SCHEDULER))
-    spec.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt",
-                                                       spec.traits.zeros_for_empty_negative))
-    if sequence <= _CLIP_TOKENS:
-        raise UserError(f"the MMDiT in {resources.folder} takes {sequence} text tokens; SD3 needs 77 CLIP "
-                        "tokens followed by T5's (154 in Apple's and MobileDiffuser's exports)")
-    return _finish(spec, h, w, paired, resources.folder)
-
-
-def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -> ModelSpec:
-    """What the pipeline needs to know about a resources folder; the models' descriptions win over configs."""
-    if resources.is_sd3:
-        return _sd3_spec(resources, paired)
-    configs = resources.configs or paired
-    unet = resources.io(resources.unet_stages[0]).inputs
-    vae = resources.io("VAEDecoder")
-    _, channels, h, w = unet["sample"].shape
-    image = _only(vae.outputs, ("image",)).shape
-    scale = int(image[-1]) // int(_only(vae.inputs).shape[-1]) if len(image) == 4 else 8
-    sdxl = resources.is_sdxl
-    present = [e for e in _ENCODERS if e[0] in resources.models]
-    widths = [_text_width(resources, stage) for stage, _, _ in present]
-
-    unet_config = dict(_read(configs, "unet/config.json"), in_channels=channels, out_channels=channels, sample_size=h,
-                       cross_attention_dim=unet["encoder_hidden_states"].shape[1])
-    unet_config.pop("time_cond_proj_dim", None)
-    if "timestep_cond" in unet:
-        unet_config["time_cond_proj_dim"] = unet["timestep_cond"].shape[1]
-    if "time_ids" in unet:
-        unet_config["addition_embed_type"] = "text_time"
-    vae_config = _vae_config(resources, configs, channels, {"scaling_factor": 0.13025 if sdxl else 0.18215})
-    # SD 2.x at 768 (OpenCLIP ViT-H text, 96x96 latents) predicts v; the 512 "base" models predict noise
-    v_prediction = not sdxl and widths[0] == 1024 and h * scale == 768
-    scheduler = _read(configs, "scheduler/scheduler_config.json") or _default_scheduler(sdxl, v_prediction)
-    index = _read(configs, "model_index.json")
-    spec = ModelSpec(
-        folder=resources.folder, family="sdxl" if sdxl else "sd",
-        pipeline_class=index.get("_class_name", "CoreMLStableDiffusionPipeline"),
-        text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
-        denoiser_config=unet_config, vae_config=vae_config,
-        text_encoder_configs=[_read(configs, f"{name}/config.json") or {"hidden_size": width}
-                              for (_, name, _), width in zip(present, widths)],
-        scheduler_config=scheduler,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)))
-    return _finish(spec, h, w, paired, resources.folder)
-
-
-def _tokenizer_files(resources: res.CoreMLResources) -> tuple:
-    """vocab.json + merges.txt: in the folder, else beside it (Apple's repos keep them in compiled/ only)."""
-    if resources.vocab and resources.merges:
-        return resources.vocab, resources.merges
-    for sibling in sorted(resources.folder.parent.glob("*")):
-        if (sibling / "vocab.json").is_file() and (sibling / "merges.txt").is_file():
-            return sibling / "vocab.json", sibling / "merges.txt"
-    return None, None
-
-
-def coreml_tokenizers(resources: res.CoreMLResources, spec: ModelSpec, paired: Optional[Path] = None) -> list:
-    """One CLIP tokenizer per text encoder: the checkpoint's own folder when known, else vocab.json + merges.txt."""
-    tokenizers = []
-    for name, config in zip(spec.tokenizers, spec.text_encoder_configs):
-        folder = next((base / name for base in (resources.configs, paired)
-                       if base is not None and (base / name).is_dir()), None)
-        if folder is not None:
-            tokenizers.append(CLIPTokenizer.from_folder(folder))
-            continue
-        vocab, merges = _tokenizer_files(resources)
-        if vocab is None:
-            raise UserError(f"{resources.folder} has no vocab.json + merges.txt for the CLIP tokenizer; "
-                            "copy them from the model's tokenizer folder")
-        # OpenCLIP encoders (SD 2.x's ViT-H, SDXL's bigG: 1024+ wide) were trained with "!" as padding
-        pad = "!" if config.get("hidden_size", 0) >= 1024 or name == "tokenizer_2" else None
-        tokenizers.append(CLIPTokenizer.from_files(vocab, merges, pad_token=pad))
-    return tokenizers
-
-
-def _quantization(resources: res.CoreMLResources) -> str:
-    manifest = resources.manifest
-    method = manifest.get("method")
-    if method and method != "export":
-        bits = manifest.get("average_bits") or manifest.get("bits")
-        return f"{method} {bits}-bit" if bits else method
-    ops = resources.io(resources.denoiser_stages[-1]).op_counts
-    if ops.get("constexpr_lut_to_dense"):
-        return "palettized"
-    return "linear int8" if ops.get("constexpr_affine_dequantize") else "none"
-
-
-# ------------------------------------------------------------------ the stages
 
 class CoreMLStages(Stages):
     """The Core ML models of one resources folder behind the Stages interface."""
@@ -242,7 +43,7 @@ class CoreMLStages(Stages):
         self.spec = spec
         self.runtime = runtime or CoreMLRuntime
         self.reduce_memory = reduce_memory
-        self.text_stages = [stage for stage, _, _ in _ENCODERS if stage in resources.models]
+        self.text_stages = [stage for stage, _, _ in TEXT_ENCODERS if stage in resources.models]
         self.models_of = {"text_encoder": self.text_stages, "unet": resources.denoiser_stages,
                           "vae_decoder": ["VAEDecoder"]}
         self.io = {stage: resources.io(stage) for stages in self.models_of.values() for stage in stages}
@@ -257,7 +58,7 @@ class CoreMLStages(Stages):
                      "attention": resources.attention, "chunked_unet": resources.chunked,
                      "precision": resources.manifest.get("precision")
                      or resources.manifest.get("source_manifest", {}).get("precision", "fp16"),
-                     "quantization": _quantization(resources), "reduce_memory": reduce_memory,
+                     "quantization": quantization_label(resources), "reduce_memory": reduce_memory,
                      "format": "mlmodelc" if resources.compiled else "mlpackage", "resources": str(resources.folder)}
         if resources.is_sd3:
             self._sd3_info()
@@ -265,7 +66,7 @@ class CoreMLStages(Stages):
 
     def _sd3_info(self) -> None:
         tensors = mmdit_tensors(self.resources)
-        self.info.update(t5_tokens=int(tensors[_TEXT].shape[-1]) - _CLIP_TOKENS,
+        self.info.update(t5_tokens=int(tensors[MMDIT_TEXT].shape[-1]) - CLIP_TOKENS,
                          mmdit="split" if self.resources.split_mmdit else "single",
                          denoiser_stages=len(self.resources.denoiser_stages), t5="absent")
         t5 = [p for p in self.resources.folder.iterdir() if p.stem == "TextEncoderT5"]
@@ -367,7 +168,7 @@ class CoreMLStages(Stages):
         stage = self.text_stages[index]
         with self._running("text_encoder"):
             out = self._batched(lambda part: self._predict(stage, part), stage, {"input_ids": input_ids})
-        hidden = out[next(n for n in (*_HIDDEN_OUTPUTS, *out) if n in out and out[n].ndim == 3)]
+        hidden = out[next(n for n in (*HIDDEN_OUTPUTS, *out) if n in out and out[n].ndim == 3)]
         # the family says whose pooled output conditions: none (SD), the last encoder's (SDXL), all (SD3)
         pooling = self.spec.traits.pooled
         wanted = pooling == "concat" or (pooling == "last" and index == len(self.text_stages) - 1)
@@ -379,7 +180,7 @@ class CoreMLStages(Stages):
                              pooled=None if pooled is None else pooled.astype(np.float32))
 
     def _check_size(self, latents: np.ndarray) -> None:
-        described = (mmdit_tensors(self.resources)[_LATENT] if self.resources.is_sd3
+        described = (mmdit_tensors(self.resources)[MMDIT_LATENT] if self.resources.is_sd3
                      else self.io[self.resources.denoiser_stages[0]].inputs["sample"]).shape
         if tuple(latents.shape[1:]) != tuple(described[1:]):
             scale = self.spec.vae_scale_factor
@@ -409,9 +210,9 @@ class CoreMLStages(Stages):
         if pooled is None:
             raise UserError("SD3's MMDiT needs the pooled text embeddings of both CLIP encoders")
         batch = latents.shape[0]
-        arrays = {_LATENT: latents, "timestep": np.full((batch,), timestep, dtype=np.float32),
-                  _TEXT: np.asarray(hidden).transpose(0, 2, 1)[:, :, None, :],
-                  _POOLED: np.asarray(pooled)[:, :, None, None]}
+        arrays = {MMDIT_LATENT: latents, "timestep": np.full((batch,), timestep, dtype=np.float32),
+                  MMDIT_TEXT: np.asarray(hidden).transpose(0, 2, 1)[:, :, None, :],
+                  MMDIT_POOLED: np.asarray(pooled)[:, :, None, None]}
         with self._running("unet"):
             out = self._batched(self._run_mmdit, self.resources.denoiser_stages[0], arrays)
         # Apple's package answers denoiser_output, MobileDiffuser's last stage noise_pred (Swift takes the first)
@@ -431,7 +232,7 @@ class CoreMLStages(Stages):
         stage = self.resources.unet_stages[0]
         with self._running("unet"):
             out = self._batched(self._run_unet, stage, {n: a for n, a in arrays.items() if n in self.io[stage].inputs})
-        return _only(out, ("noise_pred",)).astype(np.float32)
+        return named_or_first(out, ("noise_pred",)).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         name = next(iter(self.io["VAEDecoder"].inputs))
@@ -481,89 +282,3 @@ def quantized_resources(resources: res.CoreMLResources, quantization: str) -> Pa
                             else "sd15-rule-based-example.json")
         return Path(quantize_coreml(resources.folder, "mixed", None, str(recipe), None, None))
     raise UserError(f"unknown Core ML quantization '{quantization}': choose q8, q6, q4, q2 or mixed")
-
-
-# ------------------------------------------------------------------ where the resources come from
-
-def _local_variant(folder: Path, attention: Optional[str]) -> Path:
-    """A folder holding Apple's variant folders (original/, split_einsum/; packages/, compiled/) -> one of them."""
-    named = {a: folder / a for a in res.ATTENTIONS if (folder / a).is_dir()}
-    if named:
-        chosen = attention or ("split_einsum" if "split_einsum" in named else "original")
-        if chosen not in named:
-            raise UserError(f"{folder} has no {chosen} Core ML variant (it has {', '.join(named)})")
-        folder = named[chosen]
-    compiled = folder / "compiled"
-    if (folder / "packages").is_dir() and compiled.is_dir() and any(res.stage_of(p) for p in compiled.iterdir()):
-        folder = compiled  # loads without compiling first
-    return folder
-
-
-def _download_variant(repo: str, subfolder: str, progress) -> Path:
-    """A registry variant's folder: from the Hub cache, else downloaded (only that subfolder + tokenizer files)."""
-    from huggingface_hub import snapshot_download
-    root = subfolder.rsplit("/", 1)[0] + "/" if "/" in subfolder else ""
-    patterns = [f"{subfolder}/*", f"{root}*/vocab.json", f"{root}*/merges.txt"]
-    try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True)) / subfolder
-        if folder.is_dir() and any(res.stage_of(p) for p in folder.iterdir()):
-            return folder
-    except Exception:
-        pass
-    if registry.offline():
-        raise UserError(f"the Core ML resources {repo}/{subfolder} are not downloaded and offline mode is on")
-    if progress:
-        progress(f"downloading Core ML resources {repo}/{subfolder}")
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns)) / subfolder
-    except Exception as exc:
-        raise UserError(f"cannot download the Core ML resources {repo}/{subfolder} "
-                        f"({type(exc).__name__}: {exc})") from exc
-
-
-def _paired_folder(entry) -> Optional[Path]:
-    """The registry entry's diffusers model, if it is already in the Hub cache (for its configs)."""
-    if entry is None or not entry.hub:
-        return None
-    from huggingface_hub import snapshot_download
-    try:
-        folder = Path(snapshot_download(entry.hub, local_files_only=True, allow_patterns=[
-            "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*"]))
-    except Exception:
-        return None
-    return folder if (folder / "scheduler" / "scheduler_config.json").is_file() else None
-
-
-def resources_folder(model: str, attention: Optional[str] = None, progress=None) -> tuple:
-    """(folder holding the models, registry entry or None) for a local folder or a registry name."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return _local_variant(local, attention), None
-    entry = registry.get_entry(model)
-    if entry is None or not entry.coreml:
-        raise UserError(f"model '{model}' has no Core ML resources; export them with "
-                        "`python -m backend export-coreml` or choose the MLX engine")
-    variants = entry.coreml.get("variants") or {"original": ""}
-    chosen = attention or ("split_einsum" if "split_einsum" in variants else next(iter(variants)))
-    if chosen not in variants:
-        raise UserError(f"{model} has no {chosen} Core ML variant (it has {', '.join(variants)})")
-    return _download_variant(entry.coreml["repo"], variants[chosen], progress), entry
-
-
-def coreml_choice(model: str, reason: str, progress=None):
-    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand."""
-    from backend.engines.select import EngineChoice
-    folder, entry = resources_folder(model, None, progress)
-    resources = res.find_resources(folder, require_tokenizer=False)
-    paired = _paired_folder(entry)
-    spec = coreml_spec(resources, paired)
-    tokenizers = coreml_tokenizers(resources, spec, paired)
-
-    def load(attention: Optional[str] = None, **options) -> CoreMLStages:
-        chosen = resources
-        if attention and attention != resources.attention:
-            chosen = res.find_resources(resources_folder(model, attention, progress)[0], require_tokenizer=False)
-        return load_coreml_stages(chosen, spec, attention=attention, **options)
-
-    return EngineChoice(name=model, kind="coreml", reason=f"{reason}; {resources.attention} attention",
-                        spec=spec, tokenizers=tokenizers, disk_bytes=resources.total_bytes, load=load)

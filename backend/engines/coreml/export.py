@@ -13,38 +13,21 @@ them (`Stable_Diffusion_version_<model>_unet.mlpackage` ...), with Apple's tenso
 
 SD3 / SD3.5 (a `transformer` instead of a `unet`): both CLIP encoders as SDXL's (hidden_embeds = the
 penultimate layer, pooled_outputs = the projected text_embeds diffusers' SD3 pipeline uses), the VAE decoder
-(16 channels, no post_quant_conv when the config has none), and the MMDiT in MobileDiffuser's split layout
-(TWWinde/MobileDiffuser scripts/convert_sd3_medium_split_coreml.py), float32 inputs and outputs:
-
-  MMDiT conditioning  pooled_text_embeddings (B, P, 1, 1), timestep (B,) = sigma * 1000
-                      -> modulation_inputs (B, dim)  (diffusers' time_text_embed: temb)
-  MMDiT stage 0       latent_image_embeddings (B, 16, h, w), token_level_text_embeddings (B, J, 1, 77 + T)
-                      [+ modulation_inputs when it holds blocks] -> pos_embed + context_embedder (+ blocks)
-                      -> latent_image_embeddings_out (B, N, dim), token_level_text_embeddings_out (B, S, dim)
-  MMDiT stage k       latent_image_embeddings (B, N, dim), token_level_text_embeddings (B, S, dim),
-                      modulation_inputs -> the same names + "_out"; the last stage (blocks + norm_out + proj_out
-                      + unpatchify) -> noise_pred (B, 16, h, w), the flow-matching velocity
-
-The blocks are split so that no stage's weights exceed MAX_STAGE_BYTES (`mmdit_stages` overrides), or,
-with `mmdit_layout="single"`, the whole MMDiT is one package with Apple's names (apple/ml-stable-diffusion
-torch2coreml.py::convert_mmdit): the four inputs above -> denoiser_output. No T5 encoder is exported: its
-`t5_tokens` tokens (77 as Apple and MobileDiffuser) are zeros at generation time.
+(16 channels, no post_quant_conv when the config has none), and the MMDiT as export_sd3.py writes it
+(MobileDiffuser's split stages, or Apple's one package).
 
 plus vocab.json + merges.txt, configs/ (the checkpoint's small config files: model_index.json,
 scheduler/, tokenizer/, each model's config.json) and manifest.json. The folder is written under a
 temporary name and renamed at the end, so an interrupted export leaves nothing half-written.
 
-Conversion is torch.jit.trace + ct.convert(mlprogram, minimum_deployment_target=macOS13). torch 2.13 is
-newer than what coremltools 9.0 was tested with (2.7): it warns at import, and one converter rule
-(aten::Int of a one-element tensor) needs the fix `_patch_coremltools` installs. Needs torch, diffusers
-and transformers (requirements-convert.txt); nothing at generation time imports this module.
+Each stage is converted by conversion.py. Needs torch, diffusers and transformers (requirements-convert.txt);
+nothing at generation time imports this module.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,36 +35,10 @@ import numpy as np
 
 from backend.checkpoint import SETTINGS_FILE
 from backend.types import UserError
-from backend.engines.coreml import resources as res
+from backend.engines.coreml import export_sd3, resources as res
+from backend.engines.coreml.conversion import DESCRIPTIONS, convert, describe, package_name
 
 PRECISIONS = ("fp16", "fp32")
-MMDIT_LAYOUTS = ("split", "single")
-MAX_STAGE_BYTES = 1_000_000_000  # a split MMDiT's stages stay under ~1 GB of weights each
-_PATCHED = False
-
-
-def _patch_coremltools() -> None:
-    """aten::Int of a one-element constant tensor (diffusers' `height * width` under torch 2.13) -> int32."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch import ops
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
-
-    def int_of_one_element(context, node):
-        x = ops._get_inputs(context, node, expected=1)[0]
-        if x.can_be_folded_to_const() and np.size(x.val) == 1:
-            context.add(mb.const(val=np.int32(np.asarray(x.val).item()), name=node.name))
-        else:
-            ops._int(context, node)
-
-    _TORCH_OPS_REGISTRY.set_func_by_name(int_of_one_element, "int")
-    _PATCHED = True
-
-
-def package_name(model_version: str, stage: str) -> str:
-    return f"Stable_Diffusion_version_{model_version}_{res.python_suffix(stage)}.mlpackage".replace("/", "_")
 
 
 def _load_components(folder: Path) -> dict:
@@ -113,63 +70,6 @@ def _load_components(folder: Path) -> dict:
     return parts
 
 
-def _convert(module, example: dict, input_dtypes: dict, outputs: dict, fp16: bool):
-    """Trace `module` on the example inputs and convert it; `outputs` maps output name -> numpy dtype."""
-    import coremltools as ct
-    import torch
-
-    _patch_coremltools()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings: shapes are fixed on purpose
-        traced = torch.jit.trace(module.eval(), tuple(example.values()), check_trace=False)
-        return ct.convert(
-            traced, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13,
-            inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=input_dtypes[n]) for n, v in example.items()],
-            outputs=[ct.TensorType(name=n, dtype=d) for n, d in outputs.items()],
-            compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
-            skip_model_load=True)
-
-
-def _describe(mlmodel, stage: str, info: dict, descriptions: dict) -> None:
-    mlmodel.author = f"Converted by Silicon Diffusion from {info['source']}"
-    mlmodel.version = info["model_version"]
-    mlmodel.short_description = f"Stable Diffusion {stage} ({info['attention']} attention, {info['precision']})"
-    for name, text in descriptions.items():
-        if name in mlmodel.input_description:
-            mlmodel.input_description[name] = text
-        elif name in mlmodel.output_description:
-            mlmodel.output_description[name] = text
-    mlmodel.user_defined_metadata.update({
-        res.META_STAGE: stage, res.META_ATTENTION: info["attention"],
-        res.META_PRECISION: info["precision"], res.META_SOURCE: info["source"]})
-
-
-_DESCRIPTIONS = {
-    "input_ids": "CLIP token ids, padded to 77 (float32 as in Apple's exports)",
-    "last_hidden_state": "Token embeddings the UNet conditions on",
-    "hidden_embeds": "Hidden states of the penultimate encoder layer (SDXL conditioning)",
-    "pooled_outputs": "Pooled (projected, for SDXL's second encoder) text embedding",
-    "sample": "Noisy latents being denoised",
-    "timestep": "The scheduler's timestep, one per batch item",
-    "encoder_hidden_states": "Text embeddings laid out (B, C, 1, 77)",
-    "time_ids": "SDXL micro-conditioning: original size, crop top-left, target size",
-    "text_embeds": "SDXL pooled text embedding of the second text encoder",
-    "timestep_cond": "LCM guidance-scale embedding",
-    "noise_pred": "The UNet's prediction (noise, or v for v-prediction models)",
-    "z": "Latents already divided by the VAE scaling factor",
-    "image": "Decoded image in [-1, 1]",
-    "x": "Image in [-1, 1]",
-    "latent": "Mean and log-variance of the latent distribution",
-    "latent_image_embeddings": "Noisy latents (B, C, h, w), or the image tokens (B, N, dim) between MMDiT stages",
-    "token_level_text_embeddings": "Text tokens (B, C, 1, 77 CLIP + T5 tokens), or (B, S, dim) between MMDiT stages",
-    "pooled_text_embeddings": "Pooled CLIP-L and CLIP-G text embeddings, concatenated (B, P, 1, 1)",
-    "modulation_inputs": "Timestep and pooled-text embedding (temb) that modulates every MMDiT block",
-    "latent_image_embeddings_out": "Image tokens for the next MMDiT stage",
-    "token_level_text_embeddings_out": "Text tokens for the next MMDiT stage",
-    "denoiser_output": "The MMDiT's flow-matching velocity",
-}
-
-
 def _settings(diffusers_dir, attention, chunk_unet, precision, unet_batch_size, latent_size, vae_encoder,
               model_version) -> dict:
     return {"method": "export", "source": str(Path(diffusers_dir).resolve()), "attention": attention,
@@ -199,7 +99,7 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     unet_batch_size: 2 for classifier-free guidance (Apple's default), 1 for guidance-free models (also the
     batch of SD3's MMDiT). latent_size: (h, w) of the latents; default the denoiser's sample_size.
     SD3 only: mmdit_stages, the number of MMDiT stage packages (default: as few as keep each stage's weights
-    under MAX_STAGE_BYTES); mmdit_layout "single" writes Apple's one MultiModalDiffusionTransformer instead;
+    under export_sd3.MAX_STAGE_BYTES); mmdit_layout "single" writes Apple's one MultiModalDiffusionTransformer instead;
     t5_tokens, the T5 tokens after CLIP's 77 the MMDiT takes. Running again with the same settings returns
     the existing folder; a different folder already at `out_dir` is a UserError.
     """
@@ -219,8 +119,8 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     settings = _settings(source, attention, chunk_unet, precision, unet_batch_size, latent_size, vae_encoder,
                          model_version)
     if sd3:
-        _check_sd3_settings(attention, chunk_unet, mmdit_layout, mmdit_stages, t5_tokens, denoiser_config,
-                            latent_size)
+        export_sd3.check_sd3_settings(attention, chunk_unet, mmdit_layout, mmdit_stages, t5_tokens,
+                                      denoiser_config, latent_size)
         settings.update(mmdit_layout=mmdit_layout, mmdit_stages=mmdit_stages, t5_tokens=int(t5_tokens))
     elif mmdit_stages is not None or mmdit_layout != "split":
         raise UserError("--stages and --mmdit-layout are for SD3 models (an MMDiT transformer); this one has a UNet.")
@@ -237,7 +137,7 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
         exporter = _Exporter(source, tmp, settings)
         exporter.text_encoders()
         if exporter.sd3:
-            exporter.mmdit()
+            export_sd3.export_mmdit(exporter)
         else:
             exporter.unet(chunk_unet)
         exporter.vae(vae_encoder)
@@ -249,28 +149,6 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     tmp.rename(out)
     return res.find_resources(out)
 
-
-def _check_sd3_settings(attention, chunk_unet, layout, stages, t5_tokens, config, latent_size) -> None:
-    if attention != "original":
-        raise UserError("SD3's MMDiT is exported with original attention only (as Apple's and MobileDiffuser's).")
-    if chunk_unet:
-        raise UserError("SD3 has no UNet to chunk: its MMDiT is split with --stages N.")
-    if layout not in MMDIT_LAYOUTS:
-        raise UserError(f"mmdit_layout must be split or single, not {layout!r}.")
-    if stages is not None and layout == "single":
-        raise UserError("--stages splits the MMDiT; the single layout is one package.")
-    blocks = int(config.get("num_layers", 0))
-    if stages is not None and not 1 <= int(stages) <= blocks + 1:
-        raise UserError(f"this MMDiT has {blocks} blocks: --stages must be from 1 to {blocks + 1}, not {stages}.")
-    if not 1 <= int(t5_tokens) <= 512:
-        raise UserError(f"t5_tokens must be from 1 to 512, not {t5_tokens}.")
-    patch = int(config.get("patch_size", 2))
-    if any(int(d) % patch for d in latent_size):
-        raise UserError(f"SD3 latents must be a multiple of the patch size {patch}: {tuple(latent_size)} is not.")
-    cells = config.get("pos_embed_max_size")
-    if cells and any(int(d) // patch > int(cells) for d in latent_size):
-        raise UserError(f"this MMDiT's position table covers {int(cells) * patch}x{int(cells) * patch} latents; "
-                        f"{tuple(latent_size)} is larger.")
 
 
 class _Exporter:
@@ -294,7 +172,7 @@ class _Exporter:
 
     def save(self, stage: str, mlmodel, t0: float, metadata: Optional[dict] = None) -> None:
         info = dict(self.settings, source=Path(self.settings["source"]).name)
-        _describe(mlmodel, stage, info, _DESCRIPTIONS)
+        describe(mlmodel, stage, info, DESCRIPTIONS)
         mlmodel.user_defined_metadata.update(metadata or {})
         mlmodel.save(str(self.folder / package_name(self.settings["model_version"], stage)))
         self.seconds[stage] = time.perf_counter() - t0
@@ -310,8 +188,8 @@ class _Exporter:
             t0, encoder = time.perf_counter(), self.parts[name]
             module = tm.TextEncoderIO(encoder, hidden_layer=-2 if penultimate else None)
             ids = torch.randint(encoder.config.vocab_size, (1, self.text_length), dtype=torch.int32).float()
-            self.save(stage, _convert(module, {"input_ids": ids}, {"input_ids": np.float32},
-                                      {hidden_name: np.float32, "pooled_outputs": np.float32}, self.fp16), t0)
+            self.save(stage, convert(module, {"input_ids": ids}, {"input_ids": np.float32},
+                                     {hidden_name: np.float32, "pooled_outputs": np.float32}, self.fp16), t0)
 
     def _unet_example(self):
         """Example inputs in Apple's order, and the names of the inputs beyond the first three."""
@@ -342,8 +220,8 @@ class _Exporter:
         dtypes = {name: self.io_dtype for name in example}
         t0 = time.perf_counter()
         if not chunk:
-            self.save("Unet", _convert(tm.UnetIO(unet, extra), example, dtypes, {"noise_pred": np.float32},
-                                       self.fp16), t0)
+            self.save("Unet", convert(tm.UnetIO(unet, extra), example, dtypes, {"noise_pred": np.float32},
+                                      self.fp16), t0)
             return
         try:
             tm.check_chunkable(unet)
@@ -353,76 +231,15 @@ class _Exporter:
         first, second = tm.UnetChunk1(unet, split, extra), tm.UnetChunk2(unet, split)
         handover = ["chunk_sample", "chunk_temb"] + [f"chunk_skip_{i}" for i in range(tm.skip_count(unet, split))]
         carried = _check_halves(tm.UnetIO(unet, extra), first, second, example, len(handover))
-        self.save("UnetChunk1", _convert(first, example, dtypes, {n: self.io_dtype for n in handover}, self.fp16), t0)
+        self.save("UnetChunk1", convert(first, example, dtypes, {n: self.io_dtype for n in handover}, self.fp16), t0)
 
         t0 = time.perf_counter()
         second_example = {"chunk_sample": carried[0], "chunk_temb": carried[1]}
         if second.uses_text:
             second_example["encoder_hidden_states"] = example["encoder_hidden_states"]
         second_example.update(zip(handover[2:], carried[2:]))
-        self.save("UnetChunk2", _convert(second, second_example, {n: self.io_dtype for n in second_example},
-                                         {"noise_pred": np.float32}, self.fp16), t0)
-
-    # -- SD3's MMDiT ---------------------------------------------------------------------------------------
-    def _mmdit_example(self) -> dict:
-        import torch
-        t = self.parts["transformer"]
-        b, (h, w) = self.settings["unet_batch_size"], self.settings["latent_size"]
-        return {"latent_image_embeddings": torch.randn(b, t.config.in_channels, h, w),
-                "token_level_text_embeddings": torch.randn(b, t.config.joint_attention_dim, 1,
-                                                           self.text_length + self.settings["t5_tokens"]),
-                "pooled_text_embeddings": torch.randn(b, t.config.pooled_projection_dim, 1, 1),
-                "timestep": torch.full((b,), 750.0)}
-
-    def mmdit_plan(self) -> list:
-        """Block ranges of the MMDiT stages: as asked, else the fewest whose weights each fit MAX_STAGE_BYTES."""
-        from backend.engines.coreml import torch_modules as tm
-        t = self.parts["transformer"]
-        weights = tm.mmdit_weight_counts(t, self.settings["latent_size"])
-        if self.settings["mmdit_stages"] is not None:
-            return tm.split_mmdit(weights, int(self.settings["mmdit_stages"]))
-        per_weight = 2 if self.fp16 else 4
-        most = len(t.transformer_blocks) + 1
-        for stages in range(1, most + 1):
-            plan = tm.split_mmdit(weights, stages)
-            if max(_stage_weights(weights, plan)) * per_weight <= MAX_STAGE_BYTES:
-                return plan
-        return tm.split_mmdit(weights, most)
-
-    def mmdit(self) -> None:
-        import torch
-        from backend.engines.coreml import torch_modules as tm
-        t = self.parts["transformer"]
-        example = self._mmdit_example()
-        f32 = lambda names: {n: np.float32 for n in names}  # noqa: E731  (MobileDiffuser: float32 I/O)
-        if self.settings["mmdit_layout"] == "single":
-            t0 = time.perf_counter()
-            self.save(res.MMDIT, _convert(tm.MMDiTIO(t), example, f32(example), f32(["denoiser_output"]), self.fp16),
-                      t0, {res.META_MMDIT_BLOCKS: f"0:{len(t.transformer_blocks)}"})
-            return
-        plan = self.mmdit_plan()
-        self.mmdit_blocks = plan
-        with torch.no_grad():
-            reference = tm.MMDiTIO(t)(*example.values())
-        t0 = time.perf_counter()
-        conditioning = {n: example[n] for n in ("pooled_text_embeddings", "timestep")}
-        self.save(res.MMDIT_CONDITIONING, _convert(tm.MMDiTConditioning(t), conditioning, f32(conditioning),
-                                                   f32(["modulation_inputs"]), self.fp16), t0)
-        with torch.no_grad():
-            named = {**example, "modulation_inputs": tm.MMDiTConditioning(t)(*conditioning.values())}
-        latent_size = tuple(self.settings["latent_size"])
-        for k, (first, last) in enumerate(plan):
-            t0 = time.perf_counter()
-            module = tm.MMDiTStage(t, first, last, embed=k == 0, final=k == len(plan) - 1, latent_size=latent_size)
-            inputs = {n: named[n] for n in module.input_names}
-            self.save(f"{res.MMDIT_STAGE}{k}", _convert(module, inputs, f32(inputs), f32(module.output_names),
-                                                         self.fp16), t0, {res.META_MMDIT_BLOCKS: f"{first}:{last}"})
-            with torch.no_grad():
-                out = module(*inputs.values())
-            out = out if isinstance(out, tuple) else (out,)
-            named.update({n[:-4] if n.endswith("_out") else n: v for n, v in zip(module.output_names, out)})
-        if not torch.allclose(named["noise_pred"], reference, atol=1e-4, rtol=1e-3):
-            raise RuntimeError("the MMDiT stages do not reproduce the whole transformer")
+        self.save("UnetChunk2", convert(second, second_example, {n: self.io_dtype for n in second_example},
+                                        {"noise_pred": np.float32}, self.fp16), t0)
 
     def vae(self, with_encoder: bool) -> None:
         import torch
@@ -434,13 +251,13 @@ class _Exporter:
         (h, w), scale = self.settings["latent_size"], _vae_scale(vae)
         t0 = time.perf_counter()
         z = torch.randn(1, vae.config.latent_channels, h, w)
-        self.save("VAEDecoder", _convert(tm.VaeDecoderIO(vae), {"z": z}, {"z": dtype}, {"image": np.float32},
-                                         self.vae_fp16), t0)
+        self.save("VAEDecoder", convert(tm.VaeDecoderIO(vae), {"z": z}, {"z": dtype}, {"image": np.float32},
+                                        self.vae_fp16), t0)
         if with_encoder:
             t0 = time.perf_counter()
             x = torch.rand(1, vae.config.in_channels, h * scale, w * scale) * 2 - 1
-            self.save("VAEEncoder", _convert(tm.VaeEncoderIO(vae), {"x": x}, {"x": dtype}, {"latent": np.float32},
-                                             self.vae_fp16), t0)
+            self.save("VAEEncoder", convert(tm.VaeEncoderIO(vae), {"x": x}, {"x": dtype}, {"latent": np.float32},
+                                            self.vae_fp16), t0)
 
     def write_manifest(self) -> None:
         stages = {}
@@ -461,13 +278,6 @@ class _Exporter:
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def _stage_weights(weights: tuple, plan: list) -> list:
-    """Weights of each MMDiT stage of `plan` (block ranges): Stage0 adds the embedding, the last the output."""
-    embed, blocks, out = weights
-    sizes = [sum(blocks[a:b]) for a, b in plan]
-    sizes[0] += embed
-    sizes[-1] += out
-    return sizes
 
 
 def _vae_scale(vae) -> int:

@@ -1,4 +1,4 @@
-"""The torch modules export.py traces: each stage wrapped with Apple's Core ML input/output convention.
+"""The torch modules export.py and export_sd3.py trace: each stage wrapped with Apple's Core ML input/output convention.
 
 - `SplitEinsumAttnProcessor`: diffusers attention computed the Neural Engine way (Apple's "split
   einsum", https://machinelearning.apple.com/research/neural-engine-transformers): q, k, v laid out
@@ -9,7 +9,7 @@
   Apple's chunk_mlprogram.py); the first half returns every tensor the second half needs.
 - SD3's MMDiT: `MMDiTIO` (Apple's single package), `MMDiTConditioning` + `MMDiTStage` (MobileDiffuser's
   split stages), and `split_mmdit`, which cuts the blocks into stages of balanced weight.
-Only export.py imports this (it needs torch, which the app does not).
+Only export.py and export_sd3.py import this (it needs torch, which the app does not).
 """
 from __future__ import annotations
 
