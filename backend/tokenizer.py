@@ -65,7 +65,20 @@ def _read_merges(lines: list) -> list[tuple[str, str]]:
     return merges[:MAX_MERGES]
 
 
-class CLIPTokenizer:
+class _Rows:
+    """What both tokenizers share: rows of ids for several prompts at once."""
+
+    def batch(self, prompts) -> np.ndarray:
+        """(B, max_length) int32 ids for a prompt or a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return np.stack([self.encode(p).ids for p in prompts])
+
+    def __call__(self, prompts) -> np.ndarray:
+        return self.batch(prompts)
+
+
+class CLIPTokenizer(_Rows):
     """Turns prompts into the (77,) int32 id rows a CLIP text encoder takes."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pad_token: str | None = None,
@@ -154,15 +167,6 @@ class CLIPTokenizer:
         ids[1 + len(body)] = self.eos_token_id
         return Tokenized(ids=ids, length=len(body) + 2, truncated=truncated, dropped_text=dropped_text)
 
-    def batch(self, prompts) -> np.ndarray:
-        """(B, max_length) int32 ids for a prompt or a list of prompts."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return np.stack([self.encode(p).ids for p in prompts])
-
-    def __call__(self, prompts) -> np.ndarray:
-        return self.batch(prompts)
-
 
 # ----------------------------------------------------------------------------------------------
 # T5 (SD3's tokenizer_3)
@@ -183,7 +187,7 @@ def _precompiled_charsmap(normalizer: dict | None) -> bytes | None:
     return None
 
 
-class T5Tokenizer:
+class T5Tokenizer(_Rows):
     """Turns prompts into the (max_length,) int32 id rows a T5 encoder takes, as transformers' T5TokenizerFast
     does with diffusers' SD3 call (padding="max_length", truncation=True, add_special_tokens=True).
 
@@ -273,12 +277,3 @@ class T5Tokenizer:
         ids[:len(body)] = body
         ids[len(body)] = self.eos_token_id
         return Tokenized(ids=ids, length=len(body) + 1, truncated=truncated, dropped_text=dropped_text)
-
-    def batch(self, prompts) -> np.ndarray:
-        """(B, max_length) int32 ids for a prompt or a list of prompts."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return np.stack([self.encode(p).ids for p in prompts])
-
-    def __call__(self, prompts) -> np.ndarray:
-        return self.batch(prompts)

@@ -158,3 +158,58 @@ def test_quantized_variants_run_and_stay_close(tiny_pipelines, tmp_path):
         scores[f"{method}{bits or ''}"] = psnr(result.pixels[0], reference.pixels[0])
     assert scores["mlx8"] >= 30.0 and scores["mlx8"] > scores["mlx4"], scores
     assert scores["mixed"] >= 15.0, scores
+
+
+def _cache_repo(cache, repo_id: str, files: dict) -> None:
+    """Put files into a Hugging Face cache as a downloaded snapshot of `repo_id` (no network)."""
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    for relative, source in files.items():
+        target = snapshot / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(source).read_bytes())
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(snapshot.name)
+
+
+def test_registry_entry_with_a_distilled_transformer_file(tiny_pipelines, tmp_path, monkeypatch):
+    """A registry entry that puts a raw safetensors transformer (diffusers names) into its Hub model's folder,
+    with its own defaults (fixed 2-step schedule, guidance 1, no T5): both found in the Hub cache, offline."""
+    import huggingface_hub.constants as hub_constants
+    from safetensors.torch import save_file
+    from backend import registry
+    from tests.tiny_models import _sd3_transformer
+    pipe, folder = tiny_pipelines("sd3-t5")
+    cache = tmp_path / "hub"
+    _cache_repo(cache, "test/sd3-base", {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file()})
+    torch.manual_seed(11)
+    distilled = _sd3_transformer(sd35=False)
+    for p in distilled.parameters():
+        p.data.normal_(0, 0.05)
+    save_file({k: v.contiguous() for k, v in distilled.state_dict().items()}, str(tmp_path / "distilled.safetensors"))
+    _cache_repo(cache, "test/distilled", {"checkpoints/sd3-2step.safetensors": tmp_path / "distilled.safetensors"})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    users = tmp_path / "models.json"
+    users.write_text(json.dumps([{
+        "name": "tiny-2step", "title": "tiny distilled", "hub": "test/sd3-base", "t5": False,
+        "transformer_file": {"repo": "test/distilled", "file": "checkpoints/sd3-2step.safetensors"},
+        "defaults": {"steps": 2, "guidance": 1.0, "scheduler": "flow_2step", "max_sequence_length": 77}}]))
+    monkeypatch.setattr(registry, "USER_MODELS_FILE", users)
+
+    latents = noise(32, 32)
+    result = load_pipeline("tiny-2step", engine="mlx", precision="fp32").generate(
+        GenerationRequest(prompt=PROMPT, latents=latents))
+    p = result.parameters
+    assert (p["steps"], p["guidance"], p["scheduler"], p["max_sequence_length"], p["t5"]) == \
+        (2, 1.0, "flow_2step", 77, "skipped")
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    def reference(transformer):
+        parts = {**pipe.components, "transformer": transformer, "text_encoder_3": None, "tokenizer_3": None,
+                 "scheduler": FlowMatchEulerDiscreteScheduler(shift=1.0)}  # the fixed sigmas, unshifted
+        return diffusers_image(StableDiffusion3Pipeline(**parts), latents, 2, 1.0, 32, 32, sequence_length=77,
+                               sigmas=[1.0, 0.75])
+    assert psnr(result.pixels[0], reference(distilled)) >= 45.0
+    assert psnr(result.pixels[0], reference(pipe.transformer)) < 40.0  # the distilled weights made it
