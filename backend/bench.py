@@ -170,20 +170,16 @@ HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX p
           "|---|---|---|---|---|---|---|---|")
 
 
-def _blas_line() -> str:
-    from backend import blas
-    return blas.describe()
-
-
 def cpu_model() -> str:
     """The CPU's model name and vector extensions, printed with every figure (speed ratios depend on them)."""
+    import platform
+    from backend import blas
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
-        import platform
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = blas.cpu_flags()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name} ({vector})"
 
@@ -262,10 +258,11 @@ def _targets(rows) -> dict:
 
 def cmd_bench(a) -> int:
     with_torch = not a.no_torch and _torch_available()
-    print(f"CPU: {cpu_model()}; BLAS: {_blas_line()}")
+    from backend import blas
+    print(f"CPU: {cpu_model()}; BLAS: {blas.describe()}")
     report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
                        a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations])
-    print(f"\nCPU: {report['cpu']}; BLAS: {report['blas']}; CPUs: {report['cpu_count']}; JSON: {a.out}")
+    print(f"\nCPUs: {report['cpu_count']}; JSON: {a.out}")
     for name, t in report["targets"].items():
         print(f"target {name}: {t}")
     return 0

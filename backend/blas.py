@@ -46,7 +46,7 @@ def load_optimized_blas() -> str | None:
     return None
 
 
-def _cpu_flags() -> set:
+def cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
@@ -56,7 +56,7 @@ def _cpu_flags() -> set:
 
 def _kernels_for_this_cpu():
     """The OpenBLAS kernel family this CPU can run (None: leave OpenBLAS's own choice)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
         return "SkylakeX"
     if {"avx2", "fma"} <= flags:

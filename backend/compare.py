@@ -8,7 +8,6 @@ it yields the whole grid's state after each variant, so a front end can fill the
 from __future__ import annotations
 
 import json
-
 import secrets
 import threading
 from collections import OrderedDict

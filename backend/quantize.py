@@ -86,6 +86,16 @@ def copy_configs(source: Path, dest: Path) -> None:
         shutil.copyfile(path, target)
 
 
+def _drop_component(folder: Path, *components: str) -> None:
+    """Leave components out of a copied diffusers folder: their folders gone, [null, null] in model_index.json."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    for name in components:
+        shutil.rmtree(folder / name, ignore_errors=True)
+        index[name] = [None, None]
+    index_file.write_text(json.dumps(index, indent=1))
+
+
 # -------------------------------------------------------------------------------------- the cache
 def read_manifest(out: Path) -> Optional[dict]:
     try:
@@ -177,6 +187,8 @@ def quantize_mlx(source: Path, method: Optional[str] = None, bits: Optional[int]
     def build(tmp: Path) -> None:
         from backend.engines.mlx.engine import MLXStages
         copy_configs(source, tmp)
+        if spec.has_t5 and not t5:  # a variant made without T5 is a checkpoint without T5
+            _drop_component(tmp, *spec.traits.t5)
         # the settings it was made with (a registry entry's defaults included) travel with the variant
         (tmp / SETTINGS_FILE).write_text(json.dumps(spec.defaults, indent=1))
         stages = MLXStages(spec, precision="fp16", t5=t5)

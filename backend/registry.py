@@ -58,10 +58,9 @@ def get_entry(name: str) -> Optional[ModelEntry]:
     return next((m for m in list_models() if m.name == name), None)
 
 
-def transformer_override(model: str, progress: Optional[Callable[[str], None]] = None,
+def transformer_override(entry: Optional[ModelEntry], progress: Optional[Callable[[str], None]] = None,
                          local_only: bool = False) -> Optional[Path]:
     """The distilled transformer file a registry entry puts in place of its Hub model's (downloaded once)."""
-    entry = get_entry(model)
     if entry is None or not entry.transformer_file:
         return None
     from huggingface_hub import hf_hub_download
@@ -91,23 +90,17 @@ def load_spec(model: str, progress: Optional[Callable[[str], None]] = None, t5: 
     entry = get_entry(model)
     t5 = t5 and (entry is None or entry.t5)
     try:
-        distilled = transformer_override(model, progress, local_only)
+        distilled = transformer_override(entry, progress, local_only)
     except UserError:
         if not local_only:
             raise
         distilled = None
     skip = (() if t5 else ("text_encoder_3",)) + (("transformer",) if distilled else ())
     spec = ModelSpec.from_folder(resolve(model, progress, skip=skip, local_only=local_only))
-    spec.defaults.update(entry_defaults(model))
+    spec.defaults.update(entry.defaults if entry is not None else {})
     if distilled is not None:
         spec.weight_files["transformer"] = [distilled]
     return spec, t5
-
-
-def entry_defaults(model: str) -> dict:
-    """The registry's default settings for `model` ({} for folders and Hub ids)."""
-    entry = get_entry(model)
-    return dict(entry.defaults) if entry is not None else {}
 
 
 def add_local_model(folder: str, name: Optional[str] = None) -> ModelEntry:

@@ -10,11 +10,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 
 def test_kernels_follow_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(blas, "_cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"})
+    monkeypatch.setattr(blas, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"})
     assert blas._kernels_for_this_cpu() == "SkylakeX"
-    monkeypatch.setattr(blas, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(blas, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert blas._kernels_for_this_cpu() == "Haswell"
-    monkeypatch.setattr(blas, "_cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr(blas, "cpu_flags", lambda: {"sse4_2"})
     assert blas._kernels_for_this_cpu() is None
 
 

@@ -88,6 +88,12 @@ def run_segments(unet, segments, x, emb, context, skips):
     return x
 
 
+def check_inputs(io, inputs: dict, stage: str) -> None:
+    """What Core ML would check: the arrays are exactly the inputs the model's description declares."""
+    got = {n: (tuple(a.shape), a.dtype.name) for n, a in inputs.items()}
+    assert got == {n: (t.shape, t.dtype) for n, t in io.inputs.items()}, stage
+
+
 class StandInModel:
     """One "Core ML model": checks its inputs against the description, runs MLX, answers by output name."""
 
@@ -95,8 +101,7 @@ class StandInModel:
         self.stage, self.io, self.mlx, self.compute_units = stage, io, mlx_stages, compute_units
 
     def predict(self, inputs):
-        got = {n: (tuple(a.shape), a.dtype.name) for n, a in inputs.items()}
-        assert got == {n: (t.shape, t.dtype) for n, t in self.io.inputs.items()}, self.stage
+        check_inputs(self.io, inputs, self.stage)
         out = getattr(self, "_" + self.stage.lower())(inputs)
         return {name: np.asarray(out[name]).astype(t.dtype) for name, t in self.io.outputs.items()}
 

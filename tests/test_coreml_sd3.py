@@ -30,6 +30,7 @@ from backend.engines.coreml.spec import coreml_spec  # noqa: E402
 from backend.measure import psnr  # noqa: E402
 from backend.pipeline import Pipeline  # noqa: E402
 from backend.types import UserError  # noqa: E402
+from tests.test_coreml_engine import check_inputs  # noqa: E402
 from tests.tiny_models import SD3_JOINT_DIM  # noqa: E402
 
 PROMPT = "a red circle at the top"
@@ -48,8 +49,7 @@ class TorchModel:
 
     def predict(self, inputs):
         import torch
-        got = {n: (tuple(a.shape), a.dtype.name) for n, a in inputs.items()}
-        assert got == {n: (t.shape, t.dtype) for n, t in self.io.inputs.items()}, self.stage
+        check_inputs(self.io, inputs, self.stage)
         with torch.no_grad():
             out = self.module(**{n: torch.from_numpy(np.asarray(a, np.float32)) for n, a in inputs.items()})
         out = out if isinstance(out, tuple) else (out,)

@@ -213,3 +213,15 @@ def test_registry_entry_with_a_distilled_transformer_file(tiny_pipelines, tmp_pa
                                sigmas=[1.0, 0.75])
     assert psnr(result.pixels[0], reference(distilled)) >= 45.0
     assert psnr(result.pixels[0], reference(pipe.transformer)) < 40.0  # the distilled weights made it
+
+
+def test_a_variant_made_without_t5_runs_without_it(tiny_pipelines, tmp_path):
+    """A quantized variant written without T5 (as for the distilled entries) loads with T5's tokens as zeros."""
+    from backend.quantize import quantize_mlx
+    _, folder = tiny_pipelines("sd3-t5")
+    out, manifest, _ = quantize_mlx(folder, "mlx", 8, out=tmp_path / "q8-no-t5", t5=False)
+    assert manifest["settings"]["t5"] is False and "T5" not in manifest["layers"]
+    pipe = load_pipeline(str(out), engine="mlx", precision="fp32")
+    result = pipe.generate(GenerationRequest(prompt=PROMPT, steps=2, guidance=1.0, latents=noise(32, 32)))
+    assert pipe.info["t5"] == "absent" and result.parameters["t5"] == "absent"
+    assert any("has no T5 text encoder" in w for w in result.warnings)

@@ -53,7 +53,8 @@ def _mlx_choice(model: str, reason: str, progress, t5: bool = True) -> EngineCho
     if spec.has_t5 and t5:
         tokenizers.append(T5Tokenizer.from_folder(folder / spec.traits.t5[1]))
     return EngineChoice(name=model, kind="mlx", reason=reason, spec=spec, tokenizers=tokenizers,
-                        disk_bytes=disk_bytes(folder) + sum(disk_bytes(f) for f in spec.weight_files.get("transformer", [])),
+                        disk_bytes=disk_bytes(folder) + sum(disk_bytes(f) for files in spec.weight_files.values()
+                                                            for f in files),
                         load=lambda **opts: load_mlx_stages(spec, t5=t5, **opts))
 
 

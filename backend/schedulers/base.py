@@ -24,8 +24,6 @@ class Scheduler:
     prediction_types = ("epsilon", "v_prediction", "sample")
     needs_noise = False
     init_noise_sigma = 1.0
-    flow = False         # True for flow-matching samplers (the model predicts a velocity)
-    fixed_steps = None   # a schedule with a fixed number of steps says how many
 
     def __init__(self, name: str, config: dict):
         self.name = name

@@ -39,7 +39,6 @@ class FlowMatchEuler(Scheduler):
                     use_beta_sigmas=False, time_shift_type="exponential", stochastic_sampling=False,
                     prediction_type="flow", timestep_spacing="linspace")
     prediction_types = ("flow",)
-    flow = True
 
     def __init__(self, name: str, config: dict, fixed_sigmas=None):
         config = dict(config, prediction_type="flow", timestep_spacing="linspace")
@@ -115,13 +114,6 @@ class FlowMatchEuler(Scheduler):
         if self.config["time_shift_type"] == "exponential":
             return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
         return mu / (mu + (1 / t - 1))
-
-    def sigma_at(self, t) -> float:
-        return float(self.sigmas[self._step_index(t)])
-
-    def predicted_x0(self, model_output: np.ndarray, t, sample: np.ndarray) -> np.ndarray:
-        """The clean sample this step's velocity points to (for previews)."""
-        return (sample - np.float32(self.sigma_at(t)) * model_output).astype(np.float32)
 
     def step(self, model_output, t, sample, rng=None):
         i = self._step_index(t)

@@ -216,8 +216,7 @@ class CoreMLStages(Stages):
         with self._running("unet"):
             out = self._batched(self._run_mmdit, self.resources.denoiser_stages[0], arrays)
         # Apple's package answers denoiser_output, MobileDiffuser's last stage noise_pred (Swift takes the first)
-        name = next(n for n in ("denoiser_output", "noise_pred", *out) if n in out)
-        return out[name].astype(np.float32)
+        return named_or_first(out, ("denoiser_output", "noise_pred")).astype(np.float32)
 
     def predict_noise(self, latents, timestep, hidden, text_embeds=None, time_ids=None, timestep_cond=None):
         self._check_size(latents)

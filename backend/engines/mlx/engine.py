@@ -18,7 +18,7 @@ import numpy as np
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.mlx import cpu_kernels, weights as W
-from backend.engines.mlx.quantize import load_saved_component, quantize_stages, saved_components, saved_method
+from backend.engines.mlx.quantize import load_saved_component, quantize_stages, saved_method
 from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel, checkpoint_names
 from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
 from backend.engines.mlx.t5 import T5Config, T5EncoderModel, checkpoint_names as t5_names
@@ -74,17 +74,14 @@ class MLXStages(Stages):
         self.dtype = PRECISIONS[precision]
         # 'auto' on the CPU keeps T5's weights at fp16 and computes in fp32: T5-XXL in 9.5 GB, not 19
         t5_storage = mx.float16 if asked == "auto" and self.dtype == mx.float32 else self.dtype
+        t5_name = spec.traits.t5[0] if spec.traits.t5 else None
+        use_t5 = spec.has_t5 and t5
         notes = []
-        names = list(spec.text_encoders)
-        saved = saved_components(spec.folder)
-        if spec.has_t5 and t5 and saved is not None and spec.traits.t5[0] not in saved:
-            t5 = False
-            notes.append("this quantized variant was made without the T5 text encoder: its tokens are zeros")
-        elif spec.has_t5 and not t5:
-            names.remove(spec.traits.t5[0])
+        if spec.has_t5 and not t5:
             notes.append("T5 text encoder skipped on request: its tokens are zeros, as in a checkpoint without T5")
-        elif spec.traits.t5 is not None and not spec.has_t5:
+        elif t5_name and not spec.has_t5:
             notes.append("this checkpoint has no T5 text encoder: its tokens are zeros")
+        names = [n for n in spec.text_encoders if use_t5 or n != t5_name]
         configs = dict(zip(spec.text_encoders, spec.text_encoder_configs))
         self.encoder_names = names
         self.text_encoders = [_text_encoder(spec, name, configs[name], self.dtype, t5_storage) for name in names]
@@ -101,9 +98,8 @@ class MLXStages(Stages):
                      "compute_units": device, "attention": "fused" if device == "GPU" else "chunked",
                      "notes": notes}
         if spec.traits.t5 is not None:
-            self.info["t5"] = "loaded" if len(names) > len(spec.traits.encoders) else \
-                ("skipped" if spec.has_t5 else "absent")
-            if self.info["t5"] == "loaded" and t5_storage != self.dtype:
+            self.info["t5"] = "loaded" if use_t5 else ("skipped" if spec.has_t5 else "absent")
+            if use_t5 and t5_storage != self.dtype:
                 self.info["t5_weights"] = "fp16, computed in fp32"
 
     def components(self):

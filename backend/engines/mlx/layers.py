@@ -2,7 +2,7 @@
 
 Owns: the attention function UNet and VAE share (`attention`), SiLU/GELU (exact and tanh) and GroupNorm with
 their fast CPU paths, `Attention` (self/cross, optional group norm as in the VAE), `FeedForward`
-with GEGLU, `BasicTransformerBlock`, `Transformer2DModel`, `ResnetBlock2D`,
+with GEGLU or tanh-GELU, `BasicTransformerBlock`, `Transformer2DModel`, `ResnetBlock2D`,
 `Downsample2D`, `Upsample2D`, the sinusoidal `timestep_embedding` and `TimestepEmbedding`.
 Every module takes and returns channels-last (NHWC / (B, L, C)) arrays; attribute names mirror
 diffusers' state-dict names so `weights.load_into` fills them without a name map.
@@ -138,13 +138,29 @@ class GEGLU(nn.Module):
         return hidden * gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """diffusers' `FeedForward` with its default GEGLU activation: net.0 (GEGLU), net.2 (Linear)."""
+class TanhGELU(nn.Module):
+    """diffusers' activations.GELU(approximate="tanh"): `proj`, then tanh-GELU."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu_tanh(self.proj(x))
+
+
+_FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": TanhGELU}
+
+
+class FeedForward(nn.Module):
+    """diffusers' `FeedForward`: net.0 (the activation's projection: GEGLU by default, or SD3's
+    "gelu-approximate"), net.2 (Linear)."""
+
+    def __init__(self, dim: int, mult: int = 4, activation_fn: str = "geglu"):
         super().__init__()
         inner = dim * mult
-        self.net = [GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]  # net.1 is dropout
+        self.net = [_FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner), nn.Identity(),  # net.1 is dropout
+                    nn.Linear(inner, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.net:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from backend.engines.mlx import cpu_kernels, weights as W
-from backend.engines.mlx.layers import TimestepEmbedding, attention, gelu_tanh, silu, timestep_embedding
+from backend.engines.mlx.layers import FeedForward, TimestepEmbedding, attention, silu, timestep_embedding
 
 _NORM_EPS = 1e-6  # every norm of the model: adaLN LayerNorms, norm2, norm_out, the q/k RMS norms
 _TIME_CHANNELS = 256  # CombinedTimestepTextProjEmbeddings' sinusoidal timestep width
@@ -275,31 +275,6 @@ class JointAttention(nn.Module):
         return image, (self.to_add_out(out[:, n:]) if context_queries else None)
 
 
-class TanhGELU(nn.Module):
-    """diffusers' activations.GELU(approximate="tanh"): `proj`, then tanh-GELU."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return gelu_tanh(self.proj(x))
-
-
-class TanhFeedForward(nn.Module):
-    """diffusers' `FeedForward(activation_fn="gelu-approximate")`: net.0 (TanhGELU), net.2 (Linear)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        inner = dim * mult
-        self.net = [TanhGELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]  # net.1 is dropout
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class JointTransformerBlock(nn.Module):
     """The MMDiT block: adaLN-Zero on both streams, joint attention, (attn2,) gated MLPs.
 
@@ -318,9 +293,9 @@ class JointTransformerBlock(nn.Module):
         self.attn = JointAttention(dim, heads, head_dim, qk_norm, joint=True, context_pre_only=context_pre_only)
         if use_dual_attention:
             self.attn2 = JointAttention(dim, heads, head_dim, qk_norm, joint=False)
-        self.ff = TanhFeedForward(dim)
+        self.ff = FeedForward(dim, activation_fn="gelu-approximate")
         if not context_pre_only:
-            self.ff_context = TanhFeedForward(dim)
+            self.ff_context = FeedForward(dim, activation_fn="gelu-approximate")
 
     def __call__(self, x: mx.array, context: mx.array, conditioning_act: mx.array):
         """(image tokens, context tokens) -> (context tokens or None for the last block, image tokens)."""

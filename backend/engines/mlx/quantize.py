@@ -283,7 +283,6 @@ def save_stages(stages, folder: Path, quantization: str) -> None:
     for name, module in _components(stages):
         save_component(module, Path(folder), name)
     doc = {"method": quantization, "sentence": stages.quantized_layers,
-           "components": [name for name, _ in _components(stages)],
            "layers": {name: p["layers"] for name, p in plans.items()}}
     (Path(folder) / PLAN_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True))
 
@@ -296,12 +295,6 @@ def read_saved_plan(folder) -> Optional[dict]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): quantize the model again") from None
-
-
-def saved_components(folder) -> Optional[list]:
-    """The components a saved variant holds (None: not a saved variant, or one written before this was kept)."""
-    saved = read_saved_plan(folder)
-    return None if saved is None else saved.get("components")
 
 
 def saved_method(folder) -> Optional[str]:

@@ -36,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from backend.engines.mlx import cpu_kernels
+from backend.engines.mlx.layers import gelu_tanh
 from backend.engines.mlx import weights as weight_io
 
 FP16_MAX = 65504.0
@@ -119,17 +120,7 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     return buckets
 
 
-def _gelu_new(x: mx.array) -> mx.array:
-    """transformers' gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed in fp32 on the
-    CPU as x * sigmoid(2u) = x / (1 + 2^(-2u log2 e)) through cpu_kernels.exp2 (MLX's tanh is scalar)."""
-    if not cpu_kernels.available():
-        return nn.gelu_approx(x)
-    x32 = x.astype(mx.float32)
-    u = math.sqrt(2 / math.pi) * (x32 + 0.044715 * (x32 * x32 * x32))
-    return (x32 / (1 + cpu_kernels.exp2(mx.clip(-2 * _LOG2E * u, -200.0, 200.0)))).astype(x.dtype)
-
-
-_ACTIVATIONS = {"relu": nn.relu, "gelu_new": _gelu_new}
+_ACTIVATIONS = {"relu": nn.relu, "gelu_new": gelu_tanh}  # transformers' gelu_new is the tanh GELU
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, bias: mx.array) -> mx.array:
