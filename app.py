@@ -30,7 +30,7 @@ from backend.types import GenerationRequest, UserError  # noqa: E402
 ENGINE = dict(concurrency_id="engine", concurrency_limit=1)  # one generation at a time, whatever starts it
 PRIVATE = dict(api_visibility="private")
 ENGINES = [("Auto", "auto"), ("Core ML", "coreml"), ("MLX", "mlx")]
-UNITS = [("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"), ("CPU and GPU", "CPU_AND_GPU"),
+UNITS = [("Auto (Apple's choice for the model)", "auto"), ("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"), ("CPU and GPU", "CPU_AND_GPU"),
          ("CPU only", "CPU_ONLY")]
 SETTING_NAMES = ("prompt", "negative_prompt", "model", "engine", "compute_units", "precision", "scheduler", "steps",
                  "guidance", "width", "height", "seed", "t5")
@@ -433,7 +433,7 @@ class App:
                     with gr.Row():
                         u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="auto",
                                                   label="Precision or quantization", min_width=140)
-                        u.units = gr.Dropdown(UNITS, value="ALL", label="Compute units (Core ML)", min_width=200)
+                        u.units = gr.Dropdown(UNITS, value="auto", label="Compute units (Core ML)", min_width=200)
                     u.t5 = gr.Checkbox(False, label="T5 text encoder (SD3 models)",
                                        info="Better prompt following and text in images, ~9.5 GB more at fp16 "
                                             "(19 GB at fp32). Off: its tokens are zeros, as in Apple's app")
@@ -592,7 +592,7 @@ class App:
         with gr.Column(visible=False):
             gen_in = [gr.Textbox(None, label="prompt"), gr.Textbox("", label="negative_prompt"),
                       gr.Textbox(self.model, label="model"), gr.Textbox("auto", label="engine"),
-                      gr.Textbox("ALL", label="compute_units"), gr.Textbox("auto", label="precision"),
+                      gr.Textbox("auto", label="compute_units"), gr.Textbox("auto", label="precision"),
                       gr.Textbox("default", label="scheduler"), gr.Number(-1, label="steps", precision=0),
                       gr.Number(-1, label="guidance"), gr.Number(-1, label="width", precision=0),
                       gr.Number(-1, label="height", precision=0), gr.Number(-1, label="seed", precision=0),

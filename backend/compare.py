@@ -66,7 +66,7 @@ class CompareSettings:
     scheduler: Optional[str] = None
     width: Optional[int] = None
     height: Optional[int] = None
-    compute_units: str = "ALL"
+    compute_units: str = "auto"
 
 
 @dataclass

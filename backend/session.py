@@ -32,7 +32,7 @@ PRECISION_CHOICES = {
     "auto": ("auto", None), "fp16": ("fp16", None), "fp32": ("fp32", None), "bf16": ("bf16", None),
     "8-bit": ("auto", "q8"), "6-bit": ("auto", "q6"), "4-bit": ("auto", "q4"), "mixed-bit": ("auto", "mixed"),
 }
-COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+COMPUTE_UNITS = ("auto", "ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 
 
 def default_model() -> str:
@@ -51,7 +51,7 @@ class PipelineKey:
     engine: str = "auto"
     precision: str = "auto"
     quantization: Optional[str] = None
-    compute_units: str = "ALL"
+    compute_units: str = "auto"
     t5: bool = False   # SD3's T5 encoder (~9.5 GB at fp16): off unless asked, as in Apple's and DiffusionKit's apps
 
     @classmethod
@@ -60,7 +60,7 @@ class PipelineKey:
         if precision_choice not in PRECISION_CHOICES:
             raise UserError(f"unknown precision '{precision_choice}': choose one of {', '.join(PRECISION_CHOICES)}")
         precision, quantization = PRECISION_CHOICES[precision_choice]
-        return cls((model or "").strip(), engine or "auto", precision, quantization, compute_units or "ALL", bool(t5))
+        return cls((model or "").strip(), engine or "auto", precision, quantization, compute_units or "auto", bool(t5))
 
     def label(self) -> str:
         q = f" {self.quantization}" if self.quantization else ""

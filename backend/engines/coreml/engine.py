@@ -25,7 +25,7 @@ import numpy as np
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.coreml import resources as res
-from backend.engines.coreml.runtime import CoreMLRuntime, check_compute_units
+from backend.engines.coreml.runtime import UNITS_FOR_ATTENTION, CoreMLRuntime, check_compute_units
 from backend.engines.coreml.spec import (CLIP_TOKENS, HIDDEN_OUTPUTS, MMDIT_LATENT, MMDIT_POOLED, MMDIT_TEXT,
                                          TEXT_ENCODERS, mmdit_tensors, named_or_first, quantization_label)
 from backend.types import UserError
@@ -37,7 +37,7 @@ DEVICES = {"ALL": "CPU, GPU and Neural Engine", "CPU_AND_NE": "CPU and Neural En
 class CoreMLStages(Stages):
     """The Core ML models of one resources folder behind the Stages interface."""
 
-    def __init__(self, resources: res.CoreMLResources, spec: ModelSpec, runtime=None, compute_units: str = "ALL",
+    def __init__(self, resources: res.CoreMLResources, spec: ModelSpec, runtime=None, compute_units: str = "auto",
                  reduce_memory: bool = False):
         self.resources = resources
         self.spec = spec
@@ -75,19 +75,31 @@ class CoreMLStages(Stages):
             "these Core ML resources have no T5 text encoder: its tokens are zeros"]
 
     def set_compute_units(self, units: str) -> None:
-        """Run the next generations on `units`; models loaded for other units stay cached for switching back."""
-        self.compute_units = check_compute_units(units)
-        self.info.update(compute_units=units, device=DEVICES[units])
+        """Run the next generations on `units` ("auto": the units this attention is made for, as Apple's
+        apps choose them); models loaded for other units stay cached for switching back."""
+        asked = check_compute_units(units)
+        self.compute_units = UNITS_FOR_ATTENTION.get(self.resources.attention, "ALL") if asked == "auto" else asked
+        self.stage_units = {stage: self._units_for(stage) for stage in self.io}
+        moved = {stage: u for stage, u in self.stage_units.items() if u != self.compute_units}
+        self.info.update(compute_units=self.compute_units, device=DEVICES[self.compute_units],
+                         compute_units_asked=asked, stage_units=moved)
         if not self.reduce_memory:
             for stage in self.io:
                 self._model(stage)
 
+    def _units_for(self, stage: str) -> str:
+        """SDXL's VAE decoder runs on CPU_AND_GPU whatever else is asked: it is float32 and the Neural Engine
+        computes in float16 (Apple's Swift pipeline does the same, StableDiffusionXL+Resources.swift)."""
+        if stage == "VAEDecoder" and self.resources.is_sdxl and self.compute_units in ("ALL", "CPU_AND_NE"):
+            return "CPU_AND_GPU"
+        return self.compute_units
+
     # -- loading and releasing ------------------------------------------------------------------------
     def _model(self, stage: str):
-        key = (stage, self.compute_units)
+        key = (stage, self.stage_units[stage])
         if key not in self._loaded:
             t0 = time.perf_counter()
-            self._loaded[key] = self.runtime.load(self.resources.models[stage], self.compute_units)
+            self._loaded[key] = self.runtime.load(self.resources.models[stage], key[1])
             self.load_seconds[stage] = time.perf_counter() - t0
             self._resident_peak = max(self._resident_peak, self.resident_bytes())
         return self._loaded[key]
@@ -141,6 +153,8 @@ class CoreMLStages(Stages):
                 raise UserError(f"{self.resources.models[stage].name} needs an input '{name}' this pipeline "
                                 f"does not provide ({', '.join(available)})")
             array = np.asarray(available[name])
+            if tensor.shape and array.shape != tensor.shape and array.size == int(np.prod(tensor.shape)):
+                array = array.reshape(tensor.shape)  # e.g. SDXL's time_ids, packaged (12,) or (2, 6)
             if tensor.shape and tuple(array.shape) != tuple(tensor.shape):
                 raise UserError(f"{stage} input '{name}' must have shape {tensor.shape}, not {array.shape}")
             inputs[name] = np.ascontiguousarray(array.astype(tensor.dtype, copy=False))
@@ -250,13 +264,14 @@ class CoreMLStages(Stages):
 
 
 def load_coreml_stages(resources: res.CoreMLResources, spec: ModelSpec, precision: str = "fp16",
-                       quantization: Optional[str] = None, compute_units: str = "ALL",
+                       quantization: Optional[str] = None, compute_units: str = "auto",
                        attention: Optional[str] = None, reduce_memory: bool = False, runtime=None) -> CoreMLStages:
     """Precision is fixed when Core ML resources are made. A quantization ("q8", "q6", "q4", "q2", "mixed")
     is made on demand from the resources' .mlpackage files and cached beside them (backend/quantize.py)."""
     if quantization:
         resources = res.find_resources(quantized_resources(resources, quantization))
-    if attention and resources.attention not in (attention, "unknown"):
+    same = {attention} | (set(res.NEURAL_ENGINE_ATTENTIONS) if attention in res.NEURAL_ENGINE_ATTENTIONS else set())
+    if attention and resources.attention not in same | {"unknown"}:
         raise UserError(f"the Core ML resources in {resources.folder} use {resources.attention} attention, "
                         f"not {attention}; export them with --attention {attention}")
     return CoreMLStages(resources, spec, runtime=runtime, compute_units=compute_units, reduce_memory=reduce_memory)

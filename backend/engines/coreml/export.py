@@ -38,6 +38,8 @@ from backend.types import UserError
 from backend.engines.coreml import export_sd3, resources as res
 from backend.engines.coreml.conversion import DESCRIPTIONS, convert, describe, package_name
 
+EXPORT_ATTENTIONS = ("original", "split_einsum")  # what this exporter writes (Apple's v2 is not ported)
+
 PRECISIONS = ("fp16", "fp32")
 
 
@@ -104,8 +106,8 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     the existing folder; a different folder already at `out_dir` is a UserError.
     """
     source, out = Path(diffusers_dir).expanduser(), Path(out_dir).expanduser()
-    if attention not in res.ATTENTIONS:
-        raise UserError(f"attention must be one of {', '.join(res.ATTENTIONS)}, not {attention!r}.")
+    if attention not in EXPORT_ATTENTIONS:
+        raise UserError(f"attention must be one of {', '.join(EXPORT_ATTENTIONS)}, not {attention!r}.")
     if precision not in PRECISIONS:
         raise UserError(f"precision must be fp16 or fp32, not {precision!r}.")
     if unet_batch_size not in (1, 2):

@@ -6,8 +6,12 @@ Three methods, each reading a resources folder of `.mlpackage`s (see resources.p
   (grouped needs the iOS 18 / macOS 15 opset: the program is re-targeted first);
 - `linear_quantize`: symmetric 8-bit integers with a per-channel scale;
 - `mixed_bit`: Apple's mixed-bit palettization recipes (mixed_bit_compression_pre_analysis.py's JSON:
-  {"recipes": {"recipe_4.50_bit_mixedpalette": {"down_blocks.0.attentions.0.proj_in": 6, ...}}}),
-  applied to the UNet; a recipe names torch modules, matched here to the Core ML weights by name.
+  {"recipes": {"recipe_4.50_bit_mixedpalette": {"down_blocks.0.attentions.0.proj_in": 6, ...}}, "baselines":
+  ..., "cumulative": ...}), applied to the denoiser as Apple's mixed_bit_compression_apply.py does
+  (apple/ml-stable-diffusion @ e12202c): a recipe names torch modules; each Core ML weight of more than 1e5
+  elements takes the bits of the torch weight with the nearest hash (first float16 value + element count,
+  within 0.01), hashed from the diffusers checkpoint's safetensors; without them, by name. Smaller weights
+  stay float16. float32 packages are hashed through float16 (Apple's cast of the torch side).
 
 By default the text encoders and the denoiser are compressed: the UNet's package(s), or every package of
 SD3's MMDiT (Apple's one MultiModalDiffusionTransformer, or MobileDiffuser's Conditioning + Stage0..N;
@@ -27,6 +31,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+import numpy as np
 
 from backend.types import UserError
 from backend.engines.coreml import resources as res
@@ -87,6 +93,187 @@ def linear_quantize_model(mlmodel, bits: int = 8, weight_threshold: int = DEFAUL
                                                                        op_type_configs={"gather": None}))
 
 
+# ---------------------------------------------------------------- mixed-bit recipes, matched as Apple does
+
+# apple/ml-stable-diffusion @ e12202c1f6405b83918b58a5d097cd61e3e1f702, python_coreml_stable_diffusion/
+# mixed_bit_compression_pre_analysis.py and mixed_bit_compression_apply.py
+APPLE_SCRIPTS = "apple/ml-stable-diffusion@e12202c1f6405b83918b58a5d097cd61e3e1f702"
+PALETTIZE_MIN_SIZE = 100_000  # Apple's PALETTIZE_MIN_SIZE = 1e5: smaller weights stay float16
+HASH_TOLERANCE = 0.01  # Apple's apply: assert pdist.min() < 0.01
+NAME_MATCH_NOTE = "matched by name: no diffusers weights given"
+_EXAMPLES = 3
+
+
+def tensor_hash(tensor) -> float:
+    """Apple's get_tensor_hash, `tensor.ravel()[0] + np.prod(tensor.shape)` of float16 values.
+
+    The element count makes it shape-agnostic: a torch Linear [out, in] hashes like its Core ML 1x1
+    convolution [out, in, 1, 1]. Apple asserts float16; a float32 weight (an fp32 export) is hashed through
+    float16 here, the same cast Apple applies to the torch side, so both sides agree."""
+    a = np.asarray(tensor)
+    return float(np.float16(a.flat[0])) + float(np.prod(a.shape))
+
+
+def diffusers_weight_files(path) -> list:
+    """The denoiser's safetensors of a diffusers folder (its unet/ or transformer/, or the folder itself),
+    or one .safetensors file. Only safetensors are read."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise UserError(f"{path} is not a .safetensors file; only safetensors weights are read.")
+        return [path]
+    for folder in (path / "unet", path / "transformer", path):
+        for variant in ("", ".fp16"):
+            index = folder / f"diffusion_pytorch_model{variant}.safetensors.index.json"
+            if index.is_file():
+                return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            single = folder / f"diffusion_pytorch_model{variant}.safetensors"
+            if single.is_file():
+                return [single]
+    raise UserError(f"{path} holds no diffusers UNet weights (unet/diffusion_pytorch_model.safetensors); "
+                    "only safetensors are read.")
+
+
+class DiffusersWeights:
+    """The `<module>.weight` tensors (2-D and up: Linear and Conv weights) of a diffusers denoiser, read
+    lazily: shapes from the safetensors header, one value each for Apple's hash, and a whole tensor only
+    to settle a hash collision."""
+
+    def __init__(self, files, label: str):
+        from safetensors import safe_open
+        self.files, self.label = [Path(f) for f in files], label
+        self.shapes, self.hashes, self._file = {}, {}, {}
+        for f in self.files:
+            with safe_open(str(f), framework="numpy") as h:
+                for key in h.keys():
+                    if not key.endswith(".weight"):
+                        continue
+                    part = h.get_slice(key)
+                    shape = tuple(part.get_shape())
+                    if len(shape) < 2:
+                        continue
+                    if part.get_dtype() not in ("F16", "F32", "F64"):
+                        raise UserError(f"{f.name}: {key} is {part.get_dtype()}; Apple's hash needs float16 or "
+                                        "float32 weights.")
+                    layer = key[: -len(".weight")]
+                    first = part[tuple(slice(0, 1) for _ in shape)]
+                    self.shapes[layer], self._file[layer] = shape, f
+                    self.hashes[layer] = float(np.float16(first.flat[0])) + float(np.prod(shape))
+        if not self.hashes:
+            raise UserError(f"{label} holds no Linear or convolution weights.")
+        self.sizes = {layer: int(np.prod(shape)) for layer, shape in self.shapes.items()}
+
+    def tensor(self, layer: str) -> np.ndarray:
+        from safetensors import safe_open
+        with safe_open(str(self._file[layer]), framework="numpy") as h:
+            return h.get_tensor(layer + ".weight").astype(np.float16)
+
+    def fingerprint(self) -> dict:
+        return {"path": self.label, "files": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in self.files}}
+
+    def collisions(self, layers, threshold: int) -> list:
+        """Groups of two or more of `layers` (over the threshold) that share one hash."""
+        groups = {}
+        for layer in layers:
+            if layer in self.hashes and self.sizes[layer] > threshold:
+                groups.setdefault(self.hashes[layer], []).append(layer)
+        return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def find_diffusers_weights(weights=None, found: Optional[res.CoreMLResources] = None) -> Optional[DiffusersWeights]:
+    """The diffusers weights to hash: `weights` (a folder, a .safetensors file or a registry name), else the
+    folder export.py converted `found` from (its manifest's settings.source); None when there are none."""
+    if weights:
+        path = Path(str(weights)).expanduser()
+        if not path.exists():
+            from backend import registry
+            path = registry.resolve(str(weights))
+        return DiffusersWeights(diffusers_weight_files(path), str(path))
+    source = ((found.manifest if found is not None else {}).get("settings") or {}).get("source")
+    if source and Path(source).is_dir():
+        try:
+            return DiffusersWeights(diffusers_weight_files(source), str(source))
+        except UserError:
+            return None
+    return None
+
+
+def _check_float_program(mlmodel, stage: str) -> None:
+    spec = mlmodel.get_spec()
+    if spec.WhichOneof("Type") != "mlProgram":
+        return
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            if any(op.type.startswith("constexpr_") for op in block.operations):
+                raise UserError(f"The {stage} weights are already compressed: apply a mixed-bit recipe to the "
+                                "float16 package they came from.")
+
+
+def float_weights(mlmodel) -> dict:
+    """Core ML const name -> value, for every float const (get_weights_metadata's keys)."""
+    _, cto = _ct()
+    meta = cto.get_weights_metadata(mlmodel, weight_threshold=0)
+    return {name: m.val for name, m in meta.items()
+            if isinstance(m.val, np.ndarray) and m.val.dtype.kind == "f" and m.val.size}
+
+
+def assign_layers(weights: dict, recipe: dict, diffusers: Optional[DiffusersWeights] = None,
+                  weight_threshold: int = PALETTIZE_MIN_SIZE) -> tuple:
+    """(Core ML const name -> torch module name, facts) for every float weight of at least `weight_threshold`
+    elements (coremltools' get_weights_metadata rule, which Apple's apply uses).
+
+    With diffusers weights, Apple's rule: the nearest hash within HASH_TOLERANCE. The hashes are those of
+    every Linear/conv weight of the checkpoint (Apple hashes only the recipe's layers; with a recipe that
+    lists every candidate, as Apple's do, it is the same match, and a layer the recipe leaves out cannot
+    catch another's weight). Layers that share a hash are told apart by comparing the whole tensors; where
+    even that leaves several, the one with the most bits in the recipe is taken and it is reported.
+    Without them, by name: Core ML keeps the traced module path with '.' turned to '_' (and maybe a
+    wrapper's prefix, like export.py's 'unet_'), so a recipe key matches a weight whose module name ends
+    with it."""
+    large = [name for name, val in weights.items() if val.size >= weight_threshold]
+    facts = {"unmatched": [], "collisions_resolved": 0, "collisions_unresolved": []}
+    if diffusers is None:
+        found = _matches(large, recipe)
+        facts["unmatched"] = [n for n in large if n not in found]
+        return found, facts
+    groups = {}
+    for layer, h in diffusers.hashes.items():
+        groups.setdefault(h, []).append(layer)
+    keys = np.array(sorted(groups))
+    found = {}
+    for name in large:
+        val = weights[name]
+        distance = np.abs(keys - tensor_hash(val))
+        nearest = int(distance.argmin())
+        if distance[nearest] >= HASH_TOLERANCE:
+            facts["unmatched"].append(name)
+            continue
+        group = groups[keys[nearest]]
+        if len(group) > 1:
+            flat = val.astype(np.float16).ravel()
+            same = [layer for layer in group if diffusers.sizes[layer] == flat.size
+                    and np.array_equal(diffusers.tensor(layer).ravel(), flat)]
+            if len(same) == 1:
+                facts["collisions_resolved"] += 1
+                group = same
+            else:
+                facts["collisions_unresolved"].append(sorted(same or group))
+                group = [max(same or group, key=lambda layer: (recipe.get(layer, 16), layer))]
+        found[name] = group[0]
+    return found, facts
+
+
+def plan_bits(weights: dict, layer_of: dict, recipe: dict, weight_threshold: int = PALETTIZE_MIN_SIZE) -> tuple:
+    """({const name: bits} to palettize, bits/weight over every float weight). A weight is palettized when
+    its layer's recipe bits are not 16 and it has more than `weight_threshold` elements (the palettizer's
+    own test, `OpPalettizerConfig(weight_threshold=int(1e5))`); the rest keep their stored bits (16)."""
+    palette = {name: recipe[layer] for name, layer in layer_of.items()
+               if recipe.get(layer, 16) != 16 and weights[name].size > weight_threshold}
+    total = sum(v.size for v in weights.values())
+    bits = sum(v.size * palette.get(name, v.dtype.itemsize * 8) for name, v in weights.items())
+    return palette, (bits / total if total else 16.0)
+
+
 def _weight_module(const_name: str) -> Optional[str]:
     """'unet_down_blocks_0_attentions_0_proj_in_weight_to_fp16' -> 'unet_down_blocks_0_attentions_0_proj_in'."""
     name = re.sub(r"(_to_fp16|_to_fp32)+$", "", const_name)
@@ -110,60 +297,177 @@ def _matches(weight_names, recipe: dict) -> dict:
 
 
 def match_recipe(weight_names, recipe: dict) -> dict:
-    """Core ML weight name -> bits, for every weight whose module a recipe entry names.
-
-    Core ML keeps the traced module path with '.' turned to '_' (and maybe a wrapper's prefix, like
-    export.py's 'unet_'), so a recipe key matches a weight whose module name ends with it.
-    (Apple's apply script matches by weight values instead, which needs the torch checkpoint.)
-    """
+    """Core ML weight name -> bits, for every weight whose module a recipe entry names (by name)."""
     return {name: recipe[key] for name, key in _matches(weight_names, recipe).items()}
 
 
-def mixed_bit_model(mlmodel, recipe: dict, mode: str = "kmeans", require_match: bool = True):
-    """Palettize each weight a recipe names to its bits; return (model, stats). `require_match=False`: a
-    package the recipe does not name (an MMDiT stage without blocks) is left as it is."""
-    ct, cto = _ct()
-    weights = cto.get_weights_metadata(mlmodel, weight_threshold=0)
-    keys = _matches(weights, recipe)
-    if not keys and require_match:
-        raise UserError("The mixed-bit recipe names no weight of this UNet; was it made for another model?")
-    bits = {name: recipe[key] for name, key in keys.items()}
-    configs = {name: cto.OpPalettizerConfig(mode=mode, nbits=b, weight_threshold=0)
-               for name, b in bits.items() if b != 16}
-    total = sum(w.val.size for w in weights.values())
-    bits_sum = sum(w.val.size * bits.get(name, 16) for name, w in weights.items())
-    stats = {"weights_matched": len(keys), "weights_palettized": len(configs),
-             "recipe_entries_unmatched": len(set(recipe) - set(keys.values())),
-             "average_bits": round(bits_sum / total, 3)}
+def _small_layers(weights: dict, recipe: dict, diffusers, weight_threshold: int) -> dict:
+    """Recipe layer -> elements, for the layers whose weights are under the threshold (they stay float)."""
+    if diffusers is not None:
+        return {k: diffusers.sizes[k] for k in recipe if diffusers.sizes.get(k, weight_threshold) < weight_threshold}
+    small = [name for name, val in weights.items() if val.size < weight_threshold]
+    return {layer: int(weights[name].size) for name, layer in _matches(small, recipe).items()}
+
+
+def mixed_bit_model(mlmodel, recipe: dict, mode: str = "kmeans", require_match: bool = True, *,
+                    diffusers: Optional[DiffusersWeights] = None, weight_threshold: int = PALETTIZE_MIN_SIZE,
+                    stage: str = "UNet"):
+    """Palettize each weight a recipe names to its bits; return (model or None, stats). `require_match=False`:
+    a package the recipe does not name (an MMDiT stage without blocks) is left as it is. The stats' "_layers"
+    (matched recipe layer -> elements) and "_collisions" are for the caller to sum over packages."""
+    _, cto = _ct()
+    _check_float_program(mlmodel, stage)
+    weights = float_weights(mlmodel)
+    layer_of, facts = assign_layers(weights, recipe, diffusers, weight_threshold)
+    in_recipe = {name: layer for name, layer in layer_of.items() if layer in recipe}
+    large = sum(1 for v in weights.values() if v.size >= weight_threshold)
+    if large and not in_recipe and require_match:
+        how = f"by tensor hash against {diffusers.label}" if diffusers else "by name"
+        raise UserError(f"The mixed-bit recipe names no weight of this {stage} (matched {how}); "
+                        "was it made for another model?")
+    palette, average = plan_bits(weights, layer_of, recipe, weight_threshold)
+    configs = {name: cto.OpPalettizerConfig(mode=mode, nbits=b, weight_threshold=int(weight_threshold))
+               for name, b in palette.items()}
+    stats = {"matching": "hash" if diffusers else "name", "weight_threshold": int(weight_threshold),
+             "weights_over_threshold": large, "weights_matched": len(in_recipe), "weights_palettized": len(configs),
+             "weights_unmatched": len(facts["unmatched"]), "unmatched_examples": facts["unmatched"][:_EXAMPLES],
+             "weights_not_in_recipe": len(layer_of) - len(in_recipe),
+             "recipe_entries_unmatched": len(set(recipe) - set(in_recipe.values())),
+             "weight_elements": int(sum(v.size for v in weights.values())), "average_bits": round(average, 3),
+             "_layers": {layer: int(weights[name].size) for name, layer in in_recipe.items()},
+             "_small": _small_layers(weights, recipe, diffusers, weight_threshold), "_collisions": facts}
     if not configs:
         return None, stats
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs)), stats
 
 
-def load_recipe(recipe_json, recipe_name: Optional[str] = None) -> tuple:
-    """(name, {module: bits}) from Apple's pre-analysis JSON (pick `recipe_name`) or a plain {module: bits}."""
+# ---------------------------------------------------------------- recipe files
+
+def _recipe_file(recipe_json) -> tuple:
+    """(the JSON, a name for a bare recipe) from a path or an already-read dict."""
     if isinstance(recipe_json, dict):
-        data, default_name = recipe_json, "recipe"
-    else:
-        path = Path(recipe_json).expanduser()
-        if not path.is_file():
-            raise UserError(f"The mixed-bit recipe {path} does not exist.")
-        data, default_name = json.loads(path.read_text()), path.stem
-    if "recipes" in data:
-        recipes = data["recipes"]
-        if recipe_name is None and len(recipes) == 1:
-            recipe_name = next(iter(recipes))
-        if recipe_name not in recipes:
-            raise UserError(f"Choose a recipe: {', '.join(recipes)}" if recipe_name is None else
-                            f"No recipe {recipe_name!r} in the file; it has: {', '.join(recipes)}.")
-        recipe = recipes[recipe_name]
-    else:
-        recipe, recipe_name = data, recipe_name or default_name
-    bad = {k: v for k, v in recipe.items() if v not in RECIPE_BITS}
+        return recipe_json, "recipe"
+    path = Path(recipe_json).expanduser()
+    if not path.is_file():
+        raise UserError(f"The mixed-bit recipe {path} does not exist.")
+    try:
+        return json.loads(path.read_text()), path.stem
+    except json.JSONDecodeError as exc:
+        raise UserError(f"The mixed-bit recipe {path} is not JSON: {exc}") from None
+
+
+def _recipes(data: dict, default_name: str) -> dict:
+    return data["recipes"] if "recipes" in data else {default_name: data}
+
+
+def recipe_sizes(data: dict) -> dict:
+    """Layer -> elements, where Apple's pre-analysis recorded them (cumulative/<bits>/metadata/sizes)."""
+    for entry in (data.get("cumulative") or {}).values():
+        sizes = isinstance(entry, dict) and (entry.get("metadata") or {}).get("sizes")
+        if sizes:
+            return {k: int(v) for k, v in sizes.items()}
+    return {}
+
+
+def expected_bits(recipe: dict, sizes: Optional[dict] = None, name: str = "") -> tuple:
+    """(bits/weight, what it is over): the size-weighted average over the layers the recipe names, as the
+    number in Apple's recipe names (build_recipe's stats['nbits']); without sizes, the number in the name."""
+    sized = [k for k in recipe if sizes and k in sizes]
+    if sized:
+        total = sum(sizes[k] for k in sized)
+        how = "its layers" if len(sized) == len(recipe) else f"{len(sized)} of its {len(recipe)} layers"
+        return round(sum(recipe[k] * sizes[k] for k in sized) / total, 2), how + ", size-weighted"
+    number = re.search(r"(\d+(?:\.\d+)?)_bits?(?:_|$)", name)
+    if number:
+        return float(number.group(1)), "the recipe's name"
+    return round(sum(recipe.values()) / len(recipe), 2), "its layers, unweighted (no sizes known)"
+
+
+def _check_recipe(name: str, recipe) -> None:
+    bad = {k: v for k, v in recipe.items() if v not in RECIPE_BITS} if isinstance(recipe, dict) else {"": recipe}
     if bad or not recipe:
-        raise UserError(f"Recipe {recipe_name!r} must map layer names to bits in {RECIPE_BITS}; "
+        raise UserError(f"Recipe {name!r} must map layer names to bits in {RECIPE_BITS}; "
                         f"bad entries: {dict(list(bad.items())[:3])}.")
-    return recipe_name, recipe
+
+
+def _choices(recipes: dict, sizes: dict) -> str:
+    return ", ".join(f"{n} ({expected_bits(r, sizes, n)[0]:.2f} bits)" for n, r in recipes.items())
+
+
+def load_recipe(recipe_json, recipe_name: Optional[str] = None) -> tuple:
+    """(name, {module: bits}) from Apple's pre-analysis JSON (pick `recipe_name`; one recipe is picked
+    without it) or a plain {module: bits}."""
+    data, default_name = _recipe_file(recipe_json)
+    recipes = _recipes(data, default_name)
+    if not recipes:
+        raise UserError("The mixed-bit recipe file holds no recipe.")
+    if recipe_name is None and len(recipes) == 1:
+        recipe_name = next(iter(recipes))
+    if recipe_name not in recipes:
+        choices = _choices(recipes, recipe_sizes(data))
+        raise UserError(f"choose a recipe with --recipe-name: {choices}" if recipe_name is None else
+                        f"no recipe {recipe_name!r} in the file; it has: {choices}")
+    _check_recipe(recipe_name, recipes[recipe_name])
+    return recipe_name, recipes[recipe_name]
+
+
+def list_recipes(recipe_json, resources_dir=None, weights=None,
+                 weight_threshold: int = PALETTIZE_MIN_SIZE) -> tuple:
+    """([{name, layers, expected_bits, bits_over, baseline_psnr[, all_weights_bits]}], {file facts}).
+
+    expected_bits: over the layers the recipe names, size-weighted (sizes from the diffusers weights, else
+    the file's pre-analysis sizes, else the recipe's name). With a Core ML folder, all_weights_bits: over
+    every float weight of its denoiser, matched as `mixed_bit` would, the unlisted ones at their 16 bits."""
+    data, default_name = _recipe_file(recipe_json)
+    recipes = _recipes(data, default_name)
+    for name, recipe in recipes.items():
+        _check_recipe(name, recipe)
+    found = res.find_resources(resources_dir, require_tokenizer=False) if resources_dir else None
+    diffusers = find_diffusers_weights(weights, found) if (weights or found is not None) else None
+    sizes = diffusers.sizes if diffusers else recipe_sizes(data)
+    baselines = data.get("baselines") or {}
+    rows = []
+    for name, recipe in recipes.items():
+        bits, how = expected_bits(recipe, sizes, name)
+        rows.append({"name": name, "layers": len(recipe), "expected_bits": bits, "bits_over": how,
+                     "baseline_psnr": baselines.get(name)})
+    info = {"model_version": data.get("model_version"), "baselines": {k: v for k, v in baselines.items()
+                                                                      if k not in recipes},
+            "sizes_from": "diffusers weights" if diffusers else ("the file" if sizes else None)}
+    if found is not None:
+        if found.compiled:
+            raise UserError(f"{found.folder} holds compiled .mlmodelc models, whose weights cannot be read; "
+                            "use the .mlpackage variant.")
+        ct, _ = _ct()
+        packages = [float_weights(ct.models.MLModel(str(found.models[s]), skip_model_load=True))
+                    for s in found.denoiser_stages]
+        info.update(matching="hash" if diffusers else "name", weights=diffusers.label if diffusers else None)
+        for row in rows:
+            recipe, bits, total = recipes[row["name"]], 0.0, 0
+            for w in packages:
+                layer_of, _ = assign_layers(w, recipe, diffusers, weight_threshold)
+                elements = sum(v.size for v in w.values())
+                bits += plan_bits(w, layer_of, recipe, weight_threshold)[1] * elements
+                total += elements
+            row["all_weights_bits"] = round(bits / total, 2) if total else None
+    return rows, info
+
+
+def format_recipe_list(rows: list, info: dict) -> list:
+    """The lines `quantize --list-recipes` prints."""
+    lines = []
+    for r in rows:
+        line = f"{r['name']}: {r['expected_bits']:.2f} bits/weight over {r['bits_over']} ({r['layers']} layers)"
+        if r.get("all_weights_bits") is not None:
+            line += f"; {r['all_weights_bits']:.2f} over all the model's weights"
+        if r.get("baseline_psnr") is not None:
+            line += f"; baseline PSNR {r['baseline_psnr']}"
+        lines.append(line)
+    if info.get("baselines"):
+        lines.append("baselines: " + ", ".join(f"{k} {v}" for k, v in info["baselines"].items()))
+    if info.get("matching") == "name":
+        lines.append(f"({NAME_MATCH_NOTE})")
+    return lines
 
 
 # ---------------------------------------------------------------- a resources folder
@@ -209,11 +513,11 @@ def _compress_folder(resources_dir, out_dir, tag: str, settings: dict, stages, c
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    report = {}
+    report, extra = {}, None
     try:
         _compress_entries(found, tmp, stages, tag, compress, report)
         if check is not None:
-            check(report)
+            extra = check(report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -225,6 +529,7 @@ def _compress_folder(resources_dir, out_dir, tag: str, settings: dict, stages, c
     if averaged:
         manifest["average_bits"] = round(sum(r["average_bits"] * r["bytes_before"] for r in averaged)
                                          / sum(r["bytes_before"] for r in averaged), 3)
+    manifest.update(extra or {})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tmp.rename(out)
     return out
@@ -252,6 +557,14 @@ def _compress_entries(found, tmp: Path, stages, tag: str, compress: Callable, re
             action = "compressed"
         report[stage] = dict(stats, file=entry.name, action=action, bytes_before=res.disk_bytes(entry),
                              bytes=res.disk_bytes(tmp / entry.name), seconds=round(time.perf_counter() - t0, 3))
+        if "weight_elements" in stats:  # bits/weight achieved: the weights file over the weights' elements
+            report[stage]["weights_file_bytes"] = weights_file_bytes(tmp / entry.name)
+
+
+def weights_file_bytes(package: Path) -> int:
+    """Bytes of an ML program package's weights file (where every weight but the tiniest lives)."""
+    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return res.disk_bytes(weights) if weights.exists() else 0
 
 
 def palettize(resources_dir, bits: int = 4, granularity: str = "per_tensor", group_size: int = 16, *,
@@ -286,19 +599,88 @@ def linear_quantize(resources_dir, bits: int = 8, *, out_dir=None, stages=None,
 
 
 def mixed_bit(resources_dir, recipe_json, *, recipe_name: Optional[str] = None, mode: str = "kmeans",
-              out_dir=None) -> Path:
-    """Apply one of Apple's mixed-bit palettization recipes to the denoiser's package(s) (UNet or MMDiT)."""
+              out_dir=None, weights=None, weight_threshold: int = PALETTIZE_MIN_SIZE) -> Path:
+    """Apply one of Apple's mixed-bit palettization recipes to the denoiser's package(s) (UNet or MMDiT).
+
+    Matched as Apple's mixed_bit_compression_apply.py does (see `assign_layers`): by tensor hash against the
+    diffusers weights (`weights`: a folder, a .safetensors file or a registry name; by default the folder
+    export.py converted these resources from), else by name, which the manifest says. Weights of
+    `weight_threshold` (Apple's 1e5) elements or fewer stay float16. The manifest records the recipe's
+    expected bits/weight, the bits planned over every weight, and those achieved on disk."""
+    data, _ = _recipe_file(recipe_json)
     name, recipe = load_recipe(recipe_json, recipe_name)
     _check_kmeans(mode)
+    found = res.find_resources(resources_dir, require_tokenizer=False)
+    diffusers = None if found.compiled else find_diffusers_weights(weights, found)
     recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     settings = {"method": "mixed_bit", "recipe": name, "recipe_sha256": recipe_hash, "mode": mode,
-                "bits": None, "minimum_os": "macOS13"}
+                "bits": None, "minimum_os": "macOS13", "weight_threshold": int(weight_threshold),
+                "matching": "hash" if diffusers else "name",
+                "weights": diffusers.fingerprint() if diffusers else None}
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    matched, small, collisions = {}, {}, {"resolved": 0, "unresolved": []}
 
-    def check(report: dict) -> None:  # an MMDiT's packages are checked together: some stages hold no block
-        if not any(r.get("weights_matched") for r in report.values()):
+    def compress(stage, mlmodel):
+        model, stats = mixed_bit_model(mlmodel, recipe, mode, not res.is_mmdit_stage(stage), diffusers=diffusers,
+                                       weight_threshold=weight_threshold, stage=stage)
+        matched.update(stats.pop("_layers"))
+        small.update(stats.pop("_small"))
+        facts = stats.pop("_collisions")
+        collisions["resolved"] += facts["collisions_resolved"]
+        collisions["unresolved"] += facts["collisions_unresolved"]
+        return model, stats
+
+    def check(report: dict) -> dict:
+        done = [r for r in report.values() if "weight_elements" in r]
+        large = sum(r["weights_over_threshold"] for r in done)
+        if large and not any(r["weights_matched"] for r in done):  # an MMDiT's packages are checked together
             raise UserError("The mixed-bit recipe names no weight of this MMDiT; was it made for another model?")
+        sizes = diffusers.sizes if diffusers else (recipe_sizes(data) or matched)
+        bits, over = expected_bits(recipe, sizes, name)
+        elements = sum(r["weight_elements"] for r in done)
+        groups = diffusers.collisions(recipe, weight_threshold) if diffusers else []
+        unmatched = sorted(set(recipe) - set(matched) - set(small))
+        summary = {
+            "recipe": name, "matching": settings["matching"],
+            "matching_note": (f"matched by tensor hash against {diffusers.label}" if diffusers else NAME_MATCH_NOTE),
+            "apple_scripts": APPLE_SCRIPTS, "weight_threshold": int(weight_threshold),
+            "expected_bits": bits, "expected_bits_over": over,
+            "average_bits": round(sum(r["average_bits"] * r["weight_elements"] for r in done) / elements, 3)
+            if elements else None,
+            "achieved_bits": round(8 * sum(r["weights_file_bytes"] for r in done) / elements, 3) if elements else None,
+            "weights_matched": sum(r["weights_matched"] for r in done),
+            "weights_palettized": sum(r["weights_palettized"] for r in done),
+            "weights_unmatched": sum(r["weights_unmatched"] for r in done),
+            "recipe_entries_unmatched": len(unmatched), "recipe_entries_unmatched_examples": unmatched[:_EXAMPLES],
+            "recipe_entries_under_threshold": len(set(small) - set(matched)),
+            "hash_collisions": {"groups": len(groups), "examples": groups[:_EXAMPLES],
+                                "resolved_by_values": collisions["resolved"],
+                                "unresolved": len(collisions["unresolved"]),
+                                "unresolved_examples": collisions["unresolved"][:_EXAMPLES]},
+        }
+        return summary
 
-    return _compress_folder(resources_dir, out_dir, f"mixedbit-{slug}", settings, "denoiser",
-                            lambda stage, m: mixed_bit_model(m, recipe, mode, not res.is_mmdit_stage(stage)),
-                            check)
+    return _compress_folder(resources_dir, out_dir, f"mixedbit-{slug}", settings, "denoiser", compress, check)
+
+
+def mixed_bit_summary(manifest: dict) -> list:
+    """The lines the quantize command prints after a mixed-bit run: matching, collisions, sizes, bits."""
+    lines = [manifest.get("matching_note", "")]
+    c = manifest.get("hash_collisions") or {}
+    if c.get("groups"):
+        lines.append(f"hash collisions: {c['groups']} group(s) of recipe layers share a hash (e.g. "
+                     f"{' = '.join(c['examples'][0])}); {c['resolved_by_values']} weight(s) told apart by their "
+                     f"values, {c['unresolved']} not (given the larger bits)")
+    if manifest.get("weights_unmatched"):
+        lines.append(f"{manifest['weights_unmatched']} weight(s) over the threshold matched no layer and stay float16")
+    if manifest.get("recipe_entries_under_threshold"):
+        lines.append(f"{manifest['recipe_entries_under_threshold']} recipe layer(s) have fewer than "
+                     f"{manifest.get('weight_threshold')} elements and stay float16")
+    if manifest.get("recipe_entries_unmatched"):
+        lines.append(f"{manifest['recipe_entries_unmatched']} recipe layer(s) not found in the model (e.g. "
+                     f"{', '.join(manifest['recipe_entries_unmatched_examples'])})")
+    expected = manifest.get("expected_bits")
+    lines.append(f"bits/weight: recipe {expected:.2f} (over {manifest.get('expected_bits_over')}); "
+                 f"planned {manifest.get('average_bits') or 0:.2f} over every weight; "
+                 f"achieved {manifest.get('achieved_bits') or 0:.2f} (weights files)")
+    return [line for line in lines if line]

@@ -35,6 +35,7 @@ STAGE_SUFFIXES = {
     "Unet": "unet",
     "UnetChunk1": "unet_chunk1",
     "UnetChunk2": "unet_chunk2",
+    "UnetRefiner": "refiner",           # SDXL's refiner UNet, bundled beside the base (--refiner-version)
     "VAEDecoder": "vae_decoder",
     "VAEEncoder": "vae_encoder",
     "SafetyChecker": "safety_checker",
@@ -46,7 +47,10 @@ MMDIT_STAGE = MMDIT + "Stage"                           # ... then Stage0, Stage
 _MMDIT_SUFFIXES = {MMDIT: "mmdit", MMDIT_CONDITIONING: "mmdit_conditioning"}
 _STAGE_NUMBER = re.compile(r"(?:^" + MMDIT_STAGE + r"|_mmdit_stage)(\d+)$")
 MODEL_EXTENSIONS = (".mlpackage", ".mlmodelc")
-ATTENTIONS = ("original", "split_einsum")
+#: attention implementations: ORIGINAL (GPU), SPLIT_EINSUM and SPLIT_EINSUM_V2 (Neural Engine; Apple's palettized
+#: repositories publish v2, their variant folder is split_einsum_v2/)
+ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
+NEURAL_ENGINE_ATTENTIONS = ("split_einsum", "split_einsum_v2")
 #: user-defined metadata keys export.py writes into every model it converts
 META_ATTENTION = "silicon_diffusion.attention"
 META_STAGE = "silicon_diffusion.stage"
@@ -216,6 +220,8 @@ def _locate(folder: Path) -> Path:
 def _attention_from_name(folder: Path) -> Optional[str]:
     for part in reversed(folder.resolve().parts[-3:]):
         low = part.lower().replace("-", "_")
+        if "split_einsum_v2" in low:
+            return "split_einsum_v2"
         if "split_einsum" in low or "spliteinsum" in low:
             return "split_einsum"
         if re.search(r"(^|_)original($|_)", low):

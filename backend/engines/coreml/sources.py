@@ -1,12 +1,26 @@
-"""Where a Core ML engine's resources come from, and the engine choice made of them (`coreml_choice`).
+"""Where a Core ML engine's resources come from, Apple's default settings for them, and `coreml_choice`.
 
-A local folder (Apple's variant folders original/ and split_einsum/, packages/ and compiled/, resolved to
-one), or a registry entry's Hub repository and variant subfolder, downloaded with only that subfolder's
-files; the entry's diffusers model, when already cached, is paired for its configs. The spec is read by
-spec.py, the stages are engine.py's.
+Registry entries name a Hub repository and its variant folders by attention ("original": "original",
+"split_einsum_v2": "split_einsum_v2", or "" for a repository whose root holds compiled/ and packages/, as
+apple/coreml-stable-diffusion-xl-base). Each variant folder holds Apple's compiled models (`compiled/`,
+`.mlmodelc`) and/or the editable packages (`packages/`, `.mlpackage`). The layouts relied on, with their
+sources, are recorded in tests/fixtures/coreml_hub_layouts.json.
+
+- `plan_download`: from a repository's file list, the one folder to use and only the files the request
+  needs: compiled first (a load then compiles nothing), packages only to quantize or re-export; the text
+  encoders, one UNet (the whole one on a Mac, the chunks only when there is no whole one), the VAE decoder
+  and the tokenizer files; no safety checker, no VAE encoder, no refiner unless asked for.
+- `recommended_settings`: the attention variant to fetch, as Apple's Mac app chooses it (from the asked
+  compute units, else the Mac's performance cores); the engine then runs "auto" units as that attention
+  is made for (runtime.UNITS_FOR_ATTENTION).
+- `coreml_choice`: select.choose_engine's Core ML branch.
 """
 from __future__ import annotations
 
+import fnmatch
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,41 +30,243 @@ from backend.engines.coreml.engine import CoreMLStages, load_coreml_stages
 from backend.engines.coreml.spec import coreml_spec, coreml_tokenizers
 from backend.types import UserError
 
-
-def _local_variant(folder: Path, attention: Optional[str]) -> Path:
-    """A folder holding Apple's variant folders (original/, split_einsum/; packages/, compiled/) -> one of them."""
-    named = {a: folder / a for a in res.ATTENTIONS if (folder / a).is_dir()}
-    if named:
-        chosen = attention or ("split_einsum" if "split_einsum" in named else "original")
-        if chosen not in named:
-            raise UserError(f"{folder} has no {chosen} Core ML variant (it has {', '.join(named)})")
-        folder = named[chosen]
-    compiled = folder / "compiled"
-    if (folder / "packages").is_dir() and compiled.is_dir() and any(res.stage_of(p) for p in compiled.iterdir()):
-        folder = compiled  # loads without compiling first
-    return folder
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+#: the stages a text-to-image run needs, besides the UNet (text encoders are taken when present)
+_TEXT_STAGES = ("TextEncoder", "TextEncoder2")
 
 
-def _download_variant(repo: str, subfolder: str, progress) -> Path:
-    """A registry variant's folder: from the Hub cache, else downloaded (only that subfolder + tokenizer files)."""
-    from huggingface_hub import snapshot_download
-    root = subfolder.rsplit("/", 1)[0] + "/" if "/" in subfolder else ""
-    patterns = [f"{subfolder}/*", f"{root}*/vocab.json", f"{root}*/merges.txt"]
+@dataclass
+class DownloadPlan:
+    folder: str             # the folder inside the repository that will hold the models ("" = root)
+    patterns: list          # allow_patterns for snapshot_download
+    stages: dict            # stage -> model folder name inside `folder`
+    compiled: bool
+
+
+def _model_dirs(files, folder: str) -> dict:
+    """stage -> model folder name, for the models directly inside `folder` of a repository file list."""
+    prefix = f"{folder}/" if folder else ""
+    found = {}
+    for name in files:
+        if not name.startswith(prefix):
+            continue
+        top = name[len(prefix):].split("/", 1)[0]
+        stage = res.stage_of(Path(top))
+        if stage is not None and "/" in name[len(prefix):]:
+            found.setdefault(stage, top)
+    return found
+
+
+def _needed(found: dict, refiner: bool, vae_encoder: bool) -> Optional[list]:
+    """The stages to fetch from one folder's models, or None when a needed one is missing."""
+    if refiner:
+        denoiser = ["UnetRefiner"]
+        text = ["TextEncoder2"]
+    else:
+        denoiser = ["Unet"] if "Unet" in found else ["UnetChunk1", "UnetChunk2"]
+        text = [s for s in _TEXT_STAGES if s in found]
+        if any(res.is_mmdit_stage(s) for s in found):
+            denoiser = [s for s in found if res.is_mmdit_stage(s)]
+    wanted = text + denoiser + ["VAEDecoder"] + (["VAEEncoder"] if vae_encoder else [])
+    return wanted if text and all(s in found for s in wanted) else None
+
+
+def plan_download(files, variant: str, packages: bool = False, refiner: bool = False,
+                  vae_encoder: bool = False) -> DownloadPlan:
+    """What to fetch of a repository (its file list) for one variant folder: see the module docstring."""
+    root = variant.strip("/")
+    join = (lambda *parts: "/".join(p for p in parts if p))
+    kinds = ("packages", "") if packages else ("compiled", "packages", "")
+    for kind in kinds:  # "": models directly in the variant folder (MobileDiffuser's coremlsd3_*step/)
+        folder = join(root, kind)
+        found = _model_dirs(files, folder)
+        stages = _needed(found, refiner, vae_encoder)
+        if stages is None or (packages and any(not found[s].endswith(".mlpackage") for s in stages)):
+            continue
+        patterns = [join(folder, found[s], "*") for s in stages]
+        # the CLIP tokenizer files live beside the compiled models (also needed with the packages)
+        tokenizer_dirs = {folder, join(root, "compiled"), root}
+        patterns += sorted(join(d, f) for d in tokenizer_dirs for f in TOKENIZER_FILES
+                           if join(d, f) in set(files))
+        return DownloadPlan(folder=folder, patterns=patterns, stages={s: found[s] for s in stages},
+                            compiled=found[stages[0]].endswith(".mlmodelc"))
+    what = "packages (.mlpackage)" if packages else "models"
+    raise UserError(f"the Core ML repository has no complete set of {what} in {root or 'its root'}/"
+                    f"{'packages' if packages else 'compiled or packages'}")
+
+
+def performance_cores() -> Optional[int]:
+    """The Mac's performance cores (sysctl hw.perflevel0.physicalcpu), None elsewhere or when unknown."""
+    if sys.platform != "darwin":
+        return None
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True)) / subfolder
-        if folder.is_dir() and any(res.stage_of(p) for p in folder.iterdir()):
+        out = subprocess.run(["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True,
+                             timeout=5)
+        return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def recommended_settings(offered, attention: Optional[str] = None, units: Optional[str] = None,
+                         cores: Optional[int] = None) -> tuple:
+    """(attention, reason) among the attentions `offered`, as swift-coreml-diffusers chooses on a Mac
+    (ModelInfo.defaultAttention, PipelineLoader.variant @ a561fae): asked units decide the attention
+    (CPU_ONLY / CPU_AND_GPU: original; CPU_AND_NE: split-einsum, v2 where offered; ALL: split-einsum); with
+    units "auto", ORIGINAL (run on CPU_AND_GPU) on a Mac with 8 or more performance cores (or unknown), else
+    split-einsum (run on CPU_AND_NE). Apple's README: ORIGINAL for cpuAndGPU on Mac, SPLIT_EINSUM for the
+    Neural Engine. A choice the resources do not offer falls back to what they have."""
+    offered = list(offered)
+    engine = [a for a in ("split_einsum", "split_einsum_v2") if a in offered]
+    if attention:
+        if attention in offered:
+            return attention, f"{attention} attention as asked"
+        if attention in res.NEURAL_ENGINE_ATTENTIONS and engine:
+            return engine[0], f"{engine[0]} attention (the Neural Engine variant offered)"
+        raise UserError(f"no {attention} Core ML variant here (there is {', '.join(offered)})")
+    if units in ("CPU_ONLY", "CPU_AND_GPU"):
+        wanted, why = ["original"], f"original attention for {units}"
+    elif units == "CPU_AND_NE":
+        wanted, why = engine[::-1], "split-einsum attention for the Neural Engine"
+    elif units == "ALL":
+        wanted, why = engine, "split-einsum attention for ALL"
+    elif cores is not None and cores < 8:
+        wanted, why = engine, f"split-einsum attention on CPU_AND_NE ({cores} performance cores)"
+    else:
+        wanted, why = ["original"], "ORIGINAL attention on CPU_AND_GPU, Apple's choice for Macs"
+    for choice in wanted:
+        if choice in offered:
+            return choice, why
+    return offered[0], f"{offered[0]} attention (the only variant offered)"
+
+
+# ---------------------------------------------------------------- local folders and the Hub
+
+def _local_variants(folder: Path) -> dict:
+    """Apple's variant folders inside a local folder (original/, split_einsum(_v2)/), or {} when it has none."""
+    return {a: a for a in res.ATTENTIONS if (folder / a).is_dir()}
+
+
+def _local_folder(folder: Path, packages: bool) -> Path:
+    """compiled/ first (loads without compiling), packages/ when asked for or alone, else the folder itself."""
+    compiled = folder / "compiled"
+    if not packages and compiled.is_dir() and any(res.stage_of(p) for p in compiled.iterdir()):
+        return compiled
+    return folder / "packages" if (folder / "packages").is_dir() else folder
+
+
+def _repo_files(repo: str) -> list:
+    """The repository's file list: the Hub's, or the cached snapshot's when offline."""
+    from huggingface_hub import HfApi, snapshot_download
+    if not registry.offline():
+        try:
+            return HfApi().list_repo_files(repo)
+        except Exception:
+            pass
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json"]))
+    except Exception:
+        return []
+    return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+
+
+def _download(repo: str, plan: DownloadPlan, progress) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=plan.patterns, local_files_only=True)) / plan.folder
+        if all((folder / name).is_dir() for name in plan.stages.values()):
             return folder
     except Exception:
         pass
     if registry.offline():
-        raise UserError(f"the Core ML resources {repo}/{subfolder} are not downloaded and offline mode is on")
+        raise UserError(f"the Core ML resources {repo}/{plan.folder} are not downloaded and offline mode is on")
     if progress:
-        progress(f"downloading Core ML resources {repo}/{subfolder}")
+        progress(f"downloading Core ML resources {repo}/{plan.folder} ({', '.join(plan.stages)})")
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns)) / subfolder
+        return Path(snapshot_download(repo, allow_patterns=plan.patterns)) / plan.folder
     except Exception as exc:
-        raise UserError(f"cannot download the Core ML resources {repo}/{subfolder} "
+        raise UserError(f"cannot download the Core ML resources {repo}/{plan.folder} "
                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def entry_plan(entry, attention: Optional[str] = None, units: Optional[str] = None, packages: bool = False,
+               files=None) -> tuple:
+    """(plan, chosen attention, reason) for a registry entry's Core ML resources."""
+    variants = entry.coreml.get("variants") or {"original": ""}
+    chosen, reason = recommended_settings(variants, attention, units, performance_cores())
+    files = _repo_files(entry.coreml["repo"]) if files is None else files
+    if not files:
+        why = "offline mode is on" if registry.offline() else "the Hub cannot be reached"
+        raise UserError(f"the Core ML resources {entry.coreml['repo']} are not downloaded and {why}")
+    plan = plan_download(files, variants[chosen], packages=packages,
+                         refiner=entry.coreml.get("denoiser") == "UnetRefiner")
+    return plan, chosen, reason
+
+
+def planned_download_bytes(entry) -> Optional[int]:
+    """Bytes the entry's default plan would download, from the Hub's file sizes (None when unknown)."""
+    from huggingface_hub import HfApi
+    try:
+        info = HfApi().model_info(entry.coreml["repo"], files_metadata=True)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings}
+        plan = entry_plan(entry, files=list(sizes))[0]
+    except Exception:
+        return None
+    return sum(n for name, n in sizes.items() if any(fnmatch.fnmatch(name, p) for p in plan.patterns))
+
+
+@dataclass
+class Located:
+    folder: Path            # the folder holding the models
+    entry: object           # the registry entry, or None for a local folder
+    offered: list           # the attention variants there are
+    attention: str          # the one chosen ("" when a local folder has no variant folders)
+    reason: str
+
+
+def locate(model: str, attention: Optional[str] = None, units: Optional[str] = None, packages: bool = False,
+           progress=None) -> Located:
+    """The resources folder of a local folder or a registry name, for the asked attention / compute units."""
+    units = None if units == "auto" else units
+    local = Path(model).expanduser()
+    if local.is_dir():
+        variants = _local_variants(local)
+        if not variants:
+            return Located(_local_folder(local, packages), None, [], "", "local resources")
+        chosen, reason = recommended_settings(variants, attention, units, performance_cores())
+        return Located(_local_folder(local / chosen, packages), None, list(variants), chosen, reason)
+    entry = registry.get_entry(model)
+    if entry is None or not entry.coreml:
+        raise UserError(f"model '{model}' has no Core ML resources; export them with "
+                        "`python -m backend export-coreml` or choose the MLX engine")
+    plan, chosen, reason = entry_plan(entry, attention, units, packages)
+    folder = _download(entry.coreml["repo"], plan, progress)
+    return Located(folder, entry, list(entry.coreml.get("variants") or {"original": ""}), chosen, reason)
+
+
+def coreml_choice(model: str, reason: str, progress=None):
+    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand."""
+    from backend.engines.select import EngineChoice
+    first = locate(model, progress=progress)
+    resources = res.find_resources(first.folder, require_tokenizer=False)
+    paired = _paired_folder(first.entry)
+    spec = coreml_spec(resources, paired)
+    if first.entry is not None:  # e.g. a distilled model's schedule and guidance, which its packages cannot say
+        spec.defaults.update(first.entry.defaults)
+    tokenizers = coreml_tokenizers(resources, spec, paired)
+
+    def load(attention: Optional[str] = None, quantization: Optional[str] = None, compute_units: str = "auto",
+             **options) -> CoreMLStages:
+        chosen, packages = resources, bool(quantization) and resources.compiled
+        wanted = recommended_settings(first.offered, attention, None if compute_units == "auto" else compute_units,
+                                      performance_cores())[0] if first.offered else first.attention
+        if wanted != first.attention or packages:  # another variant's folder, or the packages to quantize
+            chosen = res.find_resources(locate(model, wanted or None, None, packages, progress).folder,
+                                        require_tokenizer=False)
+        return load_coreml_stages(chosen, spec, attention=attention, quantization=quantization,
+                                  compute_units=compute_units, **options)
+
+    return EngineChoice(name=model, kind="coreml", reason=f"{reason}; {first.reason}",
+                        spec=spec, tokenizers=tokenizers, disk_bytes=resources.total_bytes, load=load)
 
 
 def _paired_folder(entry) -> Optional[Path]:
@@ -64,40 +280,3 @@ def _paired_folder(entry) -> Optional[Path]:
     except Exception:
         return None
     return folder if (folder / "scheduler" / "scheduler_config.json").is_file() else None
-
-
-def resources_folder(model: str, attention: Optional[str] = None, progress=None) -> tuple:
-    """(folder holding the models, registry entry or None) for a local folder or a registry name."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return _local_variant(local, attention), None
-    entry = registry.get_entry(model)
-    if entry is None or not entry.coreml:
-        raise UserError(f"model '{model}' has no Core ML resources; export them with "
-                        "`python -m backend export-coreml` or choose the MLX engine")
-    variants = entry.coreml.get("variants") or {"original": ""}
-    chosen = attention or ("split_einsum" if "split_einsum" in variants else next(iter(variants)))
-    if chosen not in variants:
-        raise UserError(f"{model} has no {chosen} Core ML variant (it has {', '.join(variants)})")
-    return _download_variant(entry.coreml["repo"], variants[chosen], progress), entry
-
-
-def coreml_choice(model: str, reason: str, progress=None):
-    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand."""
-    from backend.engines.select import EngineChoice
-    folder, entry = resources_folder(model, None, progress)
-    resources = res.find_resources(folder, require_tokenizer=False)
-    paired = _paired_folder(entry)
-    spec = coreml_spec(resources, paired)
-    if entry is not None:  # e.g. a distilled model's schedule and guidance, which its packages cannot say
-        spec.defaults.update(entry.defaults)
-    tokenizers = coreml_tokenizers(resources, spec, paired)
-
-    def load(attention: Optional[str] = None, **options) -> CoreMLStages:
-        chosen = resources
-        if attention and attention != resources.attention:
-            chosen = res.find_resources(resources_folder(model, attention, progress)[0], require_tokenizer=False)
-        return load_coreml_stages(chosen, spec, attention=attention, **options)
-
-    return EngineChoice(name=model, kind="coreml", reason=f"{reason}; {resources.attention} attention",
-                        spec=spec, tokenizers=tokenizers, disk_bytes=resources.total_bytes, load=load)

@@ -165,7 +165,7 @@ class MLXStages(Stages):
 
 
 def load_mlx_stages(spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None,
-                    compute_units: str = "ALL", attention=None, reduce_memory: bool = False,
+                    compute_units: str = "auto", attention=None, reduce_memory: bool = False,
                     t5: bool = True) -> MLXStages:
     """Compute units and attention variants are Core ML options; MLX runs on its default device.
     `t5=False` leaves an SD3 checkpoint's T5 encoder unloaded (its tokens become zeros)."""
