@@ -25,10 +25,19 @@ def _positive_int(v: str) -> int:
     return n
 
 
+def _fraction(v: str) -> float:
+    f = float(v)
+    if not 0.0 < f < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, both excluded (got {v})")
+    return f
+
+
 def cmd_generate(a) -> int:
     import numpy as np
     from backend import GenerationRequest, load_pipeline
     from backend.png import save_png
+    if a.refiner_start is not None and not a.refiner:
+        raise UserError("--refiner-start needs --refiner (the model that runs the rest of the steps)")
     latents = None
     if a.latents:
         try:
@@ -37,11 +46,11 @@ def cmd_generate(a) -> int:
             raise UserError(f"cannot read latents {a.latents}: {exc}")
     pipe = load_pipeline(a.model, engine=a.backend, precision=a.precision, quantization=a.quantization,
                          compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory,
-                         t5=not a.no_t5)
+                         t5=not a.no_t5, refiner=a.refiner)
     result = pipe.generate(GenerationRequest(
         prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents,
-        max_sequence_length=a.max_sequence_length))
+        max_sequence_length=a.max_sequence_length, refiner_start=a.refiner_start))
     save_png(result.image, a.out, result.parameters)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -73,20 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on a GPU, fp32 on the CPU")
     g.add_argument("--quantization", help="MLX: q8, q6, q4, q3, q2 (Core ML: pick a quantized resources folder)")
-    g.add_argument("--compute-units", default="ALL", choices=["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"])
-    g.add_argument("--attention", choices=["original", "split_einsum"])
+    g.add_argument("--compute-units", default="auto", choices=["auto", "ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"],
+                   help="Core ML: auto runs the units the attention variant is made for (CPU_AND_GPU for original, "
+                   "CPU_AND_NE for split-einsum), as Apple's apps do")
+    g.add_argument("--attention", choices=["original", "split_einsum", "split_einsum_v2"],
+                   help="Core ML: the attention variant (default: Apple's choice for this Mac and the compute units)")
     g.add_argument("--reduce-memory", action="store_true")
     g.add_argument("--no-t5", action="store_true",
                    help="SD3: skip the T5 text encoder (~9 GB less; its tokens are zeros, as without T5)")
     g.add_argument("--max-sequence-length", type=_positive_int,
                    help="SD3: T5 tokens after CLIP's 77 (default 256, or what Core ML packages fix)")
+    g.add_argument("--refiner", metavar="MODEL",
+                   help="SDXL: a refiner (e.g. sdxl-refiner) that runs the last steps and decodes")
+    g.add_argument("--refiner-start", type=_fraction, metavar="F",
+                   help="with --refiner: the fraction of the schedule the base runs (default 0.8)")
     g.add_argument("--out", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
     g.set_defaults(func=cmd_generate)
 
-    from backend import bench, quantize
+    from backend import bench, doctor, quantize
     from backend.engines.coreml import cli as coreml_cli
-    for module in (bench, coreml_cli, quantize):  # each adds its own subcommand
+    for module in (bench, coreml_cli, quantize, doctor):  # each adds its own subcommand
         module.add_command(sub)
     return p
 

@@ -30,7 +30,7 @@ def read_json(path: Path) -> dict:
 @dataclass
 class ModelSpec:
     folder: Path
-    family: str                      # a backend.families name: "sd" (1.x / 2.x), "sdxl" or "sd3"
+    family: str                      # a backend.families name: "sd" (1.x / 2.x), "sdxl", "sdxl-refiner" or "sd3"
     pipeline_class: str
     text_encoders: list              # component names, in order: the CLIP encoders, then T5 when present
     tokenizers: list
@@ -112,9 +112,10 @@ class ModelSpec:
             raise UserError(f"model folder {folder} does not exist")
         index = read_json(folder / "model_index.json")
         family = families.family_of_index(index)
-        if "text_encoder" not in index or family.denoiser not in index or "vae" not in index:
+        needed = (family.encoders[0][0], family.denoiser, "vae")
+        if any(component not in index for component in needed):
             raise UserError(f"{folder.name} is not a text-to-image Stable Diffusion model "
-                            f"(model_index.json needs text_encoder, {family.denoiser} and vae)")
+                            f"(model_index.json needs {', '.join(needed[:2])} and vae)")
         encoders = [e for e, _ in family.encoders]
         tokenizers = [t for _, t in family.encoders]
         if family.t5 is not None and _present(index, folder, family.t5[0]):

@@ -6,7 +6,8 @@ reads these fields and never asks for a family by name:
 - text: the CLIP encoders (component and tokenizer folders) and which hidden layer is used, how their
   pooled outputs combine, and whether a T5 encoder may follow (SD3);
 - denoiser: the component folder (`unet` or `transformer`) and whether it is a flow-matching model;
-- extra conditioning: SDXL's size/crop micro-conditioning (`time_ids`);
+- extra conditioning: SDXL's micro-conditioning (`time_ids`, built by backend/guidance.py);
+- stages: a second-stage model (the SDXL refiner) names the family it finishes (`refines`);
 - latents: the preview projection to RGB.
 """
 from __future__ import annotations
@@ -30,8 +31,11 @@ class Family:
     pooled: str                             # "none", "last" (last encoder's projection) or "concat" (all of them)
     t5: Optional[tuple] = None              # (encoder, tokenizer) folders of an optional T5 encoder
     flow: bool = False                      # flow matching: velocity prediction, sigma schedules
-    time_ids: bool = False                  # SDXL's (size, crop, target) micro-conditioning
-    zeros_for_empty_negative: bool = False  # an empty negative prompt conditions on zeros (SDXL)
+    time_ids: Optional[str] = None          # SDXL's micro-conditioning: "size" (size, crop, target) or
+                                            # "size+aesthetic" (the refiner's size, crop, aesthetic score)
+    zeros_for_empty_negative: bool = False  # an empty negative prompt conditions on zeros (SDXL), unless
+                                            # model_index.json's force_zeros_for_empty_prompt says otherwise
+    refines: Optional[str] = None           # a second stage: the family whose schedule it finishes
     defaults: dict = field(default_factory=dict)
     preview: tuple = ()                     # (C x 3 matrix, RGB bias) from latents to a rough picture
 
@@ -72,23 +76,34 @@ _SD3_PREVIEW = ([[-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 
 SD = Family("sd", denoiser="unet", encoders=(("text_encoder", "tokenizer"),), clip_layer=-1, pooled="none",
             defaults={"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m"}, preview=_SD_PREVIEW)
 SDXL = Family("sdxl", denoiser="unet", encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
-              clip_layer=-2, pooled="last", time_ids=True, zeros_for_empty_negative=True,
+              clip_layer=-2, pooled="last", time_ids="size", zeros_for_empty_negative=True,
               defaults={"steps": 25, "guidance": 5.0, "scheduler": "dpmpp_2m"}, preview=_SDXL_PREVIEW)
+# the SDXL refiner: OpenCLIP bigG only, aesthetic-score conditioning; it runs the last part of an SDXL schedule
+# (`refiner_start`: the fraction the base runs, diffusers' denoising_end / denoising_start). diffusers' img2img
+# pipeline zeros an empty negative prompt unless model_index.json says not (the refiner 1.0 repository does).
+SDXL_REFINER = Family("sdxl-refiner", denoiser="unet", encoders=(("text_encoder_2", "tokenizer_2"),),
+                      clip_layer=-2, pooled="last", time_ids="size+aesthetic", zeros_for_empty_negative=True,
+                      refines="sdxl", defaults={"steps": 25, "guidance": 5.0, "scheduler": "euler",
+                                                "refiner_start": 0.8}, preview=_SDXL_PREVIEW)
 SD3 = Family("sd3", denoiser="transformer",
              encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), clip_layer=-2,
              pooled="concat", t5=("text_encoder_3", "tokenizer_3"), flow=True,
              defaults={"steps": 28, "guidance": 7.0, "scheduler": "flow_euler"}, preview=_SD3_PREVIEW)
-FAMILIES = {f.name: f for f in (SD, SDXL, SD3)}
+FAMILIES = {f.name: f for f in (SD, SDXL, SDXL_REFINER, SD3)}
 
 
 def family_of_index(index: dict) -> Family:
-    """The family a diffusers model_index.json describes (its components say it)."""
+    """The family a diffusers model_index.json describes (its components say it; a component saved as None is
+    written [null, null])."""
     if "transformer" in index and "text_encoder_2" in index:
         return SD3
     if "transformer" in index:
         raise UserError(f"{index.get('_class_name', 'this model')} is a transformer model Silicon Diffusion does "
                         "not run (it runs Stable Diffusion 1.x, 2.x, XL and 3)")
-    return SDXL if "text_encoder_2" in index else SD
+    if "text_encoder_2" not in index:
+        return SD
+    first = index.get("text_encoder")
+    return SDXL if isinstance(first, list) and first[0] is not None else SDXL_REFINER
 
 
 def get(name: str) -> Family:

@@ -1,6 +1,8 @@
-"""Conditioning helpers shared by every engine: classifier-free guidance, SDXL micro-conditioning and
-the LCM guidance embedding."""
+"""Conditioning helpers shared by every engine: classifier-free guidance, SDXL micro-conditioning (the base's
+and the refiner's time ids) and the LCM guidance embedding."""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -14,9 +16,23 @@ def combine(noise_uncond: np.ndarray, noise_text: np.ndarray, guidance: float) -
     return noise_uncond + guidance * (noise_text - noise_uncond)
 
 
-def sdxl_time_ids(height: int, width: int, batch: int) -> np.ndarray:
-    """(original size, crop top-left, target size) as SDXL's add_time_ids, for an uncropped image."""
-    return np.tile(np.array([[height, width, 0, 0, height, width]], dtype=np.float32), (batch, 1))
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' SDXL img2img defaults (the refiner)
+
+# a family's `time_ids` kind -> one row for an uncropped (height, width) image; `negative`: the unconditional row
+_TIME_IDS = {
+    "size": lambda h, w, negative: [h, w, 0, 0, h, w],  # original size, crop top-left, target size
+    "size+aesthetic": lambda h, w, negative: [h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE],
+}
+
+
+def time_ids(kind: Optional[str], height: int, width: int, batch: int, do_cfg: bool) -> Optional[np.ndarray]:
+    """SDXL's add_time_ids for the denoiser's batch (under guidance the unconditional half first), or None for a
+    family without them."""
+    if kind is None:
+        return None
+    rows = [_TIME_IDS[kind](height, width, True)] * batch if do_cfg else []
+    rows += [_TIME_IDS[kind](height, width, False)] * batch
+    return np.array(rows, dtype=np.float32)
 
 
 def lcm_guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """The engine-independent generation loop: tokenize, encode, schedule, guide, decode, measure, cancel.
 
-An engine only provides the three stages (backend/engines/base.py); everything else here exists once.
+An engine only provides the three stages (backend/engines/base.py); everything else here exists once. A
+second-stage model (the SDXL refiner, `load_pipeline(refiner=...)`) runs the end of the same schedule with its
+own text stage and scheduler, and decodes.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Pipeline:
         self.reason = reason
         self.load_seconds = load_seconds
         self.disk_bytes = disk if disk is not None else disk_bytes(spec.folder)
+        self.refiner: Optional[Pipeline] = None  # a second stage that finishes the schedule (load_pipeline)
         self._first_run = True
 
     @property
@@ -46,6 +49,10 @@ class Pipeline:
     def _settings(self, r: GenerationRequest) -> dict:
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise UserError("enter a prompt: it is empty")
+        refines = self.spec.traits.refines
+        if refines is not None:
+            raise UserError(f"{self.name} is a refiner (a second stage): generate with an {refines} model and "
+                            "give this one as its refiner")
         scheduler_name = r.scheduler or self.spec.default("scheduler")
         fixed = FIXED_SIGMAS.get(scheduler_name)
         steps = (len(fixed) - 1 if fixed else self.spec.default("steps")) if r.steps is None else r.steps
@@ -61,6 +68,14 @@ class Pipeline:
         settings = dict(prompt=r.prompt, negative_prompt=r.negative_prompt or "", steps=int(steps), guidance=guidance,
                         scheduler=scheduler_name, width=width, height=height,
                         seed=seed, model=self.name, batch_size=r.batch_size)
+        if self.refiner is not None:
+            start = self.refiner.spec.default("refiner_start") if r.refiner_start is None else r.refiner_start
+            if not 0.0 < float(start) < 1.0:
+                raise UserError(f"refiner start is the fraction of the steps the base runs: between 0 and 1, "
+                                f"both excluded (got {start})")
+            settings.update(refiner=self.refiner.name, refiner_start=float(start))
+        elif r.refiner_start is not None:
+            raise UserError("refiner start needs a refiner: none is loaded")
         if self.spec.traits.t5 is not None:
             settings["max_sequence_length"] = self._sequence_length(r.max_sequence_length)
         elif r.max_sequence_length is not None:
@@ -137,10 +152,9 @@ class Pipeline:
     # -- the loop -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: Optional[StepCallback] = None,
                  noise_rng=None) -> GenerationResult:
-        """Run one request; `callback(StepInfo)` after every step may return False to stop (Cancelled)."""
+        """Run one request; `callback(StepInfo)` after every step may return False to stop (Cancelled).
+        With a refiner, the base runs the schedule up to `refiner_start` and the refiner the rest, then decodes."""
         p = self._settings(request)
-        scheduler = make_scheduler(p["scheduler"], self.spec.scheduler_config)
-        scheduler.set_timesteps(p["steps"], image_seq_len=self.spec.patch_count(p["width"], p["height"]))
         warnings: list[str] = []
         rng = noise_rng or np.random.default_rng(p["seed"])
         timings = Timings(load=self.load_seconds if self._first_run else 0.0)
@@ -150,41 +164,96 @@ class Pipeline:
         start = time.perf_counter()
 
         do_cfg = cfg.uses_cfg(p["guidance"], self.spec.is_lcm)
+        runs = self._runs(p)
+        total = sum(len(timesteps) for _, _, timesteps in runs)
+
+        def on_step(seconds: float, latents: np.ndarray) -> None:
+            timings.steps.append(seconds)
+            step = len(timings.steps)
+            if callback is not None and callback(StepInfo(step=step, total=total, seconds=seconds, latents=latents,
+                                                          preview=self.spec.traits.preview_rgb(latents[0]))) is False:
+                raise Cancelled(f"stopped after step {step} of {total}")
+
+        latents = self._initial_latents(request, p, rng) * np.float32(runs[0][1].init_noise_sigma)
+        for model, scheduler, timesteps in runs:
+            conditioning, seconds = model._text_stage(p, do_cfg, warnings)
+            timings.text_encoder += seconds
+            if model is self.refiner:
+                timings.refiner_text_encoder = seconds
+            latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step)
+        pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
+        timings.total = time.perf_counter() - start
+        self._first_run = False
+
+        images = [Image.fromarray((px * 255).round().astype(np.uint8)) for px in pixels]
+        models = [model for model, _, _ in runs]
+        memory = Memory(peak_engine_bytes=self.stages.peak_memory(), peak_process_bytes=peak.peak_bytes(),
+                        weight_bytes=sum(m.stages.weight_bytes() for m in models),
+                        disk_bytes=sum(m.disk_bytes for m in models))
+        params = {**p, "engine": self.stages.info.get("engine"), "precision": self.stages.info.get("precision"),
+                  "quantization": self.stages.info.get("quantization"),
+                  "compute_units": self.stages.info.get("compute_units"),
+                  **({"t5": self.stages.info["t5"]} if "t5" in self.stages.info else {})}
+        return GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
+                                parameters=params, warnings=list(dict.fromkeys(warnings)), pixels=pixels)
+
+    def _runs(self, p: dict) -> list[tuple]:
+        """(model, its scheduler, the timesteps it runs) per stage: this model alone, or this model up to
+        `refiner_start` and the refiner from there (diffusers' denoising_end, then denoising_start)."""
+        scheduler = self._scheduler(p)
+        if self.refiner is None:
+            return [(self, scheduler, scheduler.timesteps)]
+        second = self.refiner._scheduler(p)
+        begin = second.denoising_start(p["refiner_start"])
+        return [(self, scheduler, scheduler.timesteps[:scheduler.denoising_end(p["refiner_start"])]),
+                (self.refiner, second, second.timesteps[begin:])]
+
+    def _scheduler(self, p: dict):
+        """This model's scheduler `p` names, from its own scheduler config, set to `p`'s step count."""
+        scheduler = make_scheduler(p["scheduler"], self.spec.scheduler_config)
+        scheduler.set_timesteps(p["steps"], image_seq_len=self.spec.patch_count(p["width"], p["height"]))
+        return scheduler
+
+    def _text_stage(self, p: dict, do_cfg: bool, warnings: list) -> tuple[tuple, float]:
+        """(hidden, pooled, time ids, LCM guidance embedding) this model's denoiser takes, and the text stage's
+        seconds."""
         self.stages.begin_stage("text_encoder")
         t0 = time.perf_counter()
         hidden, pooled = self._conditioning(p, do_cfg, warnings)
         warnings.extend(self.stages.info.get("notes", []))
-        timings.text_encoder = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         self.stages.end_stage("text_encoder")
-
         batch = p["batch_size"]
-        model_batch = 2 * batch if do_cfg else batch
-        time_ids = cfg.sdxl_time_ids(p["height"], p["width"], model_batch) if self.spec.traits.time_ids else None
+        time_ids = cfg.time_ids(self.spec.traits.time_ids, p["height"], p["width"], batch, do_cfg)
         timestep_cond = None
         if self.spec.is_lcm:
             timestep_cond = cfg.lcm_guidance_embedding(p["guidance"], self.spec.denoiser_config["time_cond_proj_dim"],
-                                                       model_batch)
+                                                       2 * batch if do_cfg else batch)
+        return (hidden, pooled, time_ids, timestep_cond), seconds
 
-        latents = self._initial_latents(request, p, rng) * np.float32(scheduler.init_noise_sigma)
+    def _denoise(self, latents: np.ndarray, scheduler, timesteps, conditioning: tuple, p: dict, do_cfg: bool,
+                 rng, on_step) -> np.ndarray:
+        """Step `latents` through `timesteps` (the stretch of `scheduler`'s this model runs); `on_step(seconds,
+        latents)` after each step may raise Cancelled."""
+        hidden, pooled, time_ids, timestep_cond = conditioning
+        batch = p["batch_size"]
         self.stages.begin_stage("unet")
-        total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
-            t0 = time.perf_counter()
-            model_in = np.concatenate([latents, latents]) if do_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            noise = self.stages.predict_noise(model_in, float(t), hidden, pooled, time_ids, timestep_cond)
-            if do_cfg:
-                noise = cfg.combine(noise[:batch], noise[batch:], p["guidance"])
-            latents = scheduler.step(noise, t, latents, rng=rng).astype(np.float32)
-            timings.steps.append(time.perf_counter() - t0)
-            if callback is not None:
-                info = StepInfo(step=i + 1, total=total, seconds=timings.steps[-1], latents=latents,
-                                preview=self.spec.traits.preview_rgb(latents[0]))
-                if callback(info) is False:
-                    self.stages.end_stage("unet")
-                    raise Cancelled(f"stopped after step {i + 1} of {total}")
-        self.stages.end_stage("unet")
+        try:
+            for t in timesteps:
+                t0 = time.perf_counter()
+                model_in = np.concatenate([latents, latents]) if do_cfg else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                noise = self.stages.predict_noise(model_in, float(t), hidden, pooled, time_ids, timestep_cond)
+                if do_cfg:
+                    noise = cfg.combine(noise[:batch], noise[batch:], p["guidance"])
+                latents = scheduler.step(noise, t, latents, rng=rng).astype(np.float32)
+                on_step(time.perf_counter() - t0, latents)
+        finally:
+            self.stages.end_stage("unet")
+        return latents
 
+    def _decode(self, latents: np.ndarray) -> tuple[np.ndarray, float]:
+        """(pixels (B, H, W, 3) in [0, 1], seconds) from this model's VAE."""
         self.stages.begin_stage("vae_decoder")
         t0 = time.perf_counter()
         vae = self.spec.vae_config
@@ -192,34 +261,40 @@ class Pipeline:
         if vae.get("shift_factor") is not None:
             unscaled = unscaled + np.float32(vae["shift_factor"])
         decoded = self.stages.decode(unscaled)
-        timings.vae_decode = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         self.stages.end_stage("vae_decoder")
         if not np.all(np.isfinite(decoded)):
             raise UserError("the decoded image has NaN or infinite values (try fp32 precision)")
-        pixels = np.clip(decoded / 2.0 + 0.5, 0.0, 1.0).astype(np.float32)
-        timings.total = time.perf_counter() - start
-        self._first_run = False
-
-        images = [Image.fromarray((px * 255).round().astype(np.uint8)) for px in pixels]
-        memory = Memory(peak_engine_bytes=self.stages.peak_memory(), peak_process_bytes=peak.peak_bytes(),
-                        weight_bytes=self.stages.weight_bytes(), disk_bytes=self.disk_bytes)
-        params = {**p, "engine": self.stages.info.get("engine"), "precision": self.stages.info.get("precision"),
-                  "quantization": self.stages.info.get("quantization"),
-                  "compute_units": self.stages.info.get("compute_units"),
-                  **({"t5": self.stages.info["t5"]} if "t5" in self.stages.info else {})}
-        return GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
-                                parameters=params, warnings=warnings, pixels=pixels)
+        return np.clip(decoded / 2.0 + 0.5, 0.0, 1.0).astype(np.float32), seconds
 
 
 def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", quantization: Optional[str] = None,
-                  compute_units: str = "ALL", attention: Optional[str] = None, reduce_memory: bool = False,
-                  progress=None, t5: bool = True) -> Pipeline:
+                  compute_units: str = "auto", attention: Optional[str] = None, reduce_memory: bool = False,
+                  progress=None, t5: bool = True, refiner: Optional[str] = None) -> Pipeline:
     """Resolve `model`, choose the engine (with the reason shown to the user) and load its stages once.
-    `t5=False` runs an SD3 model without its T5 encoder (~9 GB less; the result says so)."""
+    `t5=False` runs an SD3 model without its T5 encoder (~9 GB less; the result says so). `refiner`: a second
+    stage (an SDXL refiner) that finishes the model's schedule, loaded with the same options (`Pipeline.refiner`)."""
     from backend.engines.select import choose_engine
     start = time.perf_counter()
-    choice = choose_engine(model, engine, progress=progress, t5=t5)
-    stages = choice.load(precision=precision, quantization=quantization, compute_units=compute_units,
-                         attention=attention, reduce_memory=reduce_memory)
-    return Pipeline(choice.spec, stages, choice.tokenizers, name=choice.name, reason=choice.reason,
-                    load_seconds=time.perf_counter() - start, disk=choice.disk_bytes)
+    choices = [choose_engine(model, engine, progress=progress, t5=t5)]
+    if refiner:
+        choices.append(choose_engine(refiner, engine, progress=progress))
+        _check_refiner(choices[0], choices[1])
+    options = dict(precision=precision, quantization=quantization, compute_units=compute_units,
+                   attention=attention, reduce_memory=reduce_memory)
+    pipes = [Pipeline(c.spec, c.load(**options), c.tokenizers, name=c.name, reason=c.reason, load_seconds=0.0,
+                      disk=c.disk_bytes) for c in choices]
+    pipe = pipes[0]
+    pipe.refiner = pipes[1] if refiner else None
+    pipe.load_seconds = time.perf_counter() - start
+    return pipe
+
+
+def _check_refiner(base, second) -> None:
+    """A refiner must be a second stage of the base model's family (its `refines`)."""
+    refines = second.spec.traits.refines
+    if refines is None:
+        raise UserError(f"{second.name} is not a refiner (it is a {second.spec.family} model); "
+                        "give an SDXL refiner such as sdxl-refiner")
+    if refines != base.spec.family:
+        raise UserError(f"{second.name} refines {refines} models, and {base.name} is a {base.spec.family} model")

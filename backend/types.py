@@ -28,6 +28,7 @@ class GenerationRequest:
     latents: Optional[np.ndarray] = None  # standard-normal noise, NCHW (diffusers' `latents=`)
     batch_size: int = 1
     max_sequence_length: Optional[int] = None  # SD3: T5 tokens after the 77 CLIP ones (None: 256, or as packaged)
+    refiner_start: Optional[float] = None  # with a refiner: the fraction of the schedule the base runs (None: 0.8)
 
 
 @dataclass
@@ -46,8 +47,9 @@ StepCallback = Callable[[StepInfo], Optional[bool]]
 @dataclass
 class Timings:
     load: float = 0.0
-    text_encoder: float = 0.0
-    steps: list = field(default_factory=list)
+    text_encoder: float = 0.0            # every text encoder, a refiner's included
+    refiner_text_encoder: float = 0.0    # the refiner's share of text_encoder
+    steps: list = field(default_factory=list)  # every denoising step, the refiner's (the last ones) included
     vae_decode: float = 0.0
     total: float = 0.0
 
@@ -89,7 +91,8 @@ class GenerationResult:
         return {
             "seed": self.seed,
             "seconds": {
-                "load": t.load, "text_encoder": t.text_encoder, "denoise": t.denoise,
+                "load": t.load, "text_encoder": t.text_encoder, "refiner_text_encoder": t.refiner_text_encoder,
+                "denoise": t.denoise,
                 "steps": list(t.steps), "vae_decode": t.vae_decode, "total": t.total,
             },
             "steps_per_second": t.steps_per_second,

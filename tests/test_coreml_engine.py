@@ -394,3 +394,85 @@ def test_auto_falls_back_to_mlx_when_the_resources_cannot_be_had(exported, monke
     choice = select.choose_engine("tiny-sd1", "auto")
     assert choice.kind == "mlx"
     assert "not downloaded and offline mode is on" in choice.reason and "running MLX" in choice.reason
+
+
+# ------------------------------------------------------------------ Apple's defaults and packaged shapes
+
+def test_auto_units_follow_the_attention_and_sdxls_vae_runs_on_cpu_and_gpu(exported):
+    _, folder, found = exported("sd1")  # original attention
+    runtime = make_runtime("stand-in", folder)
+    result = coreml_pipeline(found, runtime).generate(request(steps=1))
+    assert result.engine["compute_units"] == "CPU_AND_GPU" and result.engine["compute_units_asked"] == "auto"
+    assert {u for _, u in runtime.loads} == {"CPU_AND_GPU"}
+
+    _, folder, found = exported("sdxl")  # split-einsum attention
+    runtime = make_runtime("stand-in", folder)
+    result = coreml_pipeline(found, runtime).generate(request(steps=1))
+    assert result.engine["compute_units"] == "CPU_AND_NE"
+    assert dict(runtime.loads)["VAEDecoder"] == "CPU_AND_GPU" and dict(runtime.loads)["UnetChunk1"] == "CPU_AND_NE"
+    assert result.engine["stage_units"] == {"VAEDecoder": "CPU_AND_GPU"}
+    runtime = make_runtime("stand-in", folder)
+    coreml_pipeline(found, runtime, compute_units="CPU_ONLY").generate(request(steps=1))
+    assert {u for _, u in runtime.loads} == {"CPU_ONLY"}  # asked units are kept, the VAE's included
+
+
+def test_time_ids_are_shaped_as_the_package_declares_them(exported):
+    """Apple's first SDXL packages took time_ids flat, (12,) for the guidance batch of 2 (torch2coreml before
+    PR #227); later ones (2, 6). The engine hands each package the shape its description declares."""
+    _, folder, found = exported("sdxl")
+    base = MLXStandIn(folder)
+    seen = []
+
+    class Flat:
+        name = "flat"
+
+        def load(self, path, units):
+            model = base.load(path, units)
+            if "time_ids" not in model.io.inputs:
+                return model
+            declared = dataclasses.replace(model.io, inputs={
+                n: (res.TensorSpec(n, (12,), t.dtype) if n == "time_ids" else t) for n, t in model.io.inputs.items()})
+
+            class Unflatten:
+                def predict(self, inputs):
+                    seen.append(inputs["time_ids"].shape)
+                    return model.predict({**inputs, "time_ids": inputs["time_ids"].reshape(2, 6)})
+            loaded = Unflatten()
+            loaded.declared = declared
+            return loaded
+
+    pipe = coreml_pipeline(found, Flat())
+    unet = found.unet_stages[0]
+    pipe.stages.io[unet] = dataclasses.replace(pipe.stages.io[unet], inputs={
+        n: (res.TensorSpec(n, (12,), t.dtype) if n == "time_ids" else t) for n, t in pipe.stages.io[unet].inputs.items()})
+    flat = pipe.generate(request(steps=2))
+    assert seen and set(seen) == {(12,)}
+    reference = coreml_pipeline(found, MLXStandIn(folder)).generate(request(steps=2))
+    assert np.array_equal(flat.pixels, reference.pixels)
+
+
+def test_doctor_runs_one_image_per_compute_unit_and_reports_each(exported, capsys):
+    from backend import doctor
+    _, folder, found = exported("sd1")
+    runtime = make_runtime("stand-in", folder)
+
+    def load(model, engine, compute_units, progress):
+        assert engine == "coreml"
+        return coreml_pipeline(found, runtime, compute_units=compute_units)
+
+    rows = doctor.run(str(found.folder), doctor.UNITS, steps=2, load=load)
+    assert [r["compute_units"] for r in rows] == list(doctor.UNITS)
+    assert all(r["s_per_step"] > 0 and r["first_image_s"] >= r["load_s"] >= 0 and r["peak_memory_gib"] > 0
+               for r in rows)
+    assert sorted({u for _, u in runtime.loads}) == sorted(doctor.UNITS)
+    printed = capsys.readouterr().out
+    assert printed.count("s/step") == 4 and "CPU_AND_NE" in printed
+
+
+def test_doctor_off_macos_is_one_sentence(capsys):
+    from backend.__main__ import main
+    if sys.platform == "darwin":
+        pytest.skip("this is a Mac")
+    assert main(["doctor"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Core ML prediction needs macOS" in err

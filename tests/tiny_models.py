@@ -2,8 +2,9 @@
 
 Each builder returns the folder it wrote; the same folder is what the engines load and what the parity
 tests run through diffusers. Families: sd1 (epsilon, conv proj), sd2 (v-prediction, linear proj, "!" pad,
-upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim), and
-SD3: sd3 (MMDiT, no T5, shift 3), sd3-t5 (with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting).
+upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim), the
+second stage sdxl-refiner (text_encoder_2 only, aesthetic score), and SD3: sd3 (MMDiT, no T5, shift 3), sd3-t5
+(with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting).
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ def _tokenizer(folder: Path, pad: str):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def _vae():
+def _vae(seed: int = 2):
     import torch
     from diffusers import AutoencoderKL
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          norm_num_groups=32, sample_size=32).eval()
@@ -65,6 +66,13 @@ def _unet(family: str):
                    attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
                    addition_embed_type="text_time", addition_time_embed_dim=8,
                    projection_class_embeddings_input_dim=6 * 8 + 32)
+    elif family == "sdxl-refiner":  # conditioned on text_encoder_2 alone; 5 time ids (size, crop, aesthetic score)
+        torch.manual_seed(8)
+        cfg = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                   attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                   addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=5 * 8 + 32)
     elif family == "lcm":
         cfg = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
@@ -166,8 +174,22 @@ def build_pipeline(family: str):
                                    requires_safety_checker=False)
 
 
+def build_refiner():
+    """A tiny SDXL refiner (StableDiffusionXLImg2ImgPipeline as stabilityai's refiner 1.0 is saved): no first text
+    encoder, the base's second one, aesthetic-score time ids, an empty negative prompt encoded (not zeros), its
+    own UNet and VAE weights."""
+    import tempfile
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    tmp = Path(tempfile.mkdtemp(prefix="tok-"))
+    tokenizer_2 = _tokenizer(tmp / "tokenizer_2", "!")
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(seed=9), unet=_unet("sdxl-refiner"), scheduler=_scheduler("sdxl"), text_encoder=None, tokenizer=None,
+        text_encoder_2=_text_encoder(len(tokenizer_2), with_projection=True, act="gelu"), tokenizer_2=tokenizer_2,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+
+
 def save_pipeline(family: str, folder: Path):
     """Build `family` and save it in the diffusers layout (safetensors) under `folder`; return (pipe, folder)."""
-    pipe = build_pipeline(family)
+    pipe = build_refiner() if family == "sdxl-refiner" else build_pipeline(family)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return pipe, Path(folder)

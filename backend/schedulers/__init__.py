@@ -7,6 +7,9 @@
         model_in = scheduler.scale_model_input(latents, t)
         latents = scheduler.step(unet(model_in, t), t, latents, rng=rng)
 
+A second stage (the SDXL refiner) continues a schedule: the base runs the first
+`scheduler.denoising_end(f)` timesteps, the refiner's own scheduler starts at `denoising_start(f)` (base.py).
+
 Flow-matching models (SD3, `FlowMatchEulerDiscreteScheduler` configs) take the flow schedulers only, and
 the others take the rest; `schedulers_for(config)` lists a model's choices.
 

@@ -18,12 +18,16 @@ class Scheduler:
     timesteps: what the UNet is given, in diffusers' dtype (int64, or float32 for the Euler family);
     init_noise_sigma: the factor for the initial standard-normal latents; needs_noise: whether step()
     draws from its `rng` (anything with `standard_normal(shape)`, e.g. a numpy Generator).
+
+    Two stages can share one schedule (SDXL base, then refiner): the first runs the `denoising_end(f)` first
+    timesteps of its scheduler, the second calls `denoising_start(f)` on its own and runs from there.
     """
 
     defaults: dict = {}
     prediction_types = ("epsilon", "v_prediction", "sample")
     needs_noise = False
     init_noise_sigma = 1.0
+    order = 1  # diffusers' `order`: 2 for solvers that evaluate twice per step (Heun, KDPM2); none here
 
     def __init__(self, name: str, config: dict):
         self.name = name
@@ -51,6 +55,30 @@ class Scheduler:
         self.num_inference_steps = int(num_steps)
         self._index = 0
         self._make_schedule(int(num_steps))
+
+    def set_begin_index(self, index: int) -> None:
+        """Start at timesteps[index] (after set_timesteps), as diffusers' set_begin_index: the first step() is
+        there, and a multistep solver starts afresh (its first step is first order)."""
+        if not 0 <= index <= len(self.timesteps):
+            raise ValueError(f"begin index {index} is outside the {len(self.timesteps)} timesteps")
+        self._index = int(index)
+
+    def _cutoff(self, fraction: float) -> int:
+        """diffusers' discrete_timestep_cutoff: the training timestep at which `fraction` of the noise is removed."""
+        return int(round(self.train_steps - fraction * self.train_steps))
+
+    def denoising_end(self, fraction: float) -> int:
+        """How many of the timesteps a first stage runs to stop at `fraction` (diffusers' denoising_end)."""
+        return int(np.sum(self.timesteps >= self._cutoff(fraction)))
+
+    def denoising_start(self, fraction: float) -> int:
+        """Begin a second stage at `fraction` (diffusers' denoising_start): set and return the begin index. A
+        second-order scheduler is not cut between the two evaluations of one step."""
+        count = int(np.sum(self.timesteps < self._cutoff(fraction)))
+        if self.order == 2 and count % 2 == 0:
+            count += 1
+        self.set_begin_index(len(self.timesteps) - count)
+        return len(self.timesteps) - count
 
     def scale_model_input(self, sample: np.ndarray, t) -> np.ndarray:
         """The UNet's input for the current step's latents (call once per step, before step)."""
