@@ -388,10 +388,9 @@ class App:
                 source = m.hub + (f" + {m.transformer_file['repo']}" if m.transformer_file else "")
                 status = "downloaded" if m.hub in cached else (
                     "not downloaded (gated: needs a Hub login)" if m.gated else "not downloaded")
-            rows.append([m.name, m.title, source, (m.coreml or {}).get("repo", "—"), present.fmt_defaults(m.defaults),
+            rows.append([m.name, m.title, source, registry.coreml_availability(m), present.fmt_defaults(m.defaults),
                          status])
-        return pd.DataFrame(rows, columns=["Name", "Model", "Weights (MLX)", "Core ML resources", "Defaults",
-                                           "Status"])
+        return pd.DataFrame(rows, columns=["Name", "Model", "Weights (MLX)", "Core ML", "Defaults", "Status"])
 
     # -- layout --------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:

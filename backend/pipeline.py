@@ -278,7 +278,7 @@ def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", qua
     start = time.perf_counter()
     choices = [choose_engine(model, engine, progress=progress, t5=t5)]
     if refiner:
-        choices.append(choose_engine(refiner, engine, progress=progress))
+        choices.append(choose_engine(refiner, engine, progress=progress, refiner=True))
         _check_refiner(choices[0], choices[1])
     options = dict(precision=precision, quantization=quantization, compute_units=compute_units,
                    attention=attention, reduce_memory=reduce_memory)

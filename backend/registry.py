@@ -54,6 +54,15 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
+def coreml_availability(entry: ModelEntry) -> str:
+    """How the entry runs on Core ML: from published resources (which repository and variants), or after an
+    export (every family this app runs converts with `export-coreml`; SD3's T5 encoder stays MLX-only)."""
+    if entry.coreml:
+        variants = ", ".join(v.replace("_", "-") for v in entry.coreml.get("variants") or {"original": ""})
+        return f"published: {entry.coreml['repo']} ({variants})"
+    return "export first (python -m backend export-coreml)"
+
+
 def get_entry(name: str) -> Optional[ModelEntry]:
     return next((m for m in list_models() if m.name == name), None)
 

@@ -107,7 +107,7 @@ class StandInModel:
 
     def _text(self, index, ids):
         out = self.mlx.text_encoders[index](mx.array(ids.astype(np.int32)))
-        hidden = out.hidden_states[-2] if self.mlx.spec.family == "sdxl" else out.last_hidden_state
+        hidden = out.hidden_states[-2] if self.mlx.spec.traits.clip_layer == -2 else out.last_hidden_state
         pooled = out.text_embeds if out.text_embeds is not None else out.pooled_output
         name = next(n for n in ("hidden_embeds", "last_hidden_state") if n in self.io.outputs)
         return {name: np.array(hidden), "pooled_outputs": np.array(pooled)}
@@ -115,8 +115,8 @@ class StandInModel:
     def _textencoder(self, x):
         return self._text(0, x["input_ids"])
 
-    def _textencoder2(self, x):
-        return self._text(1, x["input_ids"])
+    def _textencoder2(self, x):  # the last encoder: SDXL's second, the refiner's only one
+        return self._text(len(self.mlx.text_encoders) - 1, x["input_ids"])
 
     def _conditions(self, x):
         context = mx.array(x["encoder_hidden_states"].astype(np.float32)[:, :, 0, :].transpose(0, 2, 1))
@@ -126,6 +126,8 @@ class StandInModel:
     def _unet(self, x):
         t, context, extra = self._conditions(x)
         return {"noise_pred": nchw(self.mlx.denoiser(nhwc(x["sample"]), t, context, **extra))}
+
+    _unetrefiner = _unet
 
     def _unetchunk1(self, x):
         unet, (t, context, extra) = self.mlx.denoiser, self._conditions(x)
@@ -476,3 +478,43 @@ def test_doctor_off_macos_is_one_sentence(capsys):
     assert main(["doctor"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Core ML prediction needs macOS" in err
+
+
+def test_sdxl_base_then_refiner_on_core_ml_matches_the_mlx_engine(exported, tmp_path_factory, tiny_pipelines,
+                                                                  monkeypatch):
+    """Apple's layout bundles the refiner as UnetRefiner beside the base's models (--refiner-version); the
+    refiner runs with TextEncoder2 alone and its 5 time ids, the end of the base's schedule, then decodes."""
+    import shutil
+    from backend.pipeline import _check_refiner
+    from backend.engines.select import EngineChoice
+    _, base_folder, base = exported("sdxl")
+    _, refiner_folder, alone = tiny_export(tmp_path_factory, tiny_pipelines, "sdxl-refiner", attention="split_einsum")
+    assert set(alone.models) == {"TextEncoder2", "Unet", "VAEDecoder"}  # a refiner exported on its own
+    bundle = tmp_path_factory.mktemp("bundle") / "compiled"  # Apple's layout: the refiner beside the base
+    shutil.copytree(base.folder, bundle)
+    shutil.copytree(alone.models["Unet"], bundle / "Stable_Diffusion_version_tiny_refiner.mlpackage")
+    found = res.find_resources(bundle, refiner=True)
+    assert found.denoiser_stages == ["UnetRefiner"] and set(found.models) == set(res.REFINER_STAGES)
+    assert res.find_resources(bundle).denoiser_stages == base.unet_stages  # the base run skips the refiner
+
+    from backend.engines.coreml import sources
+    # the registry pairs the refiner with its diffusers model when cached (its configs: scheduler, VAE scale)
+    monkeypatch.setattr(sources, "_paired_folder", lambda entry: refiner_folder)
+    choice = coreml_choice(str(bundle), "test", refiner=True)
+    assert choice.spec.family == "sdxl-refiner"  # from its 5 time ids per row, as Apple's Swift pipeline reads it
+    pipe = coreml_pipeline(base, MLXStandIn(base_folder))
+    _check_refiner(EngineChoice("base", "coreml", "", pipe.spec, [], 0, None),
+                   EngineChoice("refiner", "coreml", "", choice.spec, [], 0, None))
+    runtime = Recorder(MLXStandIn(refiner_folder))
+    pipe.refiner = Pipeline(choice.spec, choice.load(runtime=runtime), choice.tokenizers, name="refiner",
+                            reason="", load_seconds=0.0)
+    req = request(steps=5, refiner_start=0.6, guidance=5.0)
+    result = pipe.generate(req)
+    assert {stage for stage, _ in runtime.loads} == {"TextEncoder2", "UnetRefiner", "VAEDecoder"}
+
+    reference = mlx_pipeline(base_folder)
+    reference.refiner = mlx_pipeline(refiner_folder)
+    expected = reference.generate(req)
+    assert psnr(result.pixels, expected.pixels) >= min_psnr("stand-in")
+    assert psnr(result.pixels, mlx_pipeline(base_folder).generate(request(steps=5, guidance=5.0)).pixels) < 40
+    assert result.parameters["refiner_start"] == 0.6 and len(result.timings.steps) == 5

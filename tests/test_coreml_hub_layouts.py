@@ -60,10 +60,13 @@ def test_each_entry_resolves_to_compiled_models_and_only_the_parts_a_generation_
     plan, attention, reason = sources.entry_plan(entry, files=files)
     assert plan.compiled, "Apple's compiled models are preferred: a load then compiles nothing"
     wanted = set(plan.stages)
-    assert "SafetyChecker" not in wanted and "VAEEncoder" not in wanted and "UnetRefiner" not in wanted
+    assert "SafetyChecker" not in wanted and "VAEEncoder" not in wanted
     assert {"VAEDecoder"} <= wanted and wanted & {"TextEncoder", "TextEncoder2"}
     denoiser = wanted - {"TextEncoder", "TextEncoder2", "VAEDecoder"}
-    assert denoiser == {"Unet"} or denoiser == {"UnetChunk1", "UnetChunk2"} or all(map(res.is_mmdit_stage, denoiser))
+    if entry.coreml.get("denoiser") == "UnetRefiner":  # the refiner: its UNet and bigG encoder only
+        assert wanted == {"TextEncoder2", "UnetRefiner", "VAEDecoder"}
+    else:
+        assert denoiser in ({"Unet"}, {"UnetChunk1", "UnetChunk2"}) or all(map(res.is_mmdit_stage, denoiser))
     # nothing else of the repository is fetched: no second UNet, no zip, no other variant
     assert models_fetched(plan, files) == {plan.stages[s] for s in wanted}
     assert not any(f.endswith(".zip") for f in fetched(plan, files))

@@ -58,9 +58,9 @@ def _mlx_choice(model: str, reason: str, progress, t5: bool = True) -> EngineCho
                         load=lambda **opts: load_mlx_stages(spec, t5=t5, **opts))
 
 
-def _coreml_choice(model: str, reason: str, progress) -> EngineChoice:
+def _coreml_choice(model: str, reason: str, progress, refiner: bool = False) -> EngineChoice:
     from backend.engines.coreml.sources import coreml_choice
-    return coreml_choice(model, reason, progress)
+    return coreml_choice(model, reason, progress, refiner=refiner)
 
 
 def coreml_resources_for(model: str) -> Optional[str]:
@@ -75,8 +75,10 @@ def coreml_resources_for(model: str) -> Optional[str]:
     return entry.coreml.get("repo") if entry is not None and entry.coreml else None
 
 
-def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = True) -> EngineChoice:
-    """`t5=False`: SD3 models run without their T5 encoder (not downloaded, not loaded; zeros in its place)."""
+def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = True,
+                  refiner: bool = False) -> EngineChoice:
+    """`t5=False`: SD3 models run without their T5 encoder (not downloaded, not loaded; zeros in its place).
+    `refiner`: the model is wanted as a second stage (Core ML: the resources' UnetRefiner)."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
     blocked = coreml_unavailable_reason()
@@ -87,7 +89,7 @@ def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = Tr
         if not resources:
             raise UserError(f"model '{model}' has no Core ML resources; export them with "
                             "`python -m backend export-coreml` or choose the MLX engine")
-        return _coreml_choice(model, "Core ML was asked for", progress)
+        return _coreml_choice(model, "Core ML was asked for", progress, refiner)
     if engine == "mlx":
         return _mlx_choice(model, f"MLX was asked for; running MLX on the {_mlx_device()}", progress, t5)
     why = blocked or "this model has no Core ML resources"
@@ -95,7 +97,8 @@ def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = Tr
         raise UserError(f"{model} holds only Core ML resources, and {blocked}; give its diffusers folder for MLX")
     if blocked is None and resources:
         try:
-            return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress)
+            return _coreml_choice(model, "Core ML resources are available and this Mac can run them", progress,
+                                  refiner)
         except UserError as exc:  # not cached and not downloadable now, or unreadable: MLX still runs
             why = f"Core ML resources could not be used ({exc})"
     return _mlx_choice(model, f"{why}; running MLX on the {_mlx_device()}", progress, t5)

@@ -41,6 +41,8 @@ STAGE_SUFFIXES = {
     "SafetyChecker": "safety_checker",
 }
 UNET_STAGES = ("Unet", "UnetChunk1", "UnetChunk2")
+REFINER = "UnetRefiner"
+REFINER_STAGES = ("TextEncoder2", REFINER, "VAEDecoder")  # what Apple's Swift pipeline runs for the refiner
 MMDIT = "MultiModalDiffusionTransformer"                 # Apple's single SD3 package
 MMDIT_CONDITIONING = MMDIT + "Conditioning"             # MobileDiffuser's split layout: timestep + pooled text
 MMDIT_STAGE = MMDIT + "Stage"                           # ... then Stage0, Stage1, ... (numbered)
@@ -94,6 +96,7 @@ class CoreMLResources:
     merges: Optional[Path] = None
     configs: Optional[Path] = None      # diffusers configs (model_index.json, scheduler/ ...) if present
     manifest: dict = field(default_factory=dict)  # manifest.json written by export/quantize, if any
+    refiner: bool = False   # the SDXL refiner's models of the folder (TextEncoder2, UnetRefiner, VAEDecoder)
 
     @property
     def is_sdxl(self) -> bool:
@@ -116,6 +119,8 @@ class CoreMLResources:
     def denoiser_stages(self) -> list:
         """The denoiser's models in the order they run: ["Unet"], ["UnetChunk1", "UnetChunk2"],
         [MultiModalDiffusionTransformer], or [...Conditioning, ...Stage0, ...Stage1, ...]."""
+        if self.refiner:
+            return [REFINER]
         if self.split_mmdit:
             return [MMDIT_CONDITIONING] + sorted((s for s in self.models if s.startswith(MMDIT_STAGE)),
                                                  key=lambda s: int(s[len(MMDIT_STAGE):]))
@@ -251,13 +256,24 @@ def _find_file(folder: Path, name: str) -> Optional[Path]:
     return None
 
 
-def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
-    """Read a resources folder; a missing stage or tokenizer file is a UserError that names it."""
+def find_resources(folder, require_tokenizer: bool = True, refiner: bool = False) -> CoreMLResources:
+    """Read a resources folder; a missing stage or tokenizer file is a UserError that names it. `refiner`:
+    the folder's SDXL refiner (Apple's --refiner-version bundle: UnetRefiner beside the base's models)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"The Core ML resources folder {root} does not exist.")
     base = _locate(root)
     models = _models_in(base)
+    if refiner:
+        if REFINER not in models and "Unet" in models and "TextEncoder" not in models:
+            models[REFINER] = models.pop("Unet")  # a refiner converted on its own: its UNet is plain Unet
+        missing = [s for s in REFINER_STAGES if s not in models]
+        if missing:
+            raise UserError(f"{base} has no SDXL refiner: {', '.join(missing)} missing (Apple's layout bundles "
+                            f"{REFINER}.mlmodelc beside TextEncoder2 and VAEDecoder)")
+        models = {s: models[s] for s in REFINER_STAGES}
+    else:
+        models.pop(REFINER, None)  # the base's run does not load the refiner bundled beside it
 
     kinds = {p.suffix for p in models.values()}
     if len(kinds) > 1:
@@ -266,7 +282,7 @@ def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
         raise UserError(f"{base} has no text encoder model (TextEncoder.mlmodelc / *_text_encoder.mlpackage).")
     if any(is_mmdit_stage(s) for s in models):
         _check_mmdit(base, models)
-    else:
+    elif not refiner:
         _check_unet(base, models)
     if "VAEDecoder" not in models:
         raise UserError(f"{base} has no VAE decoder model (VAEDecoder.mlmodelc / *_vae_decoder.mlpackage).")
@@ -283,7 +299,7 @@ def find_resources(folder, require_tokenizer: bool = True) -> CoreMLResources:
     found = CoreMLResources(
         folder=base, models=models, attention="unknown", compiled=kinds == {".mlmodelc"},
         disk_bytes={stage: disk_bytes(p) for stage, p in models.items()},
-        vocab=vocab, merges=merges, configs=configs, manifest=manifest)
+        vocab=vocab, merges=merges, configs=configs, manifest=manifest, refiner=refiner)
     # the model that holds attention: the UNet's first, the MMDiT's last stage
     denoiser = found.denoiser_stages[-1 if found.is_sd3 else 0]
     found.attention = _detect_attention(base, describe_model(models[denoiser]), manifest)

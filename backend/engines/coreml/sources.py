@@ -189,7 +189,7 @@ def _download(repo: str, plan: DownloadPlan, progress) -> Path:
 
 
 def entry_plan(entry, attention: Optional[str] = None, units: Optional[str] = None, packages: bool = False,
-               files=None) -> tuple:
+               files=None, refiner: bool = False) -> tuple:
     """(plan, chosen attention, reason) for a registry entry's Core ML resources."""
     variants = entry.coreml.get("variants") or {"original": ""}
     chosen, reason = recommended_settings(variants, attention, units, performance_cores())
@@ -198,7 +198,7 @@ def entry_plan(entry, attention: Optional[str] = None, units: Optional[str] = No
         why = "offline mode is on" if registry.offline() else "the Hub cannot be reached"
         raise UserError(f"the Core ML resources {entry.coreml['repo']} are not downloaded and {why}")
     plan = plan_download(files, variants[chosen], packages=packages,
-                         refiner=entry.coreml.get("denoiser") == "UnetRefiner")
+                         refiner=refiner or entry.coreml.get("denoiser") == res.REFINER)
     return plan, chosen, reason
 
 
@@ -224,7 +224,7 @@ class Located:
 
 
 def locate(model: str, attention: Optional[str] = None, units: Optional[str] = None, packages: bool = False,
-           progress=None) -> Located:
+           progress=None, refiner: bool = False) -> Located:
     """The resources folder of a local folder or a registry name, for the asked attention / compute units."""
     units = None if units == "auto" else units
     local = Path(model).expanduser()
@@ -238,16 +238,19 @@ def locate(model: str, attention: Optional[str] = None, units: Optional[str] = N
     if entry is None or not entry.coreml:
         raise UserError(f"model '{model}' has no Core ML resources; export them with "
                         "`python -m backend export-coreml` or choose the MLX engine")
-    plan, chosen, reason = entry_plan(entry, attention, units, packages)
+    plan, chosen, reason = entry_plan(entry, attention, units, packages, refiner=refiner)
     folder = _download(entry.coreml["repo"], plan, progress)
     return Located(folder, entry, list(entry.coreml.get("variants") or {"original": ""}), chosen, reason)
 
 
-def coreml_choice(model: str, reason: str, progress=None):
-    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand."""
+def coreml_choice(model: str, reason: str, progress=None, refiner: bool = False):
+    """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand.
+    `refiner`: the SDXL refiner bundled in the resources (a registry entry whose denoiser is UnetRefiner, or
+    any folder of Apple's --refiner-version layout given as a refiner)."""
     from backend.engines.select import EngineChoice
-    first = locate(model, progress=progress)
-    resources = res.find_resources(first.folder, require_tokenizer=False)
+    first = locate(model, progress=progress, refiner=refiner)
+    refiner = refiner or (first.entry is not None and first.entry.coreml.get("denoiser") == res.REFINER)
+    resources = res.find_resources(first.folder, require_tokenizer=False, refiner=refiner)
     paired = _paired_folder(first.entry)
     spec = coreml_spec(resources, paired)
     if first.entry is not None:  # e.g. a distilled model's schedule and guidance, which its packages cannot say
@@ -260,8 +263,8 @@ def coreml_choice(model: str, reason: str, progress=None):
         wanted = recommended_settings(first.offered, attention, None if compute_units == "auto" else compute_units,
                                       performance_cores())[0] if first.offered else first.attention
         if wanted != first.attention or packages:  # another variant's folder, or the packages to quantize
-            chosen = res.find_resources(locate(model, wanted or None, None, packages, progress).folder,
-                                        require_tokenizer=False)
+            chosen = res.find_resources(locate(model, wanted or None, None, packages, progress, refiner).folder,
+                                        require_tokenizer=False, refiner=refiner)
         return load_coreml_stages(chosen, spec, attention=attention, quantization=quantization,
                                   compute_units=compute_units, **options)
 
@@ -271,7 +274,7 @@ def coreml_choice(model: str, reason: str, progress=None):
 
 def _paired_folder(entry) -> Optional[Path]:
     """The registry entry's diffusers model, if it is already in the Hub cache (for its configs)."""
-    if entry is None or not entry.hub:
+    if entry is None or not getattr(entry, "hub", None):
         return None
     from huggingface_hub import snapshot_download
     try:

@@ -138,7 +138,8 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
     """What the pipeline needs to know about a resources folder; the models' descriptions win over configs."""
     if resources.is_sd3:
         return _sd3_spec(resources, paired)
-    configs = resources.configs or paired
+    # a refiner bundled beside its base: the folder's configs are the base's
+    configs = paired if resources.refiner else resources.configs or paired
     unet = resources.io(resources.unet_stages[0]).inputs
     vae = resources.io("VAEDecoder")
     _, channels, h, w = unet["sample"].shape
@@ -153,15 +154,20 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
     unet_config.pop("time_cond_proj_dim", None)
     if "timestep_cond" in unet:
         unet_config["time_cond_proj_dim"] = unet["timestep_cond"].shape[1]
+    family = "sdxl" if sdxl else "sd"
     if "time_ids" in unet:
         unet_config["addition_embed_type"] = "text_time"
+        ids = unet["time_ids"].shape
+        per_row = ids[-1] if len(ids) > 1 else ids[0] // max(int(unet["sample"].shape[0]), 1)
+        if per_row == 5:  # size, crop, aesthetic score: the refiner (Apple's Swift reads it the same way)
+            family = "sdxl-refiner"
     vae_config = _vae_config(resources, configs, channels, {"scaling_factor": 0.13025 if sdxl else 0.18215})
     # SD 2.x at 768 (OpenCLIP ViT-H text, 96x96 latents) predicts v; the 512 "base" models predict noise
     v_prediction = not sdxl and widths[0] == 1024 and h * scale == 768
     scheduler = _read(configs, "scheduler/scheduler_config.json") or _default_scheduler(sdxl, v_prediction)
     index = _read(configs, "model_index.json")
     spec = ModelSpec(
-        folder=resources.folder, family="sdxl" if sdxl else "sd",
+        folder=resources.folder, family=family,
         pipeline_class=index.get("_class_name", "CoreMLStableDiffusionPipeline"),
         text_encoders=[name for _, name, _ in present], tokenizers=[tok for _, _, tok in present],
         denoiser_config=unet_config, vae_config=vae_config,
