@@ -160,9 +160,11 @@ def stats_html(result: GenerationResult, cached: bool = False) -> str:
                      for k, label, color in STAGES)
     per_step = t.denoise / len(t.steps) if t.steps else None
     load_note = "pipeline was already loaded" if cached or not t.load else "includes loading the model"
-    units = e.get("compute_units") or e.get("device") or "—"
+    units = (e.get("compute_units") or e.get("device") or "—") + (
+        f" · {e['attention']} attention" if e.get("engine") == "coreml" and e.get("attention") else "")
     quant = e.get("quantization")
-    precision = e.get("precision", "") + (f" · {quant}" if quant and quant != "none" else "")
+    precision = e.get("precision", "") + (f" · {quant}" if quant and quant != "none" else "") + "".join(
+        f" · {stage} on {u}" for stage, u in (e.get("stage_units") or {}).items())
     peak_sub = "engine's own peak" if m.peak_engine_bytes else "process peak resident memory"
     cards = [
         _card("Total", fmt_seconds(total_seconds(result)), load_note),

@@ -207,46 +207,94 @@ def quantize_mlx(source: Path, method: Optional[str] = None, bits: Optional[int]
 
 
 # ---------------------------------------------------------------------------------------- Core ML
-def quantize_coreml(folder: Path, method: Optional[str], bits: Optional[int], recipe, group_size, out) -> Path:
+def quantize_coreml(folder: Path, method: Optional[str], bits: Optional[int], recipe, group_size, out, *,
+                    recipe_name: Optional[str] = None, weights=None, weight_threshold: Optional[int] = None) -> Path:
+    """Compress a Core ML resources folder. mixed: `recipe` (Apple's recipe JSON), `recipe_name` (needed when
+    it holds several), `weights` (the diffusers checkpoint to hash; default: the one it was exported from),
+    `weight_threshold` (default Apple's 1e5 elements)."""
     from backend.engines.coreml import quantize as cq
     method = method or "palettize"
     if method == "mlx":
         raise UserError(f"{folder.name} holds Core ML resources; --method mlx needs a diffusers folder")
+    if method != "mixed" and (recipe_name or weights):
+        raise UserError("--recipe-name and --weights are for --method mixed")
     if method == "palettize":
         if bits is None:
             raise UserError("give --bits for palettization (8, 6, 4 or 2)")
         grouped = group_size is not None
+        kw = {} if weight_threshold is None else {"weight_threshold": weight_threshold}
         return cq.palettize(folder, bits, "per_grouped_channel" if grouped else "per_tensor",
-                            group_size or 16, out_dir=out)
+                            group_size or 16, out_dir=out, **kw)
     if method == "linear":
-        return cq.linear_quantize(folder, bits or 8, out_dir=out)
+        kw = {} if weight_threshold is None else {"weight_threshold": weight_threshold}
+        return cq.linear_quantize(folder, bits or 8, out_dir=out, **kw)
     if not recipe:
         raise UserError("--method mixed on Core ML resources needs --recipe (an Apple mixed-bit recipe JSON)")
-    return cq.mixed_bit(folder, recipe, out_dir=out)
+    if bits is not None:
+        raise UserError("give either --bits or a mixed-bit recipe, not both")
+    return cq.mixed_bit(folder, recipe, recipe_name=recipe_name, out_dir=out, weights=weights,
+                        weight_threshold=cq.PALETTIZE_MIN_SIZE if weight_threshold is None else weight_threshold)
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def quantize(model: str, method: Optional[str] = None, bits: Optional[int] = None, recipe=None,
-             group_size: Optional[int] = None, out=None) -> tuple[Path, dict, bool]:
-    """The command's work, callable from Python: (variant folder, its manifest, whether it was written)."""
-    if method is not None and method not in METHODS:
-        raise UserError(f"unknown method '{method}': choose {', '.join(METHODS)}")
+def _folder(model: str) -> Path:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         from backend import registry
         folder = registry.resolve(model)
+    return folder
+
+
+def quantize(model: str, method: Optional[str] = None, bits: Optional[int] = None, recipe=None,
+             group_size: Optional[int] = None, out=None, *, recipe_name: Optional[str] = None, weights=None,
+             weight_threshold: Optional[int] = None) -> tuple[Path, dict, bool]:
+    """The command's work, callable from Python: (variant folder, its manifest, whether it was written)."""
+    if method is not None and method not in METHODS:
+        raise UserError(f"unknown method '{method}': choose {', '.join(METHODS)}")
+    folder = _folder(model)
     engine = detect_engine(folder)
     if engine == "coreml":
-        done = Path(quantize_coreml(folder, method, bits, recipe, group_size, out))
+        done = Path(quantize_coreml(folder, method, bits, recipe, group_size, out, recipe_name=recipe_name,
+                                    weights=weights, weight_threshold=weight_threshold))
         return done, read_manifest(done) or {}, True
+    if recipe_name or weights or weight_threshold is not None:
+        raise UserError("--recipe-name, --weights and --weight-threshold are for Core ML resources "
+                        "(Apple's mixed-bit recipes); the MLX recipe has one plan")
     if method == "palettize":
         raise UserError(f"{folder.name} is a diffusers folder: palettization is a Core ML method; for MLX use "
                         "--method mlx --bits 8|6|4|3|2 or --method mixed")
     return quantize_mlx(folder, method, bits, recipe, group_size, out)
 
 
+def list_recipes(recipe, model: Optional[str] = None, weights=None, weight_threshold: Optional[int] = None):
+    """`--list-recipes`: ([rows], info) for each recipe of an Apple recipe file (see coreml quantize.list_recipes)."""
+    from backend.engines.coreml import quantize as cq
+    if not recipe:
+        raise UserError("--list-recipes needs --recipe (an Apple mixed-bit recipe JSON)")
+    folder = None
+    if model:
+        folder = _folder(model)
+        if detect_engine(folder) != "coreml":
+            raise UserError(f"{folder.name} is a diffusers folder: give the Core ML resources as --model and the "
+                            "diffusers folder as --weights")
+    return cq.list_recipes(recipe, folder, weights,
+                           cq.PALETTIZE_MIN_SIZE if weight_threshold is None else weight_threshold)
+
+
 def cmd_quantize(a) -> int:
-    folder, manifest, written = quantize(a.model, a.method, a.bits, a.recipe, a.group_size, a.out)
+    if a.list_recipes:
+        from backend.engines.coreml.quantize import format_recipe_list
+        rows, info = list_recipes(a.recipe, a.model, a.weights, a.weight_threshold)
+        if a.json:
+            print(json.dumps({"recipes": rows, **info}))
+        else:
+            print("\n".join(format_recipe_list(rows, info)))
+        return 0
+    if not a.model:
+        raise UserError("give --model (a diffusers folder or Core ML resources), or --list-recipes")
+    folder, manifest, written = quantize(a.model, a.method, a.bits, a.recipe, a.group_size, a.out,
+                                         recipe_name=a.recipe_name, weights=a.weights,
+                                         weight_threshold=a.weight_threshold)
     if a.json:
         print(json.dumps({"out": str(folder), "written": written, **manifest}))
         return 0
@@ -254,7 +302,12 @@ def cmd_quantize(a) -> int:
     if not written:
         print(f"{folder}: up to date ({manifest.get('method')}, {mib:.1f} MiB); nothing written")
     else:
-        print(f"{folder}: {manifest.get('method')}, {mib:.1f} MiB on disk, {manifest.get('seconds', 0):.1f}s")
+        before = manifest.get("bytes_before")
+        was = f" (before: {before / 2**20:.1f} MiB)" if before else ""
+        print(f"{folder}: {manifest.get('method')}, {mib:.1f} MiB on disk{was}, {manifest.get('seconds', 0):.1f}s")
+    if manifest.get("method") == "mixed_bit":
+        from backend.engines.coreml.quantize import mixed_bit_summary
+        print("\n".join(mixed_bit_summary(manifest)))
     if manifest.get("layers"):
         print(manifest["layers"])
     return 0
@@ -262,13 +315,25 @@ def cmd_quantize(a) -> int:
 
 def add_command(sub) -> None:
     q = sub.add_parser("quantize", help="write a quantized variant of a model (MLX or Core ML), once")
-    q.add_argument("--model", required=True,
-                   help="a diffusers folder (-> MLX variant) or an Apple Core ML resources folder")
+    q.add_argument("--model", help="a diffusers folder (-> MLX variant) or an Apple Core ML resources folder "
+                                   "(required unless --list-recipes)")
     q.add_argument("--method", choices=METHODS,
                    help="mlx/linear: group-wise bits (MLX), or linear int8 (Core ML); mixed: a mixed-bit recipe; "
                         "palettize: Core ML look-up tables. Default: mlx for diffusers, palettize for Core ML")
     q.add_argument("--bits", type=int, help="MLX: 8, 6, 4, 3, 2; Core ML palettize: 8, 6, 4, 2")
-    q.add_argument("--recipe", help="mixed-bit recipe JSON (MLX default: configs/mixed_bit_recipes/mlx-mixed.json)")
+    q.add_argument("--recipe", help="mixed-bit recipe JSON (MLX default: configs/mixed_bit_recipes/mlx-mixed.json; "
+                                    "Core ML: Apple's pre-analysis JSON, e.g. "
+                                    "stabilityai-stable-diffusion-xl-base-1.0_palettization_recipe.json)")
+    q.add_argument("--recipe-name", help="Core ML: which recipe of the file, e.g. recipe_4.50_bit_mixedpalette "
+                                         "(needed when it holds several)")
+    q.add_argument("--list-recipes", action="store_true",
+                   help="list the file's recipes: expected bits/weight, baseline PSNR (and with --model, bits over "
+                        "all the model's weights); writes nothing")
+    q.add_argument("--weights", help="Core ML mixed: the diffusers checkpoint (folder, .safetensors or registry "
+                                     "name) whose UNet weights match the recipe's layers by tensor hash, as Apple's "
+                                     "tool does (default: the folder the resources were exported from)")
+    q.add_argument("--weight-threshold", type=int,
+                   help="Core ML: weights with this many elements or fewer stay float (mixed default: Apple's 100000)")
     q.add_argument("--group-size", type=int, help="MLX: 128, 64 (default) or 32; Core ML: palettes per group")
     q.add_argument("--out", help="output folder (default: beside the source, e.g. <model>-mlx-q4)")
     q.add_argument("--json", action="store_true", help="print the manifest as one JSON line")

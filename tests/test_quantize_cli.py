@@ -115,6 +115,8 @@ def test_an_interrupted_run_leaves_nothing(sd1, tmp_path, monkeypatch):
     (["--bits", "4", "--group-size", "48"], "group size"),
     (["--bits", "4", "--recipe", "missing.json"], "either --bits"),
     (["--method", "mixed", "--recipe", "/nonexistent/recipe.json"], "does not exist"),
+    (["--method", "mixed", "--recipe-name", "recipe_4.50_bit_mixedpalette"], "are for Core ML resources"),
+    (["--list-recipes"], "--list-recipes needs --recipe"),
 ])
 def test_bad_input_exits_non_zero_with_a_sentence(sd1, tmp_path, capsys, args, message):
     rc = main(["quantize", "--model", str(sd1), "--out", str(tmp_path / "o"), *args])

@@ -443,13 +443,16 @@ def list_recipes(recipe_json, resources_dir=None, weights=None,
                     for s in found.denoiser_stages]
         info.update(matching="hash" if diffusers else "name", weights=diffusers.label if diffusers else None)
         for row in rows:
-            recipe, bits, total = recipes[row["name"]], 0.0, 0
+            recipe, bits, total, matched = recipes[row["name"]], 0.0, 0, {}
             for w in packages:
                 layer_of, _ = assign_layers(w, recipe, diffusers, weight_threshold)
+                matched.update({layer: int(w[name].size) for name, layer in layer_of.items()})
                 elements = sum(v.size for v in w.values())
                 bits += plan_bits(w, layer_of, recipe, weight_threshold)[1] * elements
                 total += elements
             row["all_weights_bits"] = round(bits / total, 2) if total else None
+            if not sizes and matched:  # sized by the Core ML weights the names matched
+                row["expected_bits"], row["bits_over"] = expected_bits(recipe, matched, row["name"])
     return rows, info
 
 
@@ -635,7 +638,7 @@ def mixed_bit(resources_dir, recipe_json, *, recipe_name: Optional[str] = None, 
         large = sum(r["weights_over_threshold"] for r in done)
         if large and not any(r["weights_matched"] for r in done):  # an MMDiT's packages are checked together
             raise UserError("The mixed-bit recipe names no weight of this MMDiT; was it made for another model?")
-        sizes = diffusers.sizes if diffusers else (recipe_sizes(data) or matched)
+        sizes = diffusers.sizes if diffusers else (recipe_sizes(data) or {**small, **matched})
         bits, over = expected_bits(recipe, sizes, name)
         elements = sum(r["weight_elements"] for r in done)
         groups = diffusers.collisions(recipe, weight_threshold) if diffusers else []
