@@ -50,7 +50,7 @@ def scheduler_choices(names=None) -> list:
 
 
 def model_choices(extra: str = "") -> list:
-    choices = [(m.title, m.name) for m in registry.list_models()]
+    choices = [(m.title, m.name) for m in registry.list_models() if not m.refines]  # refiners: second stages
     if extra and extra not in [c[1] for c in choices]:
         choices.insert(0, (f"{Path(extra).name} (folder)", extra))
     return choices

@@ -37,6 +37,7 @@ class ModelEntry:
     gated: bool = False              # the Hub repository needs an accepted licence and a login
     transformer_file: dict = field(default_factory=dict)  # {"repo", "file"}: a distilled transformer for `hub`
     t5: bool = True                  # False: an SD3 model that runs without T5 (what it was distilled with)
+    refines: Optional[str] = None    # a second stage (the SDXL refiner): the registry model it finishes
 
     @property
     def local_folder(self) -> Optional[Path]:
