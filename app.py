@@ -30,7 +30,7 @@ from backend.types import GenerationRequest, UserError  # noqa: E402
 ENGINE = dict(concurrency_id="engine", concurrency_limit=1)  # one generation at a time, whatever starts it
 PRIVATE = dict(api_visibility="private")
 ENGINES = [("Auto", "auto"), ("Core ML", "coreml"), ("MLX", "mlx")]
-UNITS = [("Auto (Apple's choice for the model)", "auto"), ("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"), ("CPU and GPU", "CPU_AND_GPU"),
+UNITS = [("Auto (Apple's choice)", "auto"), ("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"), ("CPU and GPU", "CPU_AND_GPU"),
          ("CPU only", "CPU_ONLY")]
 SETTING_NAMES = ("prompt", "negative_prompt", "model", "engine", "compute_units", "precision", "scheduler", "steps",
                  "guidance", "width", "height", "seed", "t5")
