@@ -189,3 +189,17 @@ def test_a_local_folder_of_apples_palettized_layout_is_recognised(tmp_path, monk
     assert located.offered == ["original", "split_einsum_v2"] and located.attention == "split_einsum_v2"
     assert res._attention_from_name(located.folder) == "split_einsum_v2"
     assert sources.locate(str(tmp_path / "repo"), units="CPU_AND_GPU").folder.parent.name == "original"
+
+
+def test_a_folder_that_is_not_resources_is_never_walked(tmp_path):
+    """A model given as "/" (or any big folder) gets a sentence at once: only Apple's variant places are looked at."""
+    import time
+    from backend.engines.select import coreml_resources_for
+    for i in range(80):
+        (tmp_path / f"d{i}" / "x" / "y").mkdir(parents=True)
+    started = time.perf_counter()
+    assert coreml_resources_for("/") is None and coreml_resources_for(str(tmp_path)) is None
+    for folder in ("/", tmp_path):
+        with pytest.raises(UserError, match="too many folders to be a resources folder"):
+            res.find_resources(folder)
+    assert time.perf_counter() - started < 1.0

@@ -63,14 +63,31 @@ def _coreml_choice(model: str, reason: str, progress, refiner: bool = False) -> 
     return coreml_choice(model, reason, progress, refiner=refiner)
 
 
+ATTENTION_FOLDERS = ("original", "split_einsum", "split_einsum_v2")
+
+
+def _first_entries(folder: Path, limit: int = 200) -> list:
+    """At most `limit` entries of a folder (a model folder holds a handful; "/" or a home folder many more)."""
+    entries = []
+    for entry in folder.iterdir():
+        entries.append(entry)
+        if len(entries) >= limit:
+            break
+    return entries
+
+
 def coreml_resources_for(model: str) -> Optional[str]:
     """The Core ML resources a model offers: a local Apple-layout folder or a registry entry's repository."""
     p = Path(model).expanduser()
     if p.is_dir():
-        # the models themselves, or Apple's variant folders (original/packages/, split_einsum/compiled/ ...)
-        return str(p) if not (p / "model_index.json").exists() and any(
-            c.suffix in (".mlpackage", ".mlmodelc") for pattern in ("*", "*/*", "*/*/*") for c in p.glob(pattern)) \
-            else None
+        # the models themselves, or Apple's variant folders (original/compiled/, split_einsum_v2/packages/ ...):
+        # only those places are looked at, so a folder like "/" is never walked
+        if (p / "model_index.json").exists():
+            return None
+        places = [p] + [p / a / k for a in ("", *ATTENTION_FOLDERS) for k in ("", "compiled", "packages")]
+        found = any(c.suffix in (".mlpackage", ".mlmodelc") for place in places if place.is_dir()
+                    for c in _first_entries(place))
+        return str(p) if found else None
     entry = registry.get_entry(model)
     return entry.coreml.get("repo") if entry is not None and entry.coreml else None
 

@@ -200,20 +200,35 @@ def _models_in(folder: Path) -> dict:
     return found
 
 
-def _subfolders(folder: Path, depth: int):
-    """Folders below `folder` (at most `depth` levels), never looking inside a model."""
+_MAX_FOLDERS = 64  # a resources folder has a few subfolders; more means it is not one (e.g. "/")
+
+
+class _TooManyFolders(Exception):
+    pass
+
+
+def _subfolders(folder: Path, depth: int, budget: Optional[list] = None):
+    """Folders below `folder` (at most `depth` levels, at most _MAX_FOLDERS in all), never inside a model."""
+    budget = [_MAX_FOLDERS] if budget is None else budget
     for entry in sorted(folder.iterdir()):
         if entry.is_dir() and entry.suffix not in MODEL_EXTENSIONS:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooManyFolders
             yield entry
             if depth > 1:
-                yield from _subfolders(entry, depth - 1)
+                yield from _subfolders(entry, depth - 1, budget)
 
 
 def _locate(folder: Path) -> Path:
     """The folder itself, or the one folder below it that holds the models (Resources/, packages/ ...)."""
     if _models_in(folder):
         return folder
-    candidates = [p for p in _subfolders(folder, 3) if _models_in(p)]
+    try:
+        candidates = [p for p in _subfolders(folder, 3) if _models_in(p)]
+    except _TooManyFolders:
+        raise UserError(f"No Core ML resources were found in {folder}: it holds too many folders to be a "
+                        "resources folder; give the folder that holds the models (or its original/, compiled/ ...)")
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
