@@ -151,6 +151,10 @@ class StandInModel:
                          mx.array(x["chunk_temb"].astype(np.float32)), context, skips)
         return {"noise_pred": nchw(unet.conv_out(unet.conv_act(unet.conv_norm_out(h))))}
 
+    def _vaeencoder(self, x):  # torch2coreml's VAEEncoder: quant_conv(encoder(x)), the mean and log-variance
+        mean, logvar = self.mlx.vae.encode(nhwc(x["x"]))
+        return {"latent": np.concatenate([nchw(mean), nchw(logvar)], axis=1)}
+
     def _vaedecoder(self, x):
         return {"image": nchw(self.mlx.vae.decode(nhwc(x["z"])))}
 
@@ -518,3 +522,33 @@ def test_sdxl_base_then_refiner_on_core_ml_matches_the_mlx_engine(exported, tmp_
     assert psnr(result.pixels, expected.pixels) >= min_psnr("stand-in")
     assert psnr(result.pixels, mlx_pipeline(base_folder).generate(request(steps=5, guidance=5.0)).pixels) < 40
     assert result.parameters["refiner_start"] == 0.6 and len(result.timings.steps) == 5
+
+
+def test_image_to_image_encodes_with_apples_vae_encoder_fetched_on_first_use(exported, tmp_path_factory,
+                                                                           tiny_pipelines):
+    _, folder, found = exported("sd1")  # exported without a VAE encoder
+    _, _, with_encoder = tiny_export(tmp_path_factory, tiny_pipelines, "sd1", attention="original", vae_encoder=True)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    runtime = make_runtime("stand-in", folder)
+    stages = coreml_pipeline(found, runtime).stages
+    with pytest.raises(UserError, match="no VAEEncoder, which image-to-image needs"):
+        stages.encode_image(pixels)
+    assert "VAEEncoder" not in {s for s, _ in runtime.loads}  # nothing loaded for it at load time
+
+    fetched = []
+    stages.fetch_model = lambda stage: fetched.append(stage) or with_encoder.models[stage]
+    mean = stages.encode_image(pixels)
+    expected = np.array(MLXStandIn(folder).mlx.vae.encode(nhwc(pixels))[0]).transpose(0, 3, 1, 2)
+    assert fetched == ["VAEEncoder"] and mean.shape == (1, 4, 16, 16)
+    assert np.abs(mean - expected).max() < 1e-2  # the package's fp16 input against MLX in fp32
+    assert dict(runtime.loads)["VAEEncoder"] == "CPU_AND_GPU"
+    stages.encode_image(pixels)
+    assert fetched == ["VAEEncoder"]  # fetched once
+
+
+def test_core_ml_refuses_lora_at_generation_time(exported):
+    _, folder, found = exported("sd1")
+    stages = coreml_pipeline(found, make_runtime("stand-in", folder)).stages
+    stages.set_loras([])
+    with pytest.raises(UserError, match="export-coreml --lora"):
+        stages.set_loras([("style.safetensors", 1.0)])

@@ -38,14 +38,15 @@ class CoreMLStages(Stages):
     """The Core ML models of one resources folder behind the Stages interface."""
 
     def __init__(self, resources: res.CoreMLResources, spec: ModelSpec, runtime=None, compute_units: str = "auto",
-                 reduce_memory: bool = False):
+                 reduce_memory: bool = False, fetch_model=None):
         self.resources = resources
         self.spec = spec
         self.runtime = runtime or CoreMLRuntime
         self.reduce_memory = reduce_memory
+        self.fetch_model = fetch_model   # stage -> model path fetched on demand (a registry entry's VAEEncoder), or None
         self.text_stages = [stage for stage, _, _ in TEXT_ENCODERS if stage in resources.models]
         self.models_of = {"text_encoder": self.text_stages, "unet": resources.denoiser_stages,
-                          "vae_decoder": ["VAEDecoder"]}
+                          "vae_decoder": ["VAEDecoder"], "vae_encoder": []}  # the encoder: on first use
         self.io = {stage: resources.io(stage) for stages in self.models_of.values() for stage in stages}
         # with reduce_memory, a split MMDiT's stages are loaded one at a time and released right after they
         # run (MobileDiffuser unloads each stage after its prediction); other stages load per pipeline stage
@@ -88,9 +89,10 @@ class CoreMLStages(Stages):
                 self._model(stage)
 
     def _units_for(self, stage: str) -> str:
-        """SDXL's VAE decoder runs on CPU_AND_GPU whatever else is asked: it is float32 and the Neural Engine
-        computes in float16 (Apple's Swift pipeline does the same, StableDiffusionXL+Resources.swift)."""
-        if stage == "VAEDecoder" and self.resources.is_sdxl and self.compute_units in ("ALL", "CPU_AND_NE"):
+        """SDXL's VAE runs on CPU_AND_GPU whatever else is asked: it is float32 and the Neural Engine computes in
+        float16 (Apple's Swift pipeline does the same, StableDiffusionXL+Resources.swift; torch2coreml converts
+        SDXL's VAEEncoder for CPU_AND_GPU)."""
+        if stage in ("VAEDecoder", "VAEEncoder") and self.resources.is_sdxl and self.compute_units in ("ALL", "CPU_AND_NE"):
             return "CPU_AND_GPU"
         return self.compute_units
 
@@ -254,6 +256,33 @@ class CoreMLStages(Stages):
         image = out["image"] if "image" in out else next(iter(out.values()))
         return image.astype(np.float32).transpose(0, 2, 3, 1)
 
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Apple's VAEEncoder: x (B, 3, H, W) in [-1, 1] -> the posterior's mean (the first half of its `latent`
+        output, quant_conv(encoder(x)) as torch2coreml converts it). Fetched on first use where the resources'
+        source has one (a registry entry); otherwise one sentence says image-to-image needs it."""
+        stage = "VAEEncoder"
+        if stage not in self.resources.models:
+            path = self.fetch_model(stage) if self.fetch_model else None
+            if path is None:
+                raise UserError(f"these Core ML resources ({self.resources.folder}) have no VAEEncoder, which "
+                                "image-to-image needs: export them with --vae-encoder, or use the MLX engine")
+            self.resources.models[stage] = Path(path)
+            self.resources.disk_bytes[stage] = res.disk_bytes(path)
+        if stage not in self.io:
+            self.io[stage] = self.resources.io(stage)
+            self.stage_units[stage] = self._units_for(stage)
+            self.models_of["vae_encoder"] = [stage]
+        name = next(iter(self.io[stage].inputs))
+        with self._running("vae_encoder"):
+            out = self._batched(lambda part: self._predict(stage, part), stage, {name: np.asarray(pixels)})
+        moments = (out["latent"] if "latent" in out else next(iter(out.values()))).astype(np.float32)
+        return moments[:, : moments.shape[1] // 2]
+
+    def set_loras(self, loras) -> None:
+        if loras:
+            raise UserError("Core ML weights are fixed when the resources are made: bake a LoRA in with "
+                            "`python -m backend export-coreml --lora FILE:SCALE`, or use the MLX engine")
+
     # -- measurements ---------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """The most model bytes resident at once since the last reset (one stage's worth with reduce_memory)."""
@@ -265,7 +294,8 @@ class CoreMLStages(Stages):
 
 def load_coreml_stages(resources: res.CoreMLResources, spec: ModelSpec, precision: str = "fp16",
                        quantization: Optional[str] = None, compute_units: str = "auto",
-                       attention: Optional[str] = None, reduce_memory: bool = False, runtime=None) -> CoreMLStages:
+                       attention: Optional[str] = None, reduce_memory: bool = False, runtime=None,
+                       fetch_model=None) -> CoreMLStages:
     """Precision is fixed when Core ML resources are made. A quantization ("q8", "q6", "q4", "q2", "mixed")
     is made on demand from the resources' .mlpackage files and cached beside them (backend/quantize.py)."""
     if quantization:
@@ -274,7 +304,8 @@ def load_coreml_stages(resources: res.CoreMLResources, spec: ModelSpec, precisio
     if attention and resources.attention not in same | {"unknown"}:
         raise UserError(f"the Core ML resources in {resources.folder} use {resources.attention} attention, "
                         f"not {attention}; export them with --attention {attention}")
-    return CoreMLStages(resources, spec, runtime=runtime, compute_units=compute_units, reduce_memory=reduce_memory)
+    return CoreMLStages(resources, spec, runtime=runtime, compute_units=compute_units, reduce_memory=reduce_memory,
+                        fetch_model=fetch_model)
 
 
 def quantized_resources(resources: res.CoreMLResources, quantization: str) -> Path:

@@ -189,7 +189,7 @@ def _download(repo: str, plan: DownloadPlan, progress) -> Path:
 
 
 def entry_plan(entry, attention: Optional[str] = None, units: Optional[str] = None, packages: bool = False,
-               files=None, refiner: bool = False) -> tuple:
+               files=None, refiner: bool = False, vae_encoder: bool = False) -> tuple:
     """(plan, chosen attention, reason) for a registry entry's Core ML resources."""
     variants = entry.coreml.get("variants") or {"original": ""}
     chosen, reason = recommended_settings(variants, attention, units, performance_cores())
@@ -198,7 +198,7 @@ def entry_plan(entry, attention: Optional[str] = None, units: Optional[str] = No
         why = "offline mode is on" if registry.offline() else "the Hub cannot be reached"
         raise UserError(f"the Core ML resources {entry.coreml['repo']} are not downloaded and {why}")
     plan = plan_download(files, variants[chosen], packages=packages,
-                         refiner=refiner or entry.coreml.get("denoiser") == res.REFINER)
+                         refiner=refiner or entry.coreml.get("denoiser") == res.REFINER, vae_encoder=vae_encoder)
     return plan, chosen, reason
 
 
@@ -265,8 +265,16 @@ def coreml_choice(model: str, reason: str, progress=None, refiner: bool = False)
         if wanted != first.attention or packages:  # another variant's folder, or the packages to quantize
             chosen = res.find_resources(locate(model, wanted or None, None, packages, progress, refiner).folder,
                                         require_tokenizer=False, refiner=refiner)
+        def fetch_model(stage: str) -> Optional[Path]:
+            """A model the first download left out (the VAE encoder, for image-to-image), from the same variant."""
+            if first.entry is None or stage != "VAEEncoder":
+                return None
+            plan, _, _ = entry_plan(first.entry, chosen.attention if chosen.attention in first.offered else None,
+                                    None, packages=not chosen.compiled, vae_encoder=True, refiner=refiner)
+            return _download(first.entry.coreml["repo"], plan, progress) / plan.stages[stage]
+
         return load_coreml_stages(chosen, spec, attention=attention, quantization=quantization,
-                                  compute_units=compute_units, **options)
+                                  compute_units=compute_units, fetch_model=fetch_model, **options)
 
     return EngineChoice(name=model, kind="coreml", reason=f"{reason}; {first.reason}",
                         spec=spec, tokenizers=tokenizers, disk_bytes=resources.total_bytes, load=load)
