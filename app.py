@@ -19,6 +19,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import backend  # noqa: E402,F401  (optimized BLAS before MLX)
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from backend import compare, present, registry  # noqa: E402
@@ -63,10 +64,69 @@ def _opt(value, cast):
     return cast(value)
 
 
-def _request(prompt, negative, scheduler, steps, guidance, width, height, seed) -> GenerationRequest:
+def _request(prompt, negative, scheduler, steps, guidance, width, height, seed, **image_fields) -> GenerationRequest:
     return GenerationRequest(prompt=prompt or "", negative_prompt=negative or "", scheduler=_opt(scheduler, str),
                              steps=_opt(steps, int), guidance=_opt(guidance, float), width=_opt(width, int),
-                             height=_opt(height, int), seed=_opt(seed, int))
+                             height=_opt(height, int), seed=_opt(seed, int), **image_fields)
+
+
+def editor_image_and_mask(value, uploaded_mask=None) -> tuple:
+    """(start image, mask) from the ImageEditor's value: its background, and a white-on-black mask of what was
+    painted over it (an uploaded mask wins). (None, None) when no start image is given."""
+    from PIL import Image
+    if not value or value.get("background") is None:
+        return None, None
+    background = value["background"].convert("RGB")
+    if uploaded_mask is not None:
+        return background, uploaded_mask.convert("L")
+    painted = None
+    for layer in value.get("layers") or []:
+        alpha = np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return background, None
+    return background, Image.fromarray(painted.astype(np.uint8) * 255).resize(background.size, Image.NEAREST)
+
+
+def image_fields(editor, uploaded_mask, strength, mask_blur, lora_rows) -> dict:
+    """The request's start image, mask, strength, feather and LoRAs from the Generate tab's controls."""
+    init, mask = editor_image_and_mask(editor, uploaded_mask)
+    fields = {"loras": lora_choice(lora_rows)}
+    if init is not None:
+        fields.update(init_image=init, mask=mask, strength=float(strength), mask_blur=int(mask_blur or 0))
+    return fields
+
+
+def lora_choice(rows) -> list:
+    """(file, scale) for every LoRA row with a scale other than 0."""
+    values = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
+    chosen = []
+    for row in values:
+        if len(row) >= 3 and row[0] and row[2] not in (None, "") and float(row[2]) != 0.0:
+            chosen.append((str(row[1]), float(row[2])))
+    return chosen
+
+
+def restore_lora_scales(rows, used: list) -> tuple:
+    """The LoRA table with the scales a PNG records (matched by file name, then hash), and the names not found."""
+    from backend.lora_files import file_sha256
+    table = rows.copy() if hasattr(rows, "copy") else pd.DataFrame(rows, columns=["LoRA", "File", "Scale"])
+    table["Scale"] = 0.0
+    missing = []
+    for lora in used:
+        hits = [i for i, name in enumerate(table["LoRA"]) if name == lora.get("name")
+                and (not lora.get("sha256") or file_sha256(table["File"][i]).startswith(lora["sha256"]))]
+        if hits:
+            table.loc[hits[0], "Scale"] = float(lora.get("scale", 1.0))
+        else:
+            missing.append(str(lora.get("name")))
+    return table, missing
+
+
+def lora_table(files=None) -> pd.DataFrame:
+    from backend.lora_files import find_lora_files
+    files = find_lora_files() if files is None else files
+    return pd.DataFrame([[f.name, str(f), 0.0] for f in files], columns=["LoRA", "File", "Scale"])
 
 
 def _mean(values):
@@ -132,11 +192,12 @@ class App:
 
     # -- Generate tab ------------------------------------------------------------------------------------
     def generate_ui(self, prompt, negative, model, engine, units, precision, scheduler, steps, guidance, width,
-                    height, seed, t5, history, request: gr.Request):
+                    height, seed, t5, editor, mask, strength, mask_blur, loras, history, request: gr.Request):
         u = self.ui
         stop = self._signal(request, fresh=False)  # armed by the click: a Stop while queued counts
         try:
-            req = _request(prompt, negative, scheduler, steps, guidance, width, height, seed)
+            req = _request(prompt, negative, scheduler, steps, guidance, width, height, seed,
+                           **image_fields(editor, mask, strength, mask_blur, loras))
             size = (req.width or self.defaults["width"], req.height or self.defaults["height"])
             for ev in self._stream(model, engine, units, precision, req, stop, t5=t5):
                 if ev.kind == "status":
@@ -152,6 +213,7 @@ class App:
                 elif ev.kind == "done":
                     r = ev.result
                     path = str(self.outputs.save(r.image, r.parameters))
+                    self.outputs.keep_inputs(r.parameters, req)  # so that the PNG restores its start image and mask
                     item = {"path": path, "caption": f"{r.parameters['prompt'][:48]} · seed {r.seed}"}
                     history = ([item] + list(history or []))[:48]
                     t = r.timings
@@ -169,11 +231,21 @@ class App:
             self._release(request, stop)
 
     def generate_api(self, prompt, negative_prompt, model, engine, compute_units, precision, scheduler, steps,
-                     guidance, width, height, seed, t5=False, request: gr.Request = None, progress=gr.Progress()):
-        """Text to image: the PNG (its `parameters` text chunk reproduces it) and the measurements as JSON."""
+                     guidance, width, height, seed, t5=False, init_image=None, strength=-1, mask=None, mask_blur=0,
+                     loras="", request: gr.Request = None, progress=gr.Progress()):
+        """Text to image, or image to image with `init_image` (and inpainting with `mask`: white = repaint),
+        with LoRAs as in the CLI ("file.safetensors:0.8, other.safetensors"): the PNG (its `parameters` text
+        chunk reproduces it) and the measurements as JSON."""
+        from backend.lora_files import parse_lora_list
         stop = self._signal(request, fresh=True)
         try:
-            req = _request(prompt, negative_prompt, scheduler, steps, guidance, width, height, seed)
+            fields = {"loras": parse_lora_list(loras)}
+            if init_image:
+                fields.update(init_image=init_image, mask=mask or None, strength=_opt(strength, float),
+                              mask_blur=int(mask_blur or 0))
+            elif mask:
+                raise UserError("a mask needs a start image (init_image)")
+            req = _request(prompt, negative_prompt, scheduler, steps, guidance, width, height, seed, **fields)
             for ev in self._stream(model, engine, compute_units, precision, req, stop, min_interval=0.1, t5=bool(t5)):
                 if ev.kind == "status":
                     progress(0, desc=ev.message)
@@ -190,23 +262,36 @@ class App:
             self._release(request, stop)
         raise gr.Error("the run ended without an image")
 
-    def restore(self, path):
-        """Settings from a PNG made by the app (its parameters chunk) back into the Generate tab."""
+    def restore(self, path, lora_rows=None):
+        """Settings from a PNG made by the app (its parameters chunk) back into the Generate tab: the start image
+        and mask when this app still keeps them (by hash), the LoRA scales by file name and hash."""
         params = read_parameters(path) if path else None
+        extra = 4  # editor, strength, mask feather, LoRA table
         if not params:
             note = present.progress_html("error", "This image carries no generation parameters.") if path \
                 else gr.skip()
-            return [gr.skip()] * len(SETTING_NAMES) + [note]
+            return [gr.skip()] * (len(SETTING_NAMES) + extra) + [note]
         s = request_settings(params)
         if s.get("scheduler") not in [c[1] for c in scheduler_choices()]:
             s.pop("scheduler", None)
+        editor = self.outputs.editor_value(params)
+        table = lora_table() if lora_rows is None else lora_rows
+        rows, missing = restore_lora_scales(table, params.get("loras") or [])
+        notes = [f"Settings restored from {Path(path).name} (seed {s.get('seed', '—')})"]
+        if params.get("init_image") and editor is None:
+            notes.append("its start image is no longer kept here")
+        if missing:
+            notes.append(f"LoRA not found: {', '.join(missing)}")
         return [gr.update(value=s[n]) if n in s else gr.skip() for n in SETTING_NAMES] + [
-            present.progress_html("idle", f"Settings restored from {Path(path).name} (seed {s.get('seed', '—')})")]
+            editor if editor is not None else gr.skip(),
+            params["strength"] if params.get("strength") is not None else gr.skip(),
+            params["mask_blur"] if params.get("mask_blur") is not None else gr.skip(),
+            rows, present.progress_html("error" if missing else "idle", "; ".join(notes))]
 
-    def restore_from_gallery(self, history, evt: gr.SelectData):
+    def restore_from_gallery(self, history, lora_rows, evt: gr.SelectData):
         if not history or evt.index is None or evt.index >= len(history):
-            return [gr.skip()] * (len(SETTING_NAMES) + 1)
-        return self.restore(history[evt.index]["path"])
+            return [gr.skip()] * (len(SETTING_NAMES) + 5)
+        return self.restore(history[evt.index]["path"], lora_rows)
 
     @staticmethod
     def on_model_change(model):
@@ -450,6 +535,27 @@ class App:
                     with gr.Row():
                         u.random = gr.Button("Random seed", size="sm")
                         u.reuse = gr.Button("Reuse last seed", size="sm")
+                with gr.Accordion("Start image and inpainting", open=False):
+                    u.editor = gr.ImageEditor(label="Start image: paint over what to repaint", type="pil",
+                                              sources=["upload", "clipboard"], layers=False, transforms=(),
+                                              brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
+                                                             color_mode="fixed", default_size=24),
+                                              height=320, elem_id="init-editor")
+                    u.mask = gr.Image(label="Mask instead of painting (white = repaint)", type="pil",
+                                      sources=["upload"], image_mode="L", height=140, elem_id="mask-upload")
+                    with gr.Row():
+                        u.strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength",
+                                               info="How much is repainted: the start image is noised to this "
+                                                    "point of the schedule (1: all of it)")
+                        u.mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask feather (px)",
+                                                info="Blurs the mask's edge before use (0: a hard edge)")
+                    u.use_result = gr.Button("Use the last result as start image", size="sm")
+                with gr.Accordion("LoRA", open=False):
+                    u.loras = gr.Dataframe(lora_table(), datatype=["str", "str", "number"], interactive=True,
+                                           static_columns=[0, 1], column_widths=["35%", "50%", "15%"], max_height=220,
+                                           label="Scale 0 leaves a LoRA off; several may be on at once",
+                                           elem_id="lora-table")
+                    u.lora_refresh = gr.Button("Look for LoRA files again", size="sm")
             with gr.Column(scale=7, min_width=380):
                 u.progress = gr.HTML(present.progress_html(), elem_id="progress")
                 u.image = gr.Image(format="png", type="filepath", label="Image", interactive=False, height=440,
@@ -465,8 +571,9 @@ class App:
                               sources=["upload"], height=210, scale=1, min_width=200)
         settings = [u.prompt, u.negative, u.model, u.engine, u.units, u.precision, u.scheduler, u.steps, u.guidance,
                     u.width, u.height, u.seed, u.t5]
+        image_inputs = [u.editor, u.mask, u.strength, u.mask_blur, u.loras]
         gr.on([u.go.click, u.prompt.submit], self.arm, None, None, queue=False, **PRIVATE).then(
-            self.generate_ui, settings + [u.history],
+            self.generate_ui, settings + image_inputs + [u.history],
             [u.image, u.progress, u.stats, u.gallery, u.history, u.last_seed], show_progress_on=[u.progress],
             **ENGINE, **PRIVATE)
         u.stop.click(self.stop, None, gr.Textbox(visible=False, label="stop"), queue=False, api_name="stop")
@@ -474,8 +581,13 @@ class App:
         u.reuse.click(lambda s: gr.skip() if s is None else s, u.last_seed, u.seed, queue=False, **PRIVATE)
         u.model.input(self.on_model_change, u.model, [u.steps, u.guidance, u.scheduler, u.width, u.height],
                       queue=False, **PRIVATE)
-        u.gallery.select(self.restore_from_gallery, u.history, settings + [u.progress], queue=False, **PRIVATE)
-        u.drop.upload(self.restore, u.drop, settings + [u.progress], queue=False, **PRIVATE)
+        restored = settings + [u.editor, u.strength, u.mask_blur, u.loras, u.progress]
+        u.gallery.select(self.restore_from_gallery, [u.history, u.loras], restored, queue=False, **PRIVATE)
+        u.drop.upload(self.restore, [u.drop, u.loras], restored, queue=False, **PRIVATE)
+        u.use_result.click(lambda path: gr.skip() if not path else {"background": path, "layers": [],
+                                                                      "composite": path},
+                           u.image, u.editor, queue=False, **PRIVATE)
+        u.lora_refresh.click(lambda: lora_table(), None, u.loras, queue=False, **PRIVATE)
         return settings
 
     def _compare_tab(self, models, d):
@@ -595,7 +707,9 @@ class App:
                       gr.Textbox("default", label="scheduler"), gr.Number(-1, label="steps", precision=0),
                       gr.Number(-1, label="guidance"), gr.Number(-1, label="width", precision=0),
                       gr.Number(-1, label="height", precision=0), gr.Number(-1, label="seed", precision=0),
-                      gr.Checkbox(False, label="t5")]
+                      gr.Checkbox(False, label="t5"), gr.Image(None, type="pil", label="init_image"),
+                      gr.Number(-1, label="strength"), gr.Image(None, type="pil", image_mode="L", label="mask"),
+                      gr.Number(0, label="mask_blur", precision=0), gr.Textbox("", label="loras")]
             gen_out = [gr.Image(format="png", type="filepath", label="image"), gr.JSON(label="measurements")]
             cmp_in = [gr.Textbox(None, label="prompt"), gr.Textbox("", label="negative_prompt"),
                       gr.Textbox(self.model, label="model"),

@@ -32,25 +32,47 @@ def _fraction(v: str) -> float:
     return f
 
 
+def _strength(v: str) -> float:
+    f = float(v)
+    if not 0.0 < f <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (got {v})")
+    return f
+
+
+def _pixels(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {v})")
+    return n
+
+
 def cmd_generate(a) -> int:
     import numpy as np
     from backend import GenerationRequest, load_pipeline
     from backend.png import save_png
     if a.refiner_start is not None and not a.refiner:
         raise UserError("--refiner-start needs --refiner (the model that runs the rest of the steps)")
+    from backend.images import ImageInputs
+    for given, name in ((a.strength is not None, "--strength"), (a.mask, "--mask")):
+        if given and not a.init_image:
+            raise UserError(f"{name} needs --init-image (image-to-image)")
+    image_args = dict(init_image=a.init_image, strength=a.strength, mask=a.mask, mask_blur=a.mask_blur)
+    ImageInputs.from_request(GenerationRequest(prompt=a.prompt, **image_args))  # bad images fail before loading
     latents = None
     if a.latents:
         try:
             latents = np.load(a.latents)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read latents {a.latents}: {exc}")
+    from backend import lora
+    loras = lora.normalize(a.lora)  # missing or non-safetensors files fail before the model loads
     pipe = load_pipeline(a.model, engine=a.backend, precision=a.precision, quantization=a.quantization,
                          compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory,
                          t5=not a.no_t5, refiner=a.refiner)
     result = pipe.generate(GenerationRequest(
         prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents,
-        max_sequence_length=a.max_sequence_length, refiner_start=a.refiner_start))
+        max_sequence_length=a.max_sequence_length, refiner_start=a.refiner_start, loras=loras, **image_args))
     save_png(result.image, a.out, result.parameters)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -96,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDXL: a refiner (e.g. sdxl-refiner) that runs the last steps and decodes")
     g.add_argument("--refiner-start", type=_fraction, metavar="F",
                    help="with --refiner: the fraction of the schedule the base runs (default 0.8)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, diffusers/PEFT or kohya naming) and its scale (default 1.0); "
+                        "repeat for several. MLX only (Core ML: export-coreml --lora)")
+    g.add_argument("--init-image", metavar="PATH",
+                   help="image to image: start from this picture, resized to the output size (default: its own size)")
+    g.add_argument("--strength", type=_strength, metavar="S",
+                   help="with --init-image: how much is repainted, in (0, 1] (default 0.8; with --mask 1.0)")
+    g.add_argument("--mask", metavar="PATH", help="with --init-image: inpaint where this mask is white (same size)")
+    g.add_argument("--mask-blur", type=_pixels, default=0, metavar="PX",
+                   help="with --mask: Gaussian blur radius before the mask is binarized (default 0: off)")
     g.add_argument("--out", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
     g.set_defaults(func=cmd_generate)

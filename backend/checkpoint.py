@@ -65,7 +65,14 @@ class ModelSpec:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.denoiser_config.get("in_channels", 4))
+        """The latents' channels: what the denoiser outputs (an inpainting UNet takes 9 in: latents, mask, image)."""
+        config = self.denoiser_config
+        return int(config.get("out_channels") or config.get("in_channels", 4))
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting denoiser: it takes the mask and the masked image's latents beside the latents."""
+        return int(self.denoiser_config.get("in_channels", 4)) == 2 * self.latent_channels + 1
 
     @property
     def latent_multiple(self) -> int:

@@ -16,6 +16,7 @@ from PIL import Image
 from backend import guidance as cfg
 from backend.checkpoint import ModelSpec, resolve_dims
 from backend.engines.base import Stages
+from backend.images import ImageInputs, InitLatents, latent_mask, masked_image
 from backend.measure import ProcessPeak, disk_bytes
 from backend.families import T5_SEQUENCE_LENGTH
 from backend.schedulers import make_scheduler
@@ -46,7 +47,7 @@ class Pipeline:
         return {**self.stages.info, "model": self.name, "family": self.spec.family, "reason": self.reason}
 
     # -- request handling -------------------------------------------------------------------------
-    def _settings(self, r: GenerationRequest) -> dict:
+    def _settings(self, r: GenerationRequest, inputs: Optional[ImageInputs] = None) -> dict:
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise UserError("enter a prompt: it is empty")
         refines = self.spec.traits.refines
@@ -61,7 +62,8 @@ class Pipeline:
         guidance = float(self.spec.default("guidance") if r.guidance is None else r.guidance)
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise UserError(f"guidance must be between 0 and 50 (got {guidance})")
-        width, height = resolve_dims(self.spec, r.width, r.height)
+        width, height = resolve_dims(self.spec, *(inputs.size(r.width, r.height, self.spec.size_step) if inputs
+                                                  else (r.width, r.height)))
         seed = secrets.randbelow(2**32) if r.seed is None or r.seed < 0 else int(r.seed)
         if r.batch_size < 1 or r.batch_size > 8:
             raise UserError("batch size must be from 1 to 8")
@@ -80,6 +82,14 @@ class Pipeline:
             settings["max_sequence_length"] = self._sequence_length(r.max_sequence_length)
         elif r.max_sequence_length is not None:
             raise UserError("max sequence length is an option of SD3 models (their T5 tokens); this model has none")
+        if self.spec.inpainting and (inputs is None or inputs.mask is None):
+            raise UserError(f"{self.name} is an inpainting model (its UNet takes a mask and a masked image): give it "
+                            "an init image and a mask")
+        if inputs is not None:
+            if self.refiner is not None:
+                raise UserError("an init image cannot be combined with a refiner: run the refiner without the init "
+                                "image, or the init image without the refiner")
+            settings.update(inputs.parameters())
         return settings
 
     def _sequence_length(self, asked: Optional[int]) -> int:
@@ -154,8 +164,12 @@ class Pipeline:
                  noise_rng=None) -> GenerationResult:
         """Run one request; `callback(StepInfo)` after every step may return False to stop (Cancelled).
         With a refiner, the base runs the schedule up to `refiner_start` and the refiner the rest, then decodes."""
-        p = self._settings(request)
-        warnings: list[str] = []
+        inputs = ImageInputs.from_request(request)  # None: text to image
+        p = self._settings(request, inputs)
+        warnings: list[str] = list(self.stages.set_loras(request.loras))  # [] takes earlier LoRAs off
+        if request.loras:
+            from backend import lora
+            p["loras"] = [lora.record(path, scale) for path, scale in lora.normalize(request.loras)]
         rng = noise_rng or np.random.default_rng(p["seed"])
         timings = Timings(load=self.load_seconds if self._first_run else 0.0)
         peak = ProcessPeak()
@@ -174,13 +188,13 @@ class Pipeline:
                                                           preview=self.spec.traits.preview_rgb(latents[0]))) is False:
                 raise Cancelled(f"stopped after step {step} of {total}")
 
-        latents = self._initial_latents(request, p, rng) * np.float32(runs[0][1].init_noise_sigma)
+        latents, image = self._starting_latents(request, p, rng, runs[0], inputs, timings)
         for model, scheduler, timesteps in runs:
             conditioning, seconds = model._text_stage(p, do_cfg, warnings)
             timings.text_encoder += seconds
             if model is self.refiner:
                 timings.refiner_text_encoder = seconds
-            latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step)
+            latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step, image)
         pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
         timings.total = time.perf_counter() - start
         self._first_run = False
@@ -201,8 +215,9 @@ class Pipeline:
         """(model, its scheduler, the timesteps it runs) per stage: this model alone, or this model up to
         `refiner_start` and the refiner from there (diffusers' denoising_end, then denoising_start)."""
         scheduler = self._scheduler(p)
-        if self.refiner is None:
-            return [(self, scheduler, scheduler.timesteps)]
+        if self.refiner is None:  # image to image begins where its strength says
+            begin = scheduler.strength_start(p["strength"]) if "strength" in p else 0
+            return [(self, scheduler, scheduler.timesteps[begin:])]
         second = self.refiner._scheduler(p)
         begin = second.denoising_start(p["refiner_start"])
         return [(self, scheduler, scheduler.timesteps[:scheduler.denoising_end(p["refiner_start"])]),
@@ -213,6 +228,45 @@ class Pipeline:
         scheduler = make_scheduler(p["scheduler"], self.spec.scheduler_config)
         scheduler.set_timesteps(p["steps"], image_seq_len=self.spec.patch_count(p["width"], p["height"]))
         return scheduler
+
+    def _starting_latents(self, request: GenerationRequest, p: dict, rng, first_run: tuple,
+                          inputs: Optional[ImageInputs], timings: Timings):
+        """(the latents the first stage starts from, the init image at latent level or None): the noise times
+        the scheduler's initial sigma, or the encoded init image noised to the first timestep that runs."""
+        noise = self._initial_latents(request, p, rng)
+        _, scheduler, timesteps = first_run
+        if inputs is None:
+            return noise * np.float32(scheduler.init_noise_sigma), None
+        image, timings.image_encoder = self._image_latents(inputs, p, noise)
+        return image.start(scheduler, timesteps[0]), image
+
+    def _image_latents(self, inputs: ImageInputs, p: dict, noise: np.ndarray):
+        """(InitLatents, seconds): the init image (and for an inpainting UNet the masked image) through the VAE
+        encoder, the mask at latent size, everything repeated for the batch."""
+        width, height, batch, f = p["width"], p["height"], p["batch_size"], self.spec.vae_scale_factor
+        pixels = inputs.pixels(width, height)
+        mask = None if inputs.mask is None else inputs.mask_pixels(width, height)
+        pure_noise = mask is not None and inputs.strength == 1.0  # the inpainting pipeline starts from noise
+        self.stages.begin_stage("vae_encoder")
+        t0 = time.perf_counter()
+        try:
+            latents = None if self.spec.inpainting and pure_noise else self._encode_pixels(pixels)
+            masked = self._encode_pixels(masked_image(pixels, mask)) if self.spec.inpainting else None
+        finally:
+            self.stages.end_stage("vae_encoder")
+        seconds = time.perf_counter() - t0
+        small = None if mask is None else latent_mask(mask, height // f, width // f)
+        repeat = lambda a: None if a is None else np.repeat(a, batch, axis=0)  # noqa: E731
+        return InitLatents(latents=repeat(latents), noise=noise, mask=repeat(small), masked=repeat(masked),
+                           pure_noise=pure_noise), seconds
+
+    def _encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """The VAE posterior's mean (deterministic), shifted and scaled by the VAE config as diffusers does."""
+        vae = self.spec.vae_config
+        mean = self.stages.encode_image(pixels).astype(np.float32)
+        if vae.get("shift_factor") is not None:
+            mean = mean - np.float32(vae["shift_factor"])
+        return (mean * np.float32(vae.get("scaling_factor", 0.18215))).astype(np.float32)
 
     def _text_stage(self, p: dict, do_cfg: bool, warnings: list) -> tuple[tuple, float]:
         """(hidden, pooled, time ids, LCM guidance embedding) this model's denoiser takes, and the text stage's
@@ -232,21 +286,26 @@ class Pipeline:
         return (hidden, pooled, time_ids, timestep_cond), seconds
 
     def _denoise(self, latents: np.ndarray, scheduler, timesteps, conditioning: tuple, p: dict, do_cfg: bool,
-                 rng, on_step) -> np.ndarray:
+                 rng, on_step, image: Optional[InitLatents] = None) -> np.ndarray:
         """Step `latents` through `timesteps` (the stretch of `scheduler`'s this model runs); `on_step(seconds,
-        latents)` after each step may raise Cancelled."""
+        latents)` after each step may raise Cancelled. Inpainting (`image`): an inpainting UNet also takes the mask
+        and the masked image; a plain one gets the known region put back after every step."""
         hidden, pooled, time_ids, timestep_cond = conditioning
         batch = p["batch_size"]
         self.stages.begin_stage("unet")
         try:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 t0 = time.perf_counter()
                 model_in = np.concatenate([latents, latents]) if do_cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
+                if image is not None:
+                    model_in = image.denoiser_input(model_in)
                 noise = self.stages.predict_noise(model_in, float(t), hidden, pooled, time_ids, timestep_cond)
                 if do_cfg:
                     noise = cfg.combine(noise[:batch], noise[batch:], p["guidance"])
                 latents = scheduler.step(noise, t, latents, rng=rng).astype(np.float32)
+                if image is not None:
+                    latents = image.after_step(latents, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)
                 on_step(time.perf_counter() - t0, latents)
         finally:
             self.stages.end_stage("unet")

@@ -193,6 +193,7 @@ def quantize_mlx(source: Path, method: Optional[str] = None, bits: Optional[int]
         (tmp / SETTINGS_FILE).write_text(json.dumps(spec.defaults, indent=1))
         stages = MLXStages(spec, precision="fp16", t5=t5)
         stages.quantized_layers = Q.quantize_stages(stages, scheme, group_size, recipe)
+        stages.load_image_encoder()  # the variant keeps the VAE encoder, for image-to-image
         Q.save_stages(stages, tmp, scheme)
         manifest.update(
             settings=settings, engine="mlx", method=scheme, bits=bits, group_size=settings["group_size"],

@@ -247,6 +247,35 @@ class OutputFolder:
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:04d}-{stem or parameters.get('seed', 'image')}.png"
         return save_png(image, self.folder / name, parameters)
 
+    def keep_inputs(self, parameters: dict, request: GenerationRequest) -> None:
+        """Keep a run's start image and mask under inputs/<their hash>.png (the hash its parameters record), so
+        that its PNG restores them; each is written once."""
+        for key, image in (("init_image", request.init_image), ("mask", request.mask)):
+            digest = parameters.get(key)
+            if digest and isinstance(image, Image.Image):
+                path = self.folder / "inputs" / f"{digest}.png"
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image.save(path, format="PNG")
+
+    def editor_value(self, parameters: dict) -> Optional[dict]:
+        """The image editor's value a PNG's parameters restore: the kept start image, the mask as a painted layer."""
+        digest = parameters.get("init_image")
+        background = self.folder / "inputs" / f"{digest}.png" if digest else None
+        if background is None or not background.is_file():
+            return None
+        layers = []
+        mask = self.folder / "inputs" / f"{parameters.get('mask')}.png" if parameters.get("mask") else None
+        if mask is not None and mask.is_file():
+            painted = self.folder / "inputs" / f"{parameters['mask']}-layer.png"
+            if not painted.exists():
+                white = np.asarray(Image.open(mask).convert("L")) > 127
+                rgba = np.zeros(white.shape + (4,), np.uint8)
+                rgba[white] = 255
+                Image.fromarray(rgba, "RGBA").save(painted, format="PNG")
+            layers.append(str(painted))
+        return {"background": str(background), "layers": layers, "composite": str(background)}
+
     def save_plain(self, pixels: np.ndarray, stem: str) -> Path:
         """A PNG without parameters (a heatmap, a preview)."""
         with self._lock:

@@ -27,8 +27,13 @@ class GenerationRequest:
     seed: Optional[int] = None           # None: a random seed, reported on the result
     latents: Optional[np.ndarray] = None  # standard-normal noise, NCHW (diffusers' `latents=`)
     batch_size: int = 1
+    init_image: Any = None               # image-to-image: a PIL image or a path (sizing: backend/images.py)
+    strength: Optional[float] = None     # with an init image, in (0, 1] (None: 0.8; with a mask 1.0)
+    mask: Any = None                     # inpainting, with an init image: PIL image or path, white = repaint
+    mask_blur: int = 0                   # Gaussian blur radius in pixels applied to the mask before binarizing
     max_sequence_length: Optional[int] = None  # SD3: T5 tokens after the 77 CLIP ones (None: 256, or as packaged)
     refiner_start: Optional[float] = None  # with a refiner: the fraction of the schedule the base runs (None: 0.8)
+    loras: list = field(default_factory=list)  # [(safetensors file, scale)], applied in order (backend/lora.py)
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Timings:
     text_encoder: float = 0.0            # every text encoder, a refiner's included
     refiner_text_encoder: float = 0.0    # the refiner's share of text_encoder
     steps: list = field(default_factory=list)  # every denoising step, the refiner's (the last ones) included
+    image_encoder: float = 0.0           # the VAE encoder on an init image (and a masked image)
     vae_decode: float = 0.0
     total: float = 0.0
 
@@ -93,7 +99,8 @@ class GenerationResult:
             "seconds": {
                 "load": t.load, "text_encoder": t.text_encoder, "refiner_text_encoder": t.refiner_text_encoder,
                 "denoise": t.denoise,
-                "steps": list(t.steps), "vae_decode": t.vae_decode, "total": t.total,
+                "steps": list(t.steps), "image_encoder": t.image_encoder, "vae_decode": t.vae_decode,
+                "total": t.total,
             },
             "steps_per_second": t.steps_per_second,
             "memory": asdict(self.memory),

@@ -183,3 +183,83 @@ def test_sd3_generates_and_compares_through_the_api(tiny_pipelines, client):
     by_key = {v["variant"]: v for v in summary["variants"]}
     assert by_key["mlx-8bit"]["status"] == "done" and by_key["mlx-8bit"]["psnr"] > 30
     assert len(images) == 2
+
+
+# ------------------------------------------------------------------ start image, inpainting, LoRA
+
+def test_start_image_mask_and_lora_through_the_api(client, served, tiny_pipelines, tmp_path):
+    from pathlib import Path
+    from gradio_client import handle_file
+    from backend.png import read_parameters
+    from tests.lora_files import write_peft
+    pipe, _ = tiny_pipelines("sd1")
+    start, mask = tmp_path / "start.png", tmp_path / "mask.png"
+    Image.new("RGB", (48, 40), (200, 40, 40)).save(start)  # another size: resized to the request's
+    painted = Image.new("L", (48, 40), 0)
+    painted.paste(255, (12, 10, 36, 30))
+    painted.save(mask)
+    lora = Path(os.environ["SILICON_DIFFUSION_HOME"]) / "loras" / "style.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    write_peft(lora, pipe, rank=4, seed=1)
+
+    path, m = client.predict("a red circle", steps=4, seed=3, init_image=handle_file(str(start)), strength=0.5,
+                             api_name="/generate")
+    params = read_parameters(path)
+    assert params["strength"] == 0.5 and params["init_image"] and not params.get("mask")
+    assert len(m["seconds"]["steps"]) == 2 and m["seconds"]["image_encoder"] > 0  # int(4 * 0.5) of 4 steps
+
+    path, _ = client.predict("a red circle", steps=3, seed=3, init_image=handle_file(str(start)),
+                             mask=handle_file(str(mask)), strength=1.0, api_name="/generate")
+    params = read_parameters(path)
+    assert params["mask"] and params["strength"] == 1.0
+
+    path, _ = client.predict("a red circle", steps=2, seed=3, loras="style.safetensors:0.5", api_name="/generate")
+    assert read_parameters(path)["loras"][0]["name"] == "style.safetensors"
+    assert read_parameters(path)["loras"][0]["scale"] == 0.5
+
+    for kwargs, sentence in (({"mask": handle_file(str(mask))}, "a mask needs a start image"),
+                             ({"loras": "nowhere.safetensors"}, "was not found"),
+                             ({"init_image": handle_file(str(start)), "strength": 1.5}, "strength")):
+        with pytest.raises(AppError, match=sentence):
+            client.predict("x", steps=1, api_name="/generate", **kwargs)
+
+
+def test_the_editor_gives_the_start_image_and_the_painted_mask():
+    import numpy as np
+    import app as webapp
+    background = Image.new("RGB", (40, 30), (10, 20, 30))
+    layer = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (5, 5, 15, 15))
+    init, mask = webapp.editor_image_and_mask({"background": background, "layers": [layer], "composite": None})
+    assert init.size == (40, 30)
+    assert np.asarray(mask)[10, 10] == 255 and np.asarray(mask)[20, 30] == 0
+    unpainted = {"background": background, "layers": [Image.new("RGBA", (40, 30))], "composite": None}
+    assert webapp.editor_image_and_mask(unpainted)[1] is None  # nothing painted: image to image
+    uploaded = Image.new("L", (40, 30), 255)
+    assert np.asarray(webapp.editor_image_and_mask(unpainted, uploaded)[1]).min() == 255  # an uploaded mask wins
+    assert webapp.editor_image_and_mask(None) == (None, None)
+
+
+def test_a_png_restores_its_start_image_mask_and_lora_scales(served, client, tiny_pipelines, tmp_path):
+    from pathlib import Path
+    from gradio_client import handle_file
+    webapp, application, _, _, _ = served
+    start, mask = tmp_path / "s.png", tmp_path / "m.png"
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(start)
+    Image.new("L", (32, 32), 255).save(mask)
+    # the UI path keeps the start image and the mask by the hash the PNG records
+    req_fields = webapp.image_fields({"background": Image.open(start), "layers": [], "composite": None},
+                                     Image.open(mask), 0.6, 0, webapp.lora_table([]))
+    from backend.types import GenerationRequest
+    params = {"init_image": "abc123", "mask": "def456", "strength": 0.6, "mask_blur": 2, "seed": 5,
+              "prompt": "p", "loras": [{"name": "style.safetensors", "scale": 0.25}]}
+    application.outputs.keep_inputs(params, GenerationRequest(prompt="p", **req_fields))
+    from backend.png import save_png
+    png = save_png(Image.new("RGB", (32, 32)), tmp_path / "made.png", params)
+    lora_dir = Path(os.environ["SILICON_DIFFUSION_HOME"]) / "loras"
+    table = webapp.lora_table(sorted(lora_dir.glob("*.safetensors")))
+    out = application.restore(str(png), table)
+    editor, strength, blur, rows = out[len(webapp.SETTING_NAMES):len(webapp.SETTING_NAMES) + 4]
+    assert Path(editor["background"]).name == "abc123.png" and len(editor["layers"]) == 1
+    assert strength == 0.6 and blur == 2
+    assert float(rows.loc[rows["LoRA"] == "style.safetensors", "Scale"].iloc[0]) == 0.25

@@ -74,6 +74,37 @@ def test_download_button_keeps_the_parameters_chunk(page, tmp_path):
     assert image.format == "PNG" and "parameters" in image.text
 
 
+def test_a_mask_painted_in_the_browser_inpaints(page, tmp_path):
+    """Upload a start image, paint over its middle with the brush, generate: the run is an inpainting whose
+    PNG records the start image and the painted mask by hash."""
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (30, 60, 200)).save(start)
+    page.get_by_text("Start image and inpainting").click()
+    page.locator("#init-editor input[type=file]").first.set_input_files(str(start))
+    page.wait_for_timeout(1500)
+    page.locator("#init-editor").get_by_label("Brush").first.click()
+    box = page.locator("#init-editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 40, cy - 40)
+    page.mouse.down()
+    for dx, dy in ((40, -40), (40, 40), (-40, 40), (-40, -40), (0, 0)):
+        page.mouse.move(cx + dx, cy + dy, steps=8)
+    page.mouse.up()
+    page.wait_for_timeout(500)
+    before = page.evaluate("(document.querySelector('#result img') || {}).src || ''")
+    page.click("#generate-btn")
+    page.wait_for_function(f"((document.querySelector('#result img') || {{}}).src || '') !== {before!r} && "
+                           "document.querySelector('#progress').innerText.includes('Done in')", timeout=60_000)
+    src = page.get_attribute("#result img", "src")
+    url = page.url.rstrip("/") + "/" + src.lstrip("/") if not src.startswith("http") else src
+    from backend.png import read_parameters
+    with urllib.request.urlopen(url) as r:
+        (tmp_path / "inpainted.png").write_bytes(r.read())
+    params = read_parameters(tmp_path / "inpainted.png")
+    assert params["init_image"] and params["mask"] and params["strength"] == 0.8  # the slider's value
+    page.get_by_text("Start image and inpainting").click()  # folded again for the screenshots
+
+
 def test_screenshots_of_every_tab(page):
     folder = os.environ.get("SILICON_DIFFUSION_SCREENSHOTS")
     if not folder:

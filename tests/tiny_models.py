@@ -4,7 +4,8 @@ Each builder returns the folder it wrote; the same folder is what the engines lo
 tests run through diffusers. Families: sd1 (epsilon, conv proj), sd2 (v-prediction, linear proj, "!" pad,
 upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim), the
 second stage sdxl-refiner (text_encoder_2 only, aesthetic score), and SD3: sd3 (MMDiT, no T5, shift 3), sd3-t5
-(with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting).
+(with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting). Inpainting: sd1-inpaint (sd1 with a 9-channel
+UNet: latents, mask, masked-image latents; StableDiffusionInpaintPipeline).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ WORDS = ("a photo of an astronaut riding horse on mars red green blue yellow cir
 FAMILIES = ("sd1", "sd2", "sdxl", "lcm")
 # SD3 (MMDiT): sd3 (no T5), sd3-t5 (with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting, no T5)
 SD3_FAMILIES = ("sd3", "sd3-t5", "sd35")
+# inpainting checkpoints (9-channel UNet), as stable-diffusion-v1-5/stable-diffusion-inpainting is saved
+INPAINT_FAMILIES = ("sd1-inpaint",)
 SD3_JOINT_DIM = 96  # wider than the two CLIP encoders together (64), so the zero padding is exercised
 
 
@@ -53,9 +56,12 @@ def _unet(family: str):
     torch.manual_seed(3)
     common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
                   block_out_channels=(32, 64))
-    if family == "sd1":
+    if family in ("sd1", "sd1-inpaint"):
         cfg = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+        if family == "sd1-inpaint":
+            torch.manual_seed(10)
+            common["in_channels"] = 9
     elif family == "sd2":
         cfg = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
@@ -85,7 +91,7 @@ def _unet(family: str):
 def _scheduler(family: str):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler
     base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    if family == "sd1":
+    if family in ("sd1", "sd1-inpaint"):
         return PNDMScheduler(**base, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     if family == "sd2":
         return DDIMScheduler(**base, prediction_type="v_prediction", steps_offset=1, clip_sample=False,
@@ -167,6 +173,10 @@ def build_pipeline(family: str):
         return StableDiffusionXLPipeline(**parts, tokenizer_2=_tokenizer(tmp / "tokenizer_2", "!"),
                                          text_encoder_2=_text_encoder(vocab_size, with_projection=True,
                                                                       act="gelu"))
+    if family == "sd1-inpaint":
+        from diffusers import StableDiffusionInpaintPipeline
+        return StableDiffusionInpaintPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
     if family == "lcm":
         return LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None,
                                               requires_safety_checker=False)

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from backend.types import UserError
+
 
 @dataclass
 class EncoderOutput:
@@ -39,6 +41,12 @@ class Stages(ABC):
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VAE decoder on already-unscaled latents (B, 4, h, w) -> images (B, H, W, 3) in [-1, 1]."""
 
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """VAE encoder (image-to-image, inpainting): pixels (B, 3, H, W) in [-1, 1] -> the posterior's mean
+        (B, C, h, w), unscaled. Called between begin_stage('vae_encoder') and end_stage('vae_encoder')."""
+        engine = getattr(self, "info", {}).get("engine", "unknown")
+        raise UserError(f"this engine ({engine}) has no VAE encoder, which image-to-image and inpainting need")
+
     def weight_bytes(self) -> int:
         return 0
 
@@ -50,7 +58,15 @@ class Stages(ABC):
         pass
 
     def begin_stage(self, name: str) -> None:
-        """Called before a stage runs ('text_encoder', 'unet', 'vae_decoder')."""
+        """Called before a stage runs ('text_encoder', 'unet', 'vae_decoder', 'vae_encoder')."""
 
     def end_stage(self, name: str) -> None:
         """Called after a stage ran; engines that load per stage release it here."""
+
+    def set_loras(self, loras: list) -> list:
+        """Apply [(safetensors file, scale)] LoRAs from now on ([] removes them); returns warnings to show
+        (backend/lora.py). An engine that cannot change its weights at generation time refuses a non-empty list."""
+        if loras:
+            raise UserError(f"this engine ({self.info.get('engine', 'unknown')}) cannot apply LoRA at generation "
+                            "time; run the model on MLX (--backend mlx)")
+        return []

@@ -9,6 +9,8 @@
 
 A second stage (the SDXL refiner) continues a schedule: the base runs the first
 `scheduler.denoising_end(f)` timesteps, the refiner's own scheduler starts at `denoising_start(f)` (base.py).
+Image to image starts at `strength_start(strength)` with the image noised by `add_noise(image, noise, t)`, each
+class's diffusers `add_noise` (the flow class's `scale_noise`).
 
 Flow-matching models (SD3, `FlowMatchEulerDiscreteScheduler` configs) take the flow schedulers only, and
 the others take the rest; `schedulers_for(config)` lists a model's choices.

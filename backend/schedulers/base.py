@@ -28,6 +28,7 @@ class Scheduler:
     needs_noise = False
     init_noise_sigma = 1.0
     order = 1  # diffusers' `order`: 2 for solvers that evaluate twice per step (Heun, KDPM2); none here
+    strength_in_float = False  # strength_start's rounding: SD3's img2img pipeline keeps n * strength unrounded
 
     def __init__(self, name: str, config: dict):
         self.name = name
@@ -79,6 +80,41 @@ class Scheduler:
             count += 1
         self.set_begin_index(len(self.timesteps) - count)
         return len(self.timesteps) - count
+
+    def strength_start(self, strength: float) -> int:
+        """Begin image-to-image at `strength` (after set_timesteps): set and return the begin index.
+
+        diffusers' img2img `get_timesteps`: of the n steps set, int(n * strength) are kept (capped at n), the first
+        t_start = n - kept are skipped, and the scheduler begins at t_start * order (`set_begin_index`). The image
+        latents are noised with `add_noise` at the first kept timestep. Flow schedulers (SD3's img2img pipeline)
+        keep n * strength before truncating t_start instead (`strength_in_float`). Zero steps left is refused."""
+        n = self.num_inference_steps
+        kept = min(n * strength, n) if self.strength_in_float else min(int(n * strength), n)
+        t_start = int(max(n - kept, 0))
+        if n - t_start < 1:
+            raise UserError(f"strength {strength} of {n} steps leaves no step to run: raise the strength or the "
+                            "number of steps")
+        self.set_begin_index(t_start * self.order)
+        return t_start * self.order
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, t) -> np.ndarray:
+        """The forward process at timestep t, as the diffusers class's `add_noise` (float32): here the
+        alpha-indexed classes' sqrt(alphas_cumprod[t]) x + sqrt(1 - alphas_cumprod[t]) noise."""
+        alpha = self.alphas_cumprod[int(t)]
+        a, b = np.sqrt(alpha), np.sqrt(np.float32(1.0) - alpha)
+        return (a * original.astype(np.float32) + b * noise.astype(np.float32)).astype(np.float32)
+
+    def _noise_index(self, t) -> int:
+        """diffusers' index for add_noise on sigma schedules: the current step (the begin index before the first
+        step, the next one after a step) when it holds t, else t's place in the schedule (its second entry if
+        repeated, as `index_for_timestep`)."""
+        i = self._index
+        if i < len(self.timesteps) and self.timesteps[i] == t:
+            return i
+        found = np.flatnonzero(self.timesteps == t)
+        if not len(found):
+            raise ValueError(f"timestep {t} is not in the {self.name} schedule")
+        return int(found[1] if len(found) > 1 else found[0])
 
     def scale_model_input(self, sample: np.ndarray, t) -> np.ndarray:
         """The UNet's input for the current step's latents (call once per step, before step)."""

@@ -39,6 +39,7 @@ class FlowMatchEuler(Scheduler):
                     use_beta_sigmas=False, time_shift_type="exponential", stochastic_sampling=False,
                     prediction_type="flow", timestep_spacing="linspace")
     prediction_types = ("flow",)
+    strength_in_float = True  # StableDiffusion3Img2ImgPipeline.get_timesteps
 
     def __init__(self, name: str, config: dict, fixed_sigmas=None):
         config = dict(config, prediction_type="flow", timestep_spacing="linspace")
@@ -114,6 +115,12 @@ class FlowMatchEuler(Scheduler):
         if self.config["time_shift_type"] == "exponential":
             return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
         return mu / (mu + (1 / t - 1))
+
+    def add_noise(self, original, noise, t):
+        """diffusers' `scale_noise`, the flow forward process: sigma noise + (1 - sigma) original at t's step."""
+        sigma = self.sigmas[self._noise_index(t)]
+        return (sigma * noise.astype(np.float32) + (np.float32(1.0) - sigma) * original.astype(np.float32)) \
+            .astype(np.float32)
 
     def step(self, model_output, t, sample, rng=None):
         i = self._step_index(t)

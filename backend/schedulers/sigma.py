@@ -31,6 +31,11 @@ class _SigmaScheduler(Scheduler):
         top = float(self.sigmas.max())
         return top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top * top + 1) ** 0.5
 
+    def add_noise(self, original, noise, t):
+        """diffusers' Euler / Euler ancestral add_noise: original + noise * sigma at t's step."""
+        sigma = self.sigmas[self._noise_index(t)]
+        return (original.astype(np.float32) + noise.astype(np.float32) * sigma).astype(np.float32)
+
     def scale_model_input(self, sample, t):
         sigma = float(self.sigmas[self._step_index(t)])
         return (sample / np.float32((sigma * sigma + 1) ** 0.5)).astype(np.float32)
@@ -145,6 +150,13 @@ class DPMSolverPP2M(Scheduler):
         self.num_inference_steps = len(self.timesteps)
         self._previous_x0 = None
         self._steps_done = 0
+
+    def add_noise(self, original, noise, t):
+        """diffusers' DPM-Solver add_noise: alpha_t original + sigma_t noise for the sigma at t's step."""
+        sigma = self.sigmas[self._noise_index(t)]
+        alpha_t = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
+        sigma_t = sigma * alpha_t
+        return (alpha_t * original.astype(np.float32) + sigma_t * noise.astype(np.float32)).astype(np.float32)
 
     @staticmethod
     def _alpha_sigma_lambda(sigma: float):

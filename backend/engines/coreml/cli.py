@@ -29,14 +29,15 @@ def _require_converters() -> None:
 
 
 def cmd_export_coreml(a) -> int:
-    from backend import registry
+    from backend import lora, registry
+    loras = lora.normalize(a.lora)  # a missing or non-safetensors LoRA fails before anything loads
     _require_converters()
     from backend.engines.coreml.export import export, latent_size_for
     source = registry.resolve(a.model, progress=print)
     latent_size = latent_size_for(source, a.size) if a.size else None
     found = export(source, a.out, attention=a.attention, chunk_unet=a.chunk_unet, precision=a.precision,
                    unet_batch_size=a.unet_batch_size, vae_encoder=a.vae_encoder, latent_size=latent_size,
-                   mmdit_stages=a.stages, mmdit_layout=a.mmdit_layout, t5_tokens=a.t5_tokens)
+                   mmdit_stages=a.stages, mmdit_layout=a.mmdit_layout, t5_tokens=a.t5_tokens, loras=loras)
     stages = {stage: found.disk_bytes[stage] for stage in found.models}
     if a.json:
         print(json.dumps({"out": str(found.folder), "attention": found.attention, "chunked": found.chunked,
@@ -69,5 +70,8 @@ def add_command(sub) -> None:
     p.add_argument("--t5-tokens", type=int, default=77,
                    help="SD3: T5 tokens after CLIP's 77 the MMDiT takes (zeros without T5; 77 as Apple)")
     p.add_argument("--vae-encoder", action="store_true", help="also export the VAE encoder (image to image)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="bake a LoRA (.safetensors) into the weights at this scale (default 1.0); repeatable. "
+                        "Core ML weights are fixed, so this is how Core ML runs a LoRA")
     p.add_argument("--json", action="store_true", help="print one JSON line describing the export")
     p.set_defaults(func=cmd_export_coreml)

@@ -278,10 +278,11 @@ class CoreMLStages(Stages):
         moments = (out["latent"] if "latent" in out else next(iter(out.values()))).astype(np.float32)
         return moments[:, : moments.shape[1] // 2]
 
-    def set_loras(self, loras) -> None:
+    def set_loras(self, loras) -> list:
         if loras:
             raise UserError("Core ML weights are fixed when the resources are made: bake a LoRA in with "
                             "`python -m backend export-coreml --lora FILE:SCALE`, or use the MLX engine")
+        return []
 
     # -- measurements ---------------------------------------------------------------------------------
     def weight_bytes(self) -> int:

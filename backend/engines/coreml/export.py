@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from backend import lora
 from backend.checkpoint import SETTINGS_FILE
 from backend.types import UserError
 from backend.engines.coreml import export_sd3, resources as res
@@ -95,14 +97,15 @@ def latent_size_for(diffusers_dir, image_size: int) -> tuple:
 def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool = False, precision: str = "fp16",
            *, unet_batch_size: int = 2, latent_size: Optional[tuple] = None, vae_encoder: bool = False,
            model_version: Optional[str] = None, mmdit_stages: Optional[int] = None, mmdit_layout: str = "split",
-           t5_tokens: int = 77) -> res.CoreMLResources:
+           t5_tokens: int = 77, loras=()) -> res.CoreMLResources:
     """Convert a diffusers checkpoint folder into a Core ML resources folder `out_dir`; return what it holds.
 
     unet_batch_size: 2 for classifier-free guidance (Apple's default), 1 for guidance-free models (also the
     batch of SD3's MMDiT). latent_size: (h, w) of the latents; default the denoiser's sample_size.
     SD3 only: mmdit_stages, the number of MMDiT stage packages (default: as few as keep each stage's weights
     under export_sd3.MAX_STAGE_BYTES); mmdit_layout "single" writes Apple's one MultiModalDiffusionTransformer instead;
-    t5_tokens, the T5 tokens after CLIP's 77 the MMDiT takes. Running again with the same settings returns
+    t5_tokens, the T5 tokens after CLIP's 77 the MMDiT takes. loras: [(safetensors file, scale)] fused into
+    the weights before conversion (Core ML weights are fixed), recorded in the settings and manifest. Running again with the same settings returns
     the existing folder; a different folder already at `out_dir` is a UserError.
     """
     source, out = Path(diffusers_dir).expanduser(), Path(out_dir).expanduser()
@@ -120,6 +123,9 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     model_version = model_version or source.resolve().name
     settings = _settings(source, attention, chunk_unet, precision, unet_batch_size, latent_size, vae_encoder,
                          model_version)
+    loras = lora.normalize(loras)
+    if loras:
+        settings["loras"] = [lora.record(path, scale) for path, scale in loras]
     if sd3:
         export_sd3.check_sd3_settings(attention, chunk_unet, mmdit_layout, mmdit_stages, t5_tokens,
                                       denoiser_config, latent_size)
@@ -137,6 +143,8 @@ def export(diffusers_dir, out_dir, attention: str = "original", chunk_unet: bool
     tmp.mkdir(parents=True)
     try:
         exporter = _Exporter(source, tmp, settings)
+        for warning in fuse_loras(exporter.parts, loras):
+            print(f"warning: {warning}", file=sys.stderr)
         exporter.text_encoders()
         if exporter.sd3:
             export_sd3.export_mmdit(exporter)
@@ -280,6 +288,35 @@ class _Exporter:
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+
+
+def fuse_loras(parts: dict, loras: list) -> list:
+    """W += scale * alpha/rank * up @ down in the loaded torch modules (text encoders and denoiser), per LoRA
+    in order; returns the unrecognised-key warnings (printed by the CLI)."""
+    import torch
+    if not loras:
+        return []
+    denoiser = "transformer" if "transformer" in parts else "unet"
+    table = {}
+    for component, module in parts.items():
+        if component == "vae":
+            continue
+        table[component] = {name: lora.ModuleShape("conv" if isinstance(m, torch.nn.Conv2d) else "linear",
+                                                   int(m.weight.shape[1]), int(m.weight.shape[0]),
+                                                   tuple(m.weight.shape[2:]) if m.weight.ndim == 4 else (1, 1))
+                            for name, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    per_block = parts["unet"].config.layers_per_block if denoiser == "unet" else None
+    warnings = []
+    for path, scale in loras:
+        matched = lora.match(lora.read(path), table, denoiser, per_block if isinstance(per_block, int) else None)
+        with torch.no_grad():
+            for (component, name), layer in matched.layers.items():
+                weight = parts[component].get_submodule(name).weight
+                delta = torch.from_numpy(layer.delta()).reshape(weight.shape).to(weight.dtype)
+                weight += (scale * layer.alpha_scale) * delta
+        if matched.warning():
+            warnings.append(matched.warning())
+    return warnings
 
 
 def _vae_scale(vae) -> int:

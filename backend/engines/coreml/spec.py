@@ -149,7 +149,9 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
     present = [e for e in TEXT_ENCODERS if e[0] in resources.models]
     widths = [_text_width(resources, stage) for stage, _, _ in present]
 
-    unet_config = dict(_read(configs, "unet/config.json"), in_channels=channels, out_channels=channels, sample_size=h,
+    # an inpainting UNet takes 9 channels (latents, mask, masked-image latents) and gives the VAE's 4
+    latent = int(named_or_first(vae.inputs).shape[1]) if len(named_or_first(vae.inputs).shape) == 4 else channels
+    unet_config = dict(_read(configs, "unet/config.json"), in_channels=channels, out_channels=latent, sample_size=h,
                        cross_attention_dim=unet["encoder_hidden_states"].shape[1])
     unet_config.pop("time_cond_proj_dim", None)
     if "timestep_cond" in unet:
@@ -161,7 +163,7 @@ def coreml_spec(resources: res.CoreMLResources, paired: Optional[Path] = None) -
         per_row = ids[-1] if len(ids) > 1 else ids[0] // max(int(unet["sample"].shape[0]), 1)
         if per_row == 5:  # size, crop, aesthetic score: the refiner (Apple's Swift reads it the same way)
             family = "sdxl-refiner"
-    vae_config = _vae_config(resources, configs, channels, {"scaling_factor": 0.13025 if sdxl else 0.18215})
+    vae_config = _vae_config(resources, configs, latent, {"scaling_factor": 0.13025 if sdxl else 0.18215})
     # SD 2.x at 768 (OpenCLIP ViT-H text, 96x96 latents) predicts v; the 512 "base" models predict noise
     v_prediction = not sdxl and widths[0] == 1024 and h * scale == 768
     scheduler = _read(configs, "scheduler/scheduler_config.json") or _default_scheduler(sdxl, v_prediction)

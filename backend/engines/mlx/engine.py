@@ -23,7 +23,7 @@ from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel, checkpoint_n
 from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
 from backend.engines.mlx.t5 import T5Config, T5EncoderModel, checkpoint_names as t5_names
 from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
-from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
+from backend.engines.mlx.vae import ENCODER_PARTS, AutoencoderKL, VAEConfig
 from backend.types import UserError
 
 PRECISIONS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
@@ -39,14 +39,18 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda state: state):
-    saved = load_saved_component(spec.folder, component, module, dtype)  # a `quantize` output folder
+def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda state: state, keep=None):
+    """`keep(name)`: which of the component's weights `module` takes (all by default; the VAE's halves)."""
+    saved = load_saved_component(spec.folder, component, module, dtype, keep)  # a `quantize` output folder
     if saved is not None:
         return saved
     files = spec.weight_files.get(component) or \
         W.safetensors_files(spec.folder / component, variant="fp16" if dtype != mx.float32 else None)
     try:
-        return W.load_into(module, names(W.read_safetensors(files)), dtype)
+        state = W.read_safetensors(files)
+        if keep is not None:
+            state = {k: v for k, v in state.items() if keep(k)}
+        return W.load_into(module, names(state), dtype)
     except W.WeightError as exc:
         raise UserError(f"{component}: {exc}") from exc
 
@@ -66,10 +70,16 @@ def _denoiser(spec: ModelSpec, dtype):
     return _load_component(spec, spec.traits.denoiser, model, dtype)
 
 
+def _encoder_weight(name: str) -> bool:
+    """A VAE weight of the encoder half (image-to-image only), loaded on first use."""
+    return name.split(".", 1)[0] in ENCODER_PARTS
+
+
 class MLXStages(Stages):
     def __init__(self, spec: ModelSpec, precision: str = "auto", quantization: Optional[str] = None,
-                 t5: bool = True):
+                 t5: bool = True, reduce_memory: bool = False):
         self.spec = spec
+        self.reduce_memory = reduce_memory  # here: the VAE encoder is released after each use
         asked, precision = precision, resolve_precision(precision)
         self.dtype = PRECISIONS[precision]
         # 'auto' on the CPU keeps T5's weights at fp16 and computes in fp32: T5-XXL in 9.5 GB, not 19
@@ -86,7 +96,10 @@ class MLXStages(Stages):
         self.encoder_names = names
         self.text_encoders = [_text_encoder(spec, name, configs[name], self.dtype, t5_storage) for name in names]
         self.denoiser = _denoiser(spec, self.dtype)
-        self.vae = _load_component(spec, "vae", AutoencoderKL(VAEConfig.from_dict(spec.vae_config)), self.dtype)
+        # the decoder half; the encoder is built and loaded when an init image first needs it (encode_image)
+        decoder_half = AutoencoderKL(VAEConfig.from_dict(spec.vae_config), with_encoder=False)
+        self.vae = _load_component(spec, "vae", decoder_half, self.dtype, keep=lambda name: not _encoder_weight(name))
+        self.vae.encoder_loader = self._load_image_encoder
         self._vae_fp32 = None
         self.quantized_layers = ""
         quantization = quantization or saved_method(spec.folder)
@@ -106,6 +119,12 @@ class MLXStages(Stages):
         """(component folder name, loaded module) pairs: text encoders, denoiser, VAE."""
         return [*zip(self.encoder_names, self.text_encoders), (self.spec.traits.denoiser, self.denoiser),
                 ("vae", self.vae)]
+
+    def set_loras(self, loras: list) -> list:
+        """LoRAs wrapped around the text encoders' and denoiser's layers; the base weights stay as loaded
+        (plain or quantized) and a scale change only changes numbers (engines/mlx/lora.py)."""
+        from backend.engines.mlx.lora import set_loras
+        return set_loras(self, loras)
 
     # -- stages ---------------------------------------------------------------------------------------
     def encode_text(self, index: int, input_ids: np.ndarray) -> EncoderOutput:
@@ -141,14 +160,35 @@ class MLXStages(Stages):
             mx.eval(image)
         return np.array(image)
 
-    def encode_image(self, images: np.ndarray) -> np.ndarray:
-        """VAE encoder: (B, H, W, 3) in [-1, 1] -> latent means (B, 4, h, w), unscaled."""
-        mean, _ = self.vae.encode(mx.array(images).astype(self.dtype))
-        return np.array(mean.astype(mx.float32)).transpose(0, 3, 1, 2)
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """VAE encoder: pixels (B, 3, H, W) in [-1, 1] -> the posterior's mean (B, C, h, w), unscaled. The encoder
+        is loaded on the first call; an fp16 result that overflows is redone in fp32, as the decoder does."""
+        x = mx.array(np.asarray(pixels, dtype=np.float32).transpose(0, 2, 3, 1))
+        mean = self.vae.encode(x.astype(self.dtype))[0].astype(mx.float32)
+        mx.eval(mean)
+        if self.dtype != mx.float32 and not bool(mx.all(mx.isfinite(mean)).item()):
+            mean = self._upcast_vae().encode(x)[0]
+            mx.eval(mean)
+        return np.array(mean).transpose(0, 3, 1, 2)
+
+    def load_image_encoder(self) -> None:
+        """Load the VAE encoder now if it is not (a quantized variant is saved with it)."""
+        if "encoder" not in self.vae:
+            self._load_image_encoder(self.vae)
+
+    def _load_image_encoder(self, vae: AutoencoderKL) -> None:
+        part = AutoencoderKL.encoder_part(vae.config)
+        vae.attach_encoder(_load_component(self.spec, "vae", part, self.dtype, keep=_encoder_weight))
+
+    def end_stage(self, name: str) -> None:
+        if name == "vae_encoder" and self.reduce_memory:  # reduce-memory: the encoder only while it runs
+            self.vae.detach_encoder()
+            self._vae_fp32 = None
 
     def _upcast_vae(self):
-        if self._vae_fp32 is None:
-            vae = AutoencoderKL(VAEConfig.from_dict(self.spec.vae_config))
+        with_encoder = "encoder" in self.vae
+        if self._vae_fp32 is None or ("encoder" in self._vae_fp32) != with_encoder:
+            vae = AutoencoderKL(VAEConfig.from_dict(self.spec.vae_config), with_encoder=with_encoder)
             vae.load_weights([(k, v.astype(mx.float32)) for k, v in W.tree_flatten(self.vae.parameters())])
             self._vae_fp32 = vae
         return self._vae_fp32
@@ -169,4 +209,4 @@ def load_mlx_stages(spec: ModelSpec, precision: str = "auto", quantization: Opti
                     t5: bool = True) -> MLXStages:
     """Compute units and attention variants are Core ML options; MLX runs on its default device.
     `t5=False` leaves an SD3 checkpoint's T5 encoder unloaded (its tokens become zeros)."""
-    return MLXStages(spec, precision=precision, quantization=quantization, t5=t5)
+    return MLXStages(spec, precision=precision, quantization=quantization, t5=t5, reduce_memory=reduce_memory)

@@ -302,8 +302,9 @@ def saved_method(folder) -> Optional[str]:
     return None if saved is None else saved["method"]
 
 
-def load_saved_component(folder, component: str, module: nn.Module, dtype) -> Optional[nn.Module]:
-    """Load a saved variant's component into `module` (None when `folder` is not a saved variant)."""
+def load_saved_component(folder, component: str, module: nn.Module, dtype, keep=None) -> Optional[nn.Module]:
+    """Load a saved variant's component into `module` (None when `folder` is not a saved variant); `keep(name)`:
+    which of the saved weights belong to `module` (all by default)."""
     saved = read_saved_plan(folder)
     if saved is None:
         return None
@@ -312,7 +313,7 @@ def load_saved_component(folder, component: str, module: nn.Module, dtype) -> Op
         raise UserError(f"{component}/{WEIGHTS_FILE} is missing from the quantized folder {Path(folder).name}")
     apply_plan(module, saved["layers"].get(component, {}))
     try:
-        module.load_weights(list(mx.load(str(path)).items()), strict=True)
+        module.load_weights([(k, v) for k, v in mx.load(str(path)).items() if keep is None or keep(k)], strict=True)
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"{component}: the quantized weights do not fit the model ({exc})") from None
     module.set_dtype(dtype)

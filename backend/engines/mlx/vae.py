@@ -161,20 +161,48 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
+ENCODER_PARTS = ("encoder", "quant_conv")  # the image-to-image half: weight names under these come with it
+
+
 class AutoencoderKL(nn.Module):
-    def __init__(self, config: Union[VAEConfig, dict]):
+    """diffusers' AutoencoderKL. `with_encoder=False` builds the decoder half only; `encode` then calls
+    `encoder_loader(self)` first, which attaches the encoder (`attach_encoder`): an engine loads it on first use."""
+
+    def __init__(self, config: Union[VAEConfig, dict], with_encoder: bool = True):
         super().__init__()
         cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder_loader = None
+        if with_encoder:
+            self.attach_encoder(self.encoder_part(cfg))
         self.decoder = Decoder(cfg)
-        if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
+    @staticmethod
+    def encoder_part(cfg: VAEConfig) -> nn.Module:
+        """The encoder and its quant_conv alone, under their AutoencoderKL names (so they load from its weights)."""
+        part = nn.Module()
+        part.encoder = Encoder(cfg)
+        if cfg.use_quant_conv:
+            part.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        return part
+
+    def attach_encoder(self, part: nn.Module) -> None:
+        for name in ENCODER_PARTS:
+            if name in part:
+                setattr(self, name, part[name])
+
+    def detach_encoder(self) -> None:
+        for name in ENCODER_PARTS:
+            self.pop(name, None)
+
     def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Images (B, H, W, C) in [-1, 1] -> the latent Gaussian's (mean, logvar), each (B, h, w, latent)."""
+        if "encoder" not in self:
+            if self.encoder_loader is None:
+                raise ValueError("this VAE was built without its encoder")
+            self.encoder_loader(self)
         moments = self.encoder(x)
         if "quant_conv" in self:
             moments = self.quant_conv(moments)
