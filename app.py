@@ -289,9 +289,11 @@ class App:
             rows, present.progress_html("error" if missing else "idle", "; ".join(notes))]
 
     def restore_from_gallery(self, history, lora_rows, evt: gr.SelectData):
+        """A thumbnail's settings restored, and the image shown (so that it can become the start image)."""
         if not history or evt.index is None or evt.index >= len(history):
-            return [gr.skip()] * (len(SETTING_NAMES) + 5)
-        return self.restore(history[evt.index]["path"], lora_rows)
+            return [gr.skip()] * (len(SETTING_NAMES) + 6)
+        path = history[evt.index]["path"]
+        return self.restore(path, lora_rows) + [path]
 
     @staticmethod
     def on_model_change(model):
@@ -549,7 +551,8 @@ class App:
                                                     "point of the schedule (1: all of it)")
                         u.mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask feather (px)",
                                                 info="Blurs the mask's edge before use (0: a hard edge)")
-                    u.use_result = gr.Button("Use the last result as start image", size="sm")
+                    u.use_result = gr.Button("Use the shown image as start image", size="sm",
+                                             elem_id="use-result")
                 with gr.Accordion("LoRA", open=False):
                     u.loras = gr.Dataframe(lora_table(), datatype=["str", "str", "number"], interactive=True,
                                            static_columns=[0, 1], column_widths=["35%", "50%", "15%"], max_height=220,
@@ -582,7 +585,8 @@ class App:
         u.model.input(self.on_model_change, u.model, [u.steps, u.guidance, u.scheduler, u.width, u.height],
                       queue=False, **PRIVATE)
         restored = settings + [u.editor, u.strength, u.mask_blur, u.loras, u.progress]
-        u.gallery.select(self.restore_from_gallery, [u.history, u.loras], restored, queue=False, **PRIVATE)
+        u.gallery.select(self.restore_from_gallery, [u.history, u.loras], restored + [u.image], queue=False,
+                         **PRIVATE)
         u.drop.upload(self.restore, [u.drop, u.loras], restored, queue=False, **PRIVATE)
         u.use_result.click(lambda path: gr.skip() if not path else {"background": path, "layers": [],
                                                                       "composite": path},
