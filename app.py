@@ -123,6 +123,13 @@ def restore_lora_scales(rows, used: list) -> tuple:
     return table, missing
 
 
+def lora_label(table) -> str:
+    from backend.lora_files import lora_folder
+    if len(table) == 0:
+        return f"No LoRA files found: put .safetensors LoRAs in {lora_folder()} and look again"
+    return "Scale 0 leaves a LoRA off; several may be on at once"
+
+
 def lora_table(files=None) -> pd.DataFrame:
     from backend.lora_files import find_lora_files
     files = find_lora_files() if files is None else files
@@ -541,23 +548,22 @@ class App:
                     u.editor = gr.ImageEditor(label="Start image: paint over what to repaint", type="pil",
                                               sources=["upload", "clipboard"], layers=False, transforms=(),
                                               brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
-                                                             color_mode="fixed", default_size=24),
+                                                             color_mode="fixed", default_size="auto"),
                                               height=320, elem_id="init-editor")
                     u.mask = gr.Image(label="Mask instead of painting (white = repaint)", type="pil",
                                       sources=["upload"], image_mode="L", height=140, elem_id="mask-upload")
                     with gr.Row():
                         u.strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength",
-                                               info="How much is repainted: the start image is noised to this "
-                                                    "point of the schedule (1: all of it)")
+                                               info="How much changes (1: all)")
                         u.mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask feather (px)",
-                                                info="Blurs the mask's edge before use (0: a hard edge)")
+                                                info="0: a hard edge")
                     u.use_result = gr.Button("Use the shown image as start image", size="sm",
                                              elem_id="use-result")
                 with gr.Accordion("LoRA", open=False):
-                    u.loras = gr.Dataframe(lora_table(), datatype=["str", "str", "number"], interactive=True,
+                    found = lora_table()
+                    u.loras = gr.Dataframe(found, datatype=["str", "str", "number"], interactive=True,
                                            static_columns=[0, 1], column_widths=["35%", "50%", "15%"], max_height=220,
-                                           label="Scale 0 leaves a LoRA off; several may be on at once",
-                                           elem_id="lora-table")
+                                           label=lora_label(found), elem_id="lora-table")
                     u.lora_refresh = gr.Button("Look for LoRA files again", size="sm")
             with gr.Column(scale=7, min_width=380):
                 u.progress = gr.HTML(present.progress_html(), elem_id="progress")
@@ -591,7 +597,8 @@ class App:
         u.use_result.click(lambda path: gr.skip() if not path else {"background": path, "layers": [],
                                                                       "composite": path},
                            u.image, u.editor, queue=False, **PRIVATE)
-        u.lora_refresh.click(lambda: lora_table(), None, u.loras, queue=False, **PRIVATE)
+        u.lora_refresh.click(lambda: (lambda t: gr.update(value=t, label=lora_label(t)))(lora_table()),
+                             None, u.loras, queue=False, **PRIVATE)
         return settings
 
     def _compare_tab(self, models, d):
