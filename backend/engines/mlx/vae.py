@@ -124,6 +124,12 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if cpu_kernels.available() and vae_bands.supports(self) and vae_bands.can_evaluate(x):
+            return vae_bands.encode(self, x)
+        return self.graph(x)
+
+    def graph(self, x: mx.array) -> mx.array:
+        """The forward pass as one lazy graph."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
