@@ -46,10 +46,19 @@ def _pixels(v: str) -> int:
     return n
 
 
+def _seed(v: str) -> int:
+    n = int(v)
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2^64 - 1; leave it out for a random seed "
+                                         f"(got {v})")
+    return n
+
+
 def cmd_generate(a) -> int:
     import numpy as np
     from backend import GenerationRequest, load_pipeline
-    from backend.png import save_png
+    from backend.png import check_output, save_image
+    check_output(a.out)  # before any work
     if a.refiner_start is not None and not a.refiner:
         raise UserError("--refiner-start needs --refiner (the model that runs the rest of the steps)")
     from backend.images import ImageInputs
@@ -73,7 +82,7 @@ def cmd_generate(a) -> int:
         prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents,
         max_sequence_length=a.max_sequence_length, refiner_start=a.refiner_start, loras=loras, **image_args))
-    save_png(result.image, a.out, result.parameters)
+    save_image(result.image, a.out, result.parameters)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if a.json:
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--latents", help="standard-normal NCHW noise (.npy), diffusers' latents= convention")
     g.add_argument("--backend", default="auto", choices=["auto", "mlx", "coreml"])
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],

@@ -64,6 +64,8 @@ class Pipeline:
             raise UserError(f"guidance must be between 0 and 50 (got {guidance})")
         width, height = resolve_dims(self.spec, *(inputs.size(r.width, r.height, self.spec.size_step) if inputs
                                                   else (r.width, r.height)))
+        if r.seed is not None and (int(r.seed) != r.seed or r.seed >= 2**64):
+            raise UserError(f"seed must be a whole number from 0 to 2^64 - 1 (got {r.seed})")
         seed = secrets.randbelow(2**32) if r.seed is None or r.seed < 0 else int(r.seed)
         if r.batch_size < 1 or r.batch_size > 8:
             raise UserError("batch size must be from 1 to 8")

@@ -1,17 +1,25 @@
-"""PNG files that carry their generation parameters, so any image can be reproduced.
+"""Image files that carry their generation parameters, so any image can be reproduced.
 
-Two text chunks: `parameters` in the convention other tools already read (prompt, then
-"Negative prompt: ...", then "Steps: N, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...")
-and `silicon_diffusion`, the exact JSON of the request, which restoring prefers.
+PNG (the app's format): two text chunks, `parameters` in the convention other tools already read (prompt,
+then "Negative prompt: ...", then "Steps: N, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...")
+and `silicon_diffusion`, the exact JSON of the request, which restoring prefers. JPEG (quality 95) and
+WebP (lossless), for the CLI's `--out x.jpg` / `x.webp`: the same JSON in the EXIF ImageDescription.
+Any other extension, a folder or an unwritable place is refused with one sentence.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
 
 from PIL import Image, PngImagePlugin
+
+from backend.types import UserError
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_DESCRIPTION = 0x010E  # EXIF ImageDescription
 
 _KEYS = {"Steps": "steps", "Sampler": "scheduler", "CFG scale": "guidance", "Seed": "seed", "Model": "model",
          "Engine": "engine", "Precision": "precision", "Quantization": "quantization"}
@@ -41,6 +49,39 @@ def save_png(image: Image.Image, path, parameters: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", pnginfo=png_info(parameters))
+    return path
+
+
+def check_output(path) -> Path:
+    """Refuse, before any work, an output path that cannot be written: an unknown extension, a folder, or a
+    place this user cannot write to."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a file name such as {path / 'image.png'}")
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(f"cannot write {path.name}: the output must end in .png, .jpg, .jpeg or .webp")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: {parent} is not a folder this user can write to")
+    return path
+
+
+def save_image(image: Image.Image, path, parameters: dict) -> Path:
+    """Write `image` in the format its extension names (PNG, JPEG, WebP), with its parameters."""
+    path = check_output(path)
+    fmt = FORMATS[path.suffix.lower()]
+    try:
+        if fmt == "PNG":
+            return save_png(image, path, parameters)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exif = Image.Exif()
+        exif[_DESCRIPTION] = json.dumps(parameters, default=str)
+        options = {"quality": 95} if fmt == "JPEG" else {"lossless": True}
+        image.convert("RGB").save(path, format=fmt, exif=exif.tobytes(), **options)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -86,4 +127,7 @@ def read_parameters(source) -> Optional[dict]:
             pass
     if "parameters" in text:
         return parse_parameters_text(text["parameters"])
-    return None
+    try:
+        return json.loads(image.getexif().get(_DESCRIPTION) or "null") or None
+    except (json.JSONDecodeError, TypeError):
+        return None

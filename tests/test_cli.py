@@ -45,6 +45,11 @@ def test_generate_writes_png_and_json(sd1_folder, tmp_path):
     (["--scheduler", "nope"], "nope"),
     (["--backend", "coreml"], "Core ML"),
     (["--prompt", " "], "prompt"),
+    (["--seed", "-5"], "0 to 2^64 - 1"),
+    (["--seed", str(2**64)], "0 to 2^64 - 1"),
+    (["--guidance", "nan"], "guidance must be"),
+    (["--out", "/"], "is a folder"),
+    (["--out", "image.gif"], "must end in .png, .jpg, .jpeg or .webp"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(sd1_folder, tmp_path, args, message):
     base = ["generate", "--model", str(sd1_folder), "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -67,3 +72,14 @@ def test_unknown_model_and_pickle_only_model(tmp_path, sd1_folder):
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not really")
     proc = run_cli("generate", "--model", str(bad), "--prompt", "x", "--backend", "mlx", "--out", str(tmp_path / "b.png"))
     assert proc.returncode == 1 and "safetensors only" in proc.stderr
+
+
+@pytest.mark.parametrize("name, fmt", [("x.jpg", "JPEG"), ("x.jpeg", "JPEG"), ("x.webp", "WEBP")])
+def test_jpeg_and_webp_are_written_as_such_with_their_parameters(sd1_folder, tmp_path, name, fmt):
+    from PIL import Image
+    from backend.png import read_parameters
+    out = tmp_path / name
+    proc = run_cli("generate", "--model", str(sd1_folder), "--prompt", "a cat", "--steps", "1", "--seed", "9",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).format == fmt and read_parameters(out)["seed"] == 9
