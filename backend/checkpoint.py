@@ -6,12 +6,11 @@ the components model_index.json names; the defaults (steps, guidance, scheduler,
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from backend import families
+from backend import families, files
 from backend.families import Family
 from backend.types import UserError
 
@@ -19,12 +18,11 @@ SETTINGS_FILE = "silicon_diffusion.json"
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{Path(path).parent.name}/{Path(path).name} is missing: not a complete diffusers model folder")
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{Path(path).parent.name}/{Path(path).name} is not valid JSON ({exc})")
+    """A config of the folder (a bounded read, backend/files.py); a missing one says the folder is incomplete."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path.parent.name}/{path.name} is missing: not a complete diffusers model folder")
+    return files.read_json(path)
 
 
 @dataclass

@@ -16,13 +16,15 @@ normalization and become their ids, as in transformers.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE, Unigram
+
+from backend import files
+from backend.types import UserError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -47,8 +49,15 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _read_json(path: Path, required: bool = False) -> dict:
+    """A tokenizer file (bounded read, backend/files.py); an optional one that is absent is {}."""
+    if not required and not path.exists():
+        return {}
+    return files.read_json(path, files.TOKENIZER_BYTES)
+
+
+def _read_lines(path: Path) -> list:
+    return files.read_text(path, files.TOKENIZER_BYTES).splitlines()
 
 
 def _read_merges(lines: list) -> list[tuple[str, str]]:
@@ -118,10 +127,10 @@ class CLIPTokenizer(_Rows):
     def from_files(cls, vocab_path, merges_path, pad_token: str | None = None,
                    max_length: int = DEFAULT_MAX_LENGTH) -> "CLIPTokenizer":
         """From a bare vocab.json + merges.txt (Core ML folders); `pad_token` None pads with <|endoftext|>."""
-        vocab = _read_json(Path(vocab_path))
-        if not vocab:
-            raise ValueError(f"cannot read a vocabulary from {vocab_path}")
-        merges = _read_merges(Path(merges_path).read_text(encoding="utf-8").splitlines())
+        vocab = _read_json(Path(vocab_path), required=True)
+        if not vocab or not isinstance(vocab, dict):
+            raise UserError(f"{Path(vocab_path).name} holds no vocabulary")
+        merges = _read_merges(_read_lines(Path(merges_path)))
         return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
 
     @classmethod
@@ -130,15 +139,18 @@ class CLIPTokenizer(_Rows):
         folder = Path(folder)
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = _read_json(folder / "vocab.json")
-            merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8").splitlines())
+            vocab = _read_json(folder / "vocab.json", required=True)
+            merges = _read_merges(_read_lines(folder / "merges.txt"))
         elif (folder / "tokenizer.json").is_file():
-            model = _read_json(folder / "tokenizer.json").get("model", {})
+            model = _read_json(folder / "tokenizer.json", required=True).get("model", {})
             if model.get("type") != "BPE":
-                raise ValueError(f"{folder}/tokenizer.json is not a BPE tokenizer")
+                raise UserError(f"{folder.name}/tokenizer.json is not a BPE tokenizer")
             vocab, merges = model["vocab"], _read_merges(model.get("merges", []))
         else:
-            raise ValueError(f"{folder} has no vocab.json + merges.txt nor tokenizer.json")
+            present = [n for n in ("vocab.json", "merges.txt") if (folder / n).is_file()]
+            missing = [n for n in ("vocab.json", "merges.txt") if n not in present]
+            raise UserError(f"the tokenizer in {folder} is incomplete: {' and '.join(missing)} missing "
+                            "(it needs vocab.json + merges.txt, or a tokenizer.json)")
         max_length = settings.get("model_max_length") or DEFAULT_MAX_LENGTH
         if not isinstance(max_length, int) or max_length > 10_000:  # transformers' "no limit" sentinel
             max_length = DEFAULT_MAX_LENGTH
@@ -237,11 +249,11 @@ class T5Tokenizer(_Rows):
         (diffusers' max_sequence_length), not the config's model_max_length."""
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
-            raise ValueError(f"{folder} has no tokenizer.json (a T5 tokenizer needs it; spiece.model is not read)")
-        data = _read_json(folder / "tokenizer.json")
+            raise UserError(f"{folder} has no tokenizer.json (a T5 tokenizer needs it; spiece.model is not read)")
+        data = _read_json(folder / "tokenizer.json", required=True)
         model = data.get("model", {})
         if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
-            raise ValueError(f"{folder}/tokenizer.json is not a SentencePiece Unigram tokenizer (type "
+            raise UserError(f"{folder}/tokenizer.json is not a SentencePiece Unigram tokenizer (type "
                              f"{model.get('type')!r}); T5 tokenizers are")
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         specials = [t["content"] for t in data.get("added_tokens", []) if t.get("special", True)]

@@ -15,7 +15,6 @@ float32 (mx.fast.scaled_dot_product_attention), so fp16 weights are safe.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -23,6 +22,7 @@ from typing import Mapping, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from backend import files
 from backend.engines.mlx import weights as weight_io
 
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773: pool at the highest id instead
@@ -60,7 +60,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_file(cls, path) -> "CLIPTextConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(files.read_json(path))
 
 
 @dataclass

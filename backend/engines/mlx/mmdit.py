@@ -12,7 +12,6 @@ softmax are computed in fp32 for any weight dtype; the feed-forward uses the tan
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -21,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from backend import files
 from backend.engines.mlx import cpu_kernels, weights as W
 from backend.engines.mlx.layers import FeedForward, TimestepEmbedding, attention, silu, timestep_embedding
 
@@ -399,10 +399,10 @@ def load_sd3_transformer(folder: Union[str, Path], dtype=mx.float32) -> SD3Trans
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
-    config = json.loads((folder / "config.json").read_text())
+    config = files.read_json(folder / "config.json")
     model = SD3Transformer2DModel(SD3Config.from_dict(config))
-    files = W.safetensors_files(folder, variant="fp16" if dtype != mx.float32 else None)
-    return W.load_into(model, W.read_safetensors(files), dtype)
+    weight_files = W.safetensors_files(folder, variant="fp16" if dtype != mx.float32 else None)
+    return W.load_into(model, W.read_safetensors(weight_files), dtype)
 
 
 __all__ = ["SD3Config", "SD3Transformer2DModel", "load_sd3_transformer", "sincos_pos_embed"]

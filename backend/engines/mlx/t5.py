@@ -25,7 +25,6 @@ tanh cost about as much again); on a GPU MLX's fused attention takes the positio
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from backend import files
 from backend.engines.mlx import cpu_kernels
 from backend.engines.mlx.layers import gelu_tanh
 from backend.engines.mlx import weights as weight_io
@@ -90,7 +90,7 @@ class T5Config:
 
     @classmethod
     def from_file(cls, path) -> "T5Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(files.read_json(path))
 
 
 @dataclass

@@ -10,13 +10,14 @@ already a module path; this file only handles what differs:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten  # noqa: F401  (re-exported)
+
+from backend import files
 
 _RENAMES = (
     (".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."),
@@ -97,7 +98,7 @@ def safetensors_files(component_dir: Path, variant: str | None = None) -> list[P
             has_variant = want_variant is not None and f".{want_variant}." in f".{name}"
             plain = len(stem_parts) == (4 if is_index else 2)
             if is_index and (has_variant or (want_variant is None and plain)):
-                index = json.loads((component_dir / name).read_text())
+                index = files.read_json(component_dir / name, files.TOKENIZER_BYTES)
                 return [component_dir / f for f in sorted(set(index["weight_map"].values()))]
         for name in sorted(names):
             if not name.endswith(".safetensors"):

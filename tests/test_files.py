@@ -1,0 +1,48 @@
+"""A model folder's small files are read bounded, and each bad one is one sentence naming it (CLI included)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend import files
+from backend.types import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_missing_oversized_binary_and_malformed_files_are_sentences(tmp_path):
+    (tmp_path / "unet").mkdir()
+    config = tmp_path / "unet" / "config.json"
+    with pytest.raises(UserError, match="unet/config.json is missing"):
+        files.read_json(config)
+    config.write_bytes(b"{" + b" " * (files.CONFIG_BYTES + 1) + b"}")
+    with pytest.raises(UserError, match="more than such a file can be"):
+        files.read_json(config)
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="is not a text file"):
+        files.read_json(config)
+    config.write_text('{"a": ')
+    with pytest.raises(UserError, match="is not valid JSON"):
+        files.read_json(config)
+    config.unlink()
+    config.mkdir()
+    with pytest.raises(UserError, match="is not a regular file"):
+        files.read_json(config)
+
+
+@pytest.mark.parametrize("damage, sentence", [
+    (lambda f: (f / "tokenizer" / "merges.txt").unlink(), "incomplete: merges.txt missing"),
+    (lambda f: (f / "tokenizer" / "vocab.json").write_text('{"a": '), "tokenizer/vocab.json is not valid JSON"),
+    (lambda f: (f / "unet" / "config.json").write_bytes(b"\x00" * (2 << 20)), "unet/config.json is 2.0 MB"),
+])
+def test_a_damaged_model_folder_is_one_line_from_the_cli(tmp_path, damage, sentence):
+    folder = tmp_path / "model"
+    shutil.copytree(ROOT / "assets" / "tiny-shapes", folder)
+    damage(folder)
+    proc = subprocess.run([sys.executable, "-m", "backend", "generate", "--model", str(folder), "--prompt", "x",
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and sentence in lines[0], proc.stderr
