@@ -78,6 +78,7 @@ def cmd_generate(a) -> int:
     pipe = load_pipeline(a.model, engine=a.backend, precision=a.precision, quantization=a.quantization,
                          compute_units=a.compute_units, attention=a.attention, reduce_memory=a.reduce_memory,
                          t5=not a.no_t5, refiner=a.refiner)
+    pipe.allow_large = a.allow_large
     result = pipe.generate(GenerationRequest(
         prompt=a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, width=a.width, height=a.height, seed=a.seed, latents=latents,
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", metavar="PATH", help="with --init-image: inpaint where this mask is white (same size)")
     g.add_argument("--mask-blur", type=_pixels, default=0, metavar="PX",
                    help="with --mask: Gaussian blur radius before the mask is binarized (default 0: off)")
+    g.add_argument("--allow-large", action="store_true",
+                   help="allow sizes beyond twice the model's native size (up to what its denoiser takes)")
     g.add_argument("--out", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON line of measurements")
     g.set_defaults(func=cmd_generate)

@@ -158,11 +158,26 @@ def _present(index: dict, folder: Path, component: str) -> bool:
     return isinstance(entry, list) and entry[0] is not None and (folder / component).is_dir()
 
 
-def resolve_dims(spec: ModelSpec, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
-    """Validate an image size for this model; return (width, height) in pixels."""
+LARGE_FACTOR = 2  # a model is asked for at most twice its native side unless large images are allowed
+
+
+def size_limit(spec: ModelSpec, allow_large: bool = False) -> int:
+    """The largest side a request may ask of this model: twice its native size (beyond it, models trained at
+    one size repeat their subject and the time and memory grow with the pixels), or with `allow_large` what
+    the denoiser can take."""
+    return spec.max_size if allow_large else min(spec.max_size, LARGE_FACTOR * spec.native_size)
+
+
+def resolve_dims(spec: ModelSpec, width: Optional[int], height: Optional[int],
+                 allow_large: bool = False) -> tuple[int, int]:
+    """Validate an image size for this model (before anything is allocated); return (width, height) in pixels."""
     w = spec.native_size if width is None else int(width)
     h = spec.native_size if height is None else int(height)
-    step, low, high = spec.size_step, spec.min_size, spec.max_size
+    step, low, high = spec.size_step, spec.min_size, size_limit(spec, allow_large)
+    if (w > high or h > high) and low <= w <= spec.max_size and low <= h <= spec.max_size and not allow_large:
+        raise UserError(f"{w}x{h} is too large for this model: at most {high}x{high} (twice its native "
+                        f"{spec.native_size}); the app's --allow-large option (the CLI's too) lifts this to "
+                        f"{spec.max_size}")
     for name, v in (("width", w), ("height", h)):
         if v < low or v > high:
             raise UserError(f"{name} {v} is out of range: use {low} to {high} pixels")

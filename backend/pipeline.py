@@ -40,6 +40,7 @@ class Pipeline:
         self.load_seconds = load_seconds
         self.disk_bytes = disk if disk is not None else disk_bytes(spec.folder)
         self.refiner: Optional[Pipeline] = None  # a second stage that finishes the schedule (load_pipeline)
+        self.allow_large = False  # sizes beyond twice the native one (checkpoint.size_limit)
         self._first_run = True
 
     @property
@@ -63,7 +64,7 @@ class Pipeline:
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise UserError(f"guidance must be between 0 and 50 (got {guidance})")
         width, height = resolve_dims(self.spec, *(inputs.size(r.width, r.height, self.spec.size_step) if inputs
-                                                  else (r.width, r.height)))
+                                                  else (r.width, r.height)), allow_large=self.allow_large)
         if r.seed is not None and (int(r.seed) != r.seed or r.seed >= 2**64):
             raise UserError(f"seed must be a whole number from 0 to 2^64 - 1 (got {r.seed})")
         seed = secrets.randbelow(2**32) if r.seed is None or r.seed < 0 else int(r.seed)

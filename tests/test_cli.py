@@ -50,6 +50,7 @@ def test_generate_writes_png_and_json(sd1_folder, tmp_path):
     (["--guidance", "nan"], "guidance must be"),
     (["--out", "/"], "is a folder"),
     (["--out", "image.gif"], "must end in .png, .jpg, .jpeg or .webp"),
+    (["--width", "4096", "--height", "4096"], "4096x4096 is too large for this model: at most 64x64"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(sd1_folder, tmp_path, args, message):
     base = ["generate", "--model", str(sd1_folder), "--prompt", "a cat", "--steps", "1", "--width", "32",
@@ -83,3 +84,16 @@ def test_jpeg_and_webp_are_written_as_such_with_their_parameters(sd1_folder, tmp
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).format == fmt and read_parameters(out)["seed"] == 9
+
+
+def test_a_huge_request_is_refused_within_a_second_and_allow_large_lifts_the_cap(sd1_folder, tmp_path):
+    import time
+    from backend import GenerationRequest, load_pipeline
+    from backend.types import UserError
+    pipe = load_pipeline(str(sd1_folder), engine="mlx", precision="fp32")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="at most 64x64"):
+        pipe.generate(GenerationRequest(prompt="x", width=4096, height=4096, steps=1))
+    assert time.perf_counter() - started < 1.0
+    pipe.allow_large = True
+    assert pipe.generate(GenerationRequest(prompt="x", width=96, height=64, steps=1)).images[0].size == (96, 64)
