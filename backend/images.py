@@ -31,12 +31,21 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from backend.types import GenerationRequest, UserError
 
 IMG2IMG_STRENGTH = 0.8   # StableDiffusionImg2ImgPipeline's default
+MAX_PIXELS = 64 * 10**6    # an init image or mask larger than this is refused before it is decoded
+MAX_FILE_BYTES = 64 << 20
 INPAINT_STRENGTH = 1.0   # StableDiffusionInpaintPipeline's default
 
 
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise UserError(f"the {what} is {width}x{height}: more than {MAX_PIXELS // 10**6} million pixels is not read")
+
+
 def load_image(source: Any, what: str) -> tuple[Image.Image, str]:
-    """(the image, sha256 of its file's bytes, or of its PNG encoding when given as a PIL image)."""
+    """(the image, sha256 of its file's bytes, or of its PNG encoding when given as a PIL image). A file is read
+    only under MAX_FILE_BYTES and decoded only when its header says at most MAX_PIXELS (no decompression bomb)."""
     if isinstance(source, Image.Image):
+        _check_pixels(*source.size, what)
         buffer = io.BytesIO()
         source.save(buffer, format="PNG")
         return source, hashlib.sha256(buffer.getvalue()).hexdigest()
@@ -45,11 +54,20 @@ def load_image(source: Any, what: str) -> tuple[Image.Image, str]:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"the {what} {path} does not exist")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise UserError(f"the {what} {path.name} is {path.stat().st_size / 2**20:.0f} MB: more than "
+                        f"{MAX_FILE_BYTES // 2**20} MB is not read")
     data = path.read_bytes()
     try:
         image = Image.open(io.BytesIO(data))
+        _check_pixels(*image.size, what)  # from the header, before decoding
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise UserError(f"the {what} {path.name} declares more than {MAX_PIXELS // 10**6} million pixels: "
+                        "not read") from None
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError):
         raise UserError(f"the {what} {path} is not an image this program can read (PNG, JPEG, WebP ...)") from None
     return image, hashlib.sha256(data).hexdigest()
 

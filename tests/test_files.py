@@ -46,3 +46,30 @@ def test_a_damaged_model_folder_is_one_line_from_the_cli(tmp_path, damage, sente
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and sentence in lines[0], proc.stderr
+
+
+def test_uploaded_images_are_size_and_pixel_limited_before_decoding(tmp_path):
+    import struct
+    import zlib
+    from PIL import Image
+    from backend.images import load_image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    bomb = tmp_path / "bomb.png"  # a few hundred bytes declaring 20000 x 20000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 20001 * 8)) + chunk(b"IEND", b""))
+    with pytest.raises(UserError, match="declares more than 64 million pixels"):
+        load_image(bomb, "init image")
+    big = tmp_path / "big.png"
+    Image.new("L", (9000, 8000)).save(big)
+    with pytest.raises(UserError, match="9000x8000: more than 64 million pixels"):
+        load_image(big, "init image")
+    with pytest.raises(UserError, match="not an image"):
+        load_image(_text_file(tmp_path), "mask")
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    return path
