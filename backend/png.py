@@ -9,6 +9,7 @@ Any other extension, a folder or an unwritable place is refused with one sentenc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from PIL import Image, PngImagePlugin
 
 from backend.types import UserError
 
+PARAMETERS_BYTES = 64 << 10  # a parameters chunk longer than this is ignored
+log = logging.getLogger("silicon_diffusion.png")
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _DESCRIPTION = 0x010E  # EXIF ImageDescription
 
@@ -117,9 +120,18 @@ def parse_parameters_text(text: str) -> dict:
 
 
 def read_parameters(source) -> Optional[dict]:
-    """Generation parameters from a PNG path or PIL image, or None when it carries none."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    text = getattr(image, "text", None) or image.info
+    """Generation parameters from a PNG path or PIL image, or None when it carries none. A parameters chunk
+    over PARAMETERS_BYTES is ignored (logged), as is a file that is not an image."""
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        text = dict(getattr(image, "text", None) or image.info)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        log.warning("%s is not an image whose parameters can be read", source)
+        return None
+    for key in [k for k, v in text.items() if isinstance(v, str) and len(v) > PARAMETERS_BYTES]:
+        log.warning("ignored the %s chunk of %s: %d characters, over %d", key, source, len(text[key]),
+                    PARAMETERS_BYTES)
+        del text[key]
     if "silicon_diffusion" in text:
         try:
             return json.loads(text["silicon_diffusion"])

@@ -73,3 +73,17 @@ def _text_file(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("not an image")
     return path
+
+
+def test_oversized_parameter_chunks_and_non_images_are_ignored_with_a_warning(tmp_path, caplog):
+    from PIL import Image, PngImagePlugin
+    from backend.png import read_parameters
+    info = PngImagePlugin.PngInfo()
+    info.add_text("silicon_diffusion", '{"prompt": "' + "x" * 100_000 + '"}')
+    info.add_text("parameters", "a cat\nSteps: 3, Sampler: euler, CFG scale: 5, Seed: 4, Size: 8x8, Model: m")
+    Image.new("RGB", (8, 8)).save(tmp_path / "huge.png", pnginfo=info)
+    with caplog.at_level("WARNING"):
+        params = read_parameters(tmp_path / "huge.png")
+    assert params["seed"] == 4 and "ignored the silicon_diffusion chunk" in caplog.text  # the text chunk still read
+    (tmp_path / "fake.png").write_text("hello")
+    assert read_parameters(tmp_path / "fake.png") is None
