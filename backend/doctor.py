@@ -55,8 +55,8 @@ def run(model: str, units=UNITS, steps: int = 10, load: Optional[Callable] = Non
 def cmd_doctor(a) -> int:
     import platform
     from backend import blas
-    from backend.engines.select import coreml_unavailable_reason
-    blocked = coreml_unavailable_reason()
+    from backend.engines import machine
+    blocked = machine.coreml_unavailable_reason()
     if blocked:
         raise UserError(f"{blocked}: the Core ML check runs on an Apple Silicon Mac (the MLX engine runs here)")
     model = a.model or smallest_entry()

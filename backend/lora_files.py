@@ -24,8 +24,8 @@ def lora_folder() -> Path:
 
 def _hub_loras() -> list:
     try:
-        from huggingface_hub import scan_cache_dir
-        repos = scan_cache_dir().repos
+        from huggingface_hub import constants, scan_cache_dir
+        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos  # the cache as configured now
     except Exception:  # no cache yet, or one huggingface_hub cannot read
         return []
     found = []

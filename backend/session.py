@@ -70,9 +70,10 @@ class PipelineKey:
 class PipelineCache:
     """Loaded pipelines by (model, engine, precision, quantization, compute units), least recently used out."""
 
-    def __init__(self, capacity: int = 2, loader: Optional[Callable] = None):
+    def __init__(self, capacity: int = 2, loader: Optional[Callable] = None, allow_large: bool = False):
         self.capacity = max(1, capacity)
         self._loader = loader
+        self.allow_large = allow_large  # the server's --allow-large: sizes beyond twice a model's native one
         self._items: "OrderedDict[PipelineKey, object]" = OrderedDict()
         self._lock = threading.Lock()
 
@@ -90,6 +91,8 @@ class PipelineCache:
                 self._items.move_to_end(key)
                 return self._items[key], True
         pipe = self._load(key, progress)
+        if self.allow_large:
+            pipe.allow_large = True
         with self._lock:
             self._items[key] = pipe
             self._items.move_to_end(key)

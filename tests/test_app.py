@@ -138,10 +138,11 @@ def test_corrupted_weights_give_a_clear_message(served, client, tmp_path):
 
 
 def test_a_png_restores_its_settings(served, client):
-    webapp, application = served[0], served[1]
+    from ui.generate import SETTING_NAMES
+    application = served[1]
     path, m = client.predict("a small red circle", negative_prompt="blur", steps=2, seed=11, api_name="/generate")
     values = application.restore(path)
-    named = dict(zip(webapp.SETTING_NAMES, values))
+    named = dict(zip(SETTING_NAMES, values))
     assert named["prompt"]["value"] == "a small red circle" and named["negative_prompt"]["value"] == "blur"
     assert named["seed"]["value"] == 11 and named["steps"]["value"] == 2
     saved = json.loads(Image.open(path).text["silicon_diffusion"])
@@ -226,30 +227,32 @@ def test_start_image_mask_and_lora_through_the_api(client, served, tiny_pipeline
 
 def test_the_editor_gives_the_start_image_and_the_painted_mask():
     import numpy as np
-    import app as webapp
+    from ui.generate_inputs import editor_image_and_mask
     background = Image.new("RGB", (40, 30), (10, 20, 30))
     layer = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
     layer.paste((255, 255, 255, 255), (5, 5, 15, 15))
-    init, mask = webapp.editor_image_and_mask({"background": background, "layers": [layer], "composite": None})
+    init, mask = editor_image_and_mask({"background": background, "layers": [layer], "composite": None})
     assert init.size == (40, 30)
     assert np.asarray(mask)[10, 10] == 255 and np.asarray(mask)[20, 30] == 0
     unpainted = {"background": background, "layers": [Image.new("RGBA", (40, 30))], "composite": None}
-    assert webapp.editor_image_and_mask(unpainted)[1] is None  # nothing painted: image to image
+    assert editor_image_and_mask(unpainted)[1] is None  # nothing painted: image to image
     uploaded = Image.new("L", (40, 30), 255)
-    assert np.asarray(webapp.editor_image_and_mask(unpainted, uploaded)[1]).min() == 255  # an uploaded mask wins
-    assert webapp.editor_image_and_mask(None) == (None, None)
+    assert np.asarray(editor_image_and_mask(unpainted, uploaded)[1]).min() == 255  # an uploaded mask wins
+    assert editor_image_and_mask(None) == (None, None)
 
 
 def test_a_png_restores_its_start_image_mask_and_lora_scales(served, client, tiny_pipelines, tmp_path):
     from pathlib import Path
     from gradio_client import handle_file
-    webapp, application, _, _, _ = served
+    from ui.generate import SETTING_NAMES
+    from ui.generate_inputs import image_fields, lora_table
+    application = served[1]
     start, mask = tmp_path / "s.png", tmp_path / "m.png"
     Image.new("RGB", (32, 32), (0, 200, 0)).save(start)
     Image.new("L", (32, 32), 255).save(mask)
     # the UI path keeps the start image and the mask by the hash the PNG records
-    req_fields = webapp.image_fields({"background": Image.open(start), "layers": [], "composite": None},
-                                     Image.open(mask), 0.6, 0, webapp.lora_table([]))
+    req_fields = image_fields({"background": Image.open(start), "layers": [], "composite": None},
+                              Image.open(mask), 0.6, 0, lora_table([]))
     from backend.types import GenerationRequest
     params = {"init_image": "abc123", "mask": "def456", "strength": 0.6, "mask_blur": 2, "seed": 5,
               "prompt": "p", "loras": [{"name": "style.safetensors", "scale": 0.25}]}
@@ -257,9 +260,17 @@ def test_a_png_restores_its_start_image_mask_and_lora_scales(served, client, tin
     from backend.png import save_png
     png = save_png(Image.new("RGB", (32, 32)), tmp_path / "made.png", params)
     lora_dir = Path(os.environ["SILICON_DIFFUSION_HOME"]) / "loras"
-    table = webapp.lora_table(sorted(lora_dir.glob("*.safetensors")))
+    table = lora_table(sorted(lora_dir.glob("*.safetensors")))
     out = application.restore(str(png), table)
-    editor, strength, blur, rows = out[len(webapp.SETTING_NAMES):len(webapp.SETTING_NAMES) + 4]
+    editor, strength, blur, rows = out[len(SETTING_NAMES):len(SETTING_NAMES) + 4]
     assert Path(editor["background"]).name == "abc123.png" and len(editor["layers"]) == 1
     assert strength == 0.6 and blur == 2
     assert float(rows.loc[rows["LoRA"] == "style.safetensors", "Scale"].iloc[0]) == 0.25
+
+
+def test_the_servers_allow_large_option_reaches_the_pipelines(tiny_pipelines):
+    from backend.session import PipelineCache, PipelineKey
+    _, folder = tiny_pipelines("sd1")
+    key = PipelineKey(str(folder), "mlx", "fp32", None, "auto")
+    assert not PipelineCache(1).get(key)[0].allow_large
+    assert PipelineCache(1, allow_large=True).get(key)[0].allow_large

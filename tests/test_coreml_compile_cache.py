@@ -100,11 +100,11 @@ def fake_coremltools(compiler, loads):
 
 
 def test_the_runtime_loads_packages_compiled_once_with_the_fast_prediction_hint(tmp_path, monkeypatch):
-    from backend.engines import select
+    from backend.engines import machine
     from backend.engines.coreml.runtime import CoreMLRuntime
     compiler, loads = CountingCompiler(), []
     monkeypatch.setitem(sys.modules, "coremltools", fake_coremltools(compiler, loads))
-    monkeypatch.setattr(select, "coreml_unavailable_reason", lambda: None)  # as on an Apple Silicon Mac
+    monkeypatch.setattr(machine, "coreml_unavailable_reason", lambda: None)  # as on an Apple Silicon Mac
     monkeypatch.setenv("SILICON_DIFFUSION_HOME", str(tmp_path / "home"))
     package = make_package(tmp_path / "res")
     for units in ("CPU_AND_GPU", "CPU_AND_NE", "CPU_AND_GPU"):  # e.g. switching units, reduce-memory reloads

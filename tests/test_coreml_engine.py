@@ -389,14 +389,14 @@ def test_apples_downloaded_layout_without_configs_generates_the_same_image(expor
 def test_auto_falls_back_to_mlx_when_the_resources_cannot_be_had(exported, monkeypatch, tmp_path):
     import json
     from backend import registry
-    from backend.engines import select
+    from backend.engines import machine, select
     _, folder, _ = exported("sd1")
     models = tmp_path / "models.json"
     models.write_text(json.dumps([{"name": "tiny-sd1", "title": "tiny", "path": str(folder), "coreml": {
         "repo": "silicon-diffusion-tests/not-a-repo", "variants": {"original": "original/packages"}}}]))
     monkeypatch.setattr(registry, "USER_MODELS_FILE", models)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(select, "coreml_unavailable_reason", lambda: None)  # as on an Apple Silicon Mac
+    monkeypatch.setattr(machine, "coreml_unavailable_reason", lambda: None)  # as on an Apple Silicon Mac
     choice = select.choose_engine("tiny-sd1", "auto")
     assert choice.kind == "mlx"
     assert "not downloaded and offline mode is on" in choice.reason and "running MLX" in choice.reason
@@ -490,7 +490,7 @@ def test_sdxl_base_then_refiner_on_core_ml_matches_the_mlx_engine(exported, tmp_
     refiner runs with TextEncoder2 alone and its 5 time ids, the end of the base's schedule, then decodes."""
     import shutil
     from backend.pipeline import _check_refiner
-    from backend.engines.select import EngineChoice
+    from backend.engines.base import EngineChoice
     _, base_folder, base = exported("sdxl")
     _, refiner_folder, alone = tiny_export(tmp_path_factory, tiny_pipelines, "sdxl-refiner", attention="split_einsum")
     assert set(alone.models) == {"TextEncoder2", "Unet", "VAEDecoder"}  # a refiner exported on its own

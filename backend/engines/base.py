@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
 from backend.types import UserError
+
+if TYPE_CHECKING:
+    from backend.checkpoint import ModelSpec
 
 
 @dataclass
@@ -70,3 +73,15 @@ class Stages(ABC):
             raise UserError(f"this engine ({self.info.get('engine', 'unknown')}) cannot apply LoRA at generation "
                             "time; run the model on MLX (--backend mlx)")
         return []
+
+
+@dataclass
+class EngineChoice:
+    """The engine chosen for a model (select.choose_engine), with what it needs to load the model's stages."""
+    name: str                  # the model's name as the user gave it
+    kind: str                  # "coreml" or "mlx"
+    reason: str                # one line: why this engine
+    spec: ModelSpec
+    tokenizers: list
+    disk_bytes: int
+    load: Callable             # (**options) -> Stages

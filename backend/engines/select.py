@@ -1,42 +1,16 @@
 """Chooses the engine for a model: Core ML where it can run, MLX otherwise, always with the reason."""
 from __future__ import annotations
 
-import platform
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from backend import registry
-from backend.checkpoint import ModelSpec
+from backend.engines import machine
+from backend.engines.base import EngineChoice
 from backend.measure import disk_bytes
 from backend.types import UserError
 
 ENGINES = ("auto", "coreml", "mlx")
-
-
-@dataclass
-class EngineChoice:
-    name: str                  # the model's name as the user gave it
-    kind: str                  # "coreml" or "mlx"
-    reason: str                # one line: why this engine
-    spec: ModelSpec
-    tokenizers: list
-    disk_bytes: int
-    load: Callable             # (**options) -> Stages
-
-
-def coreml_unavailable_reason() -> Optional[str]:
-    """None when Core ML prediction can run here, else the sentence saying why not."""
-    if sys.platform != "darwin":
-        return f"Core ML prediction needs macOS (this is {platform.system()})"
-    if platform.machine() != "arm64":
-        return "Core ML's Neural Engine path needs an Apple Silicon Mac"
-    try:
-        import coremltools  # noqa: F401
-    except ImportError:
-        return "coremltools is not installed"
-    return None
 
 
 def _mlx_device() -> str:
@@ -98,7 +72,7 @@ def choose_engine(model: str, engine: str = "auto", progress=None, t5: bool = Tr
     `refiner`: the model is wanted as a second stage (Core ML: the resources' UnetRefiner)."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
-    blocked = coreml_unavailable_reason()
+    blocked = machine.coreml_unavailable_reason()
     resources = coreml_resources_for(model)
     if engine == "coreml":
         if blocked:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.engines import machine
 from backend.types import UserError
 
 #: coremltools' ct.ComputeUnit names, in the order the app lists them
@@ -55,8 +56,7 @@ class CoreMLRuntime:
 
     @staticmethod
     def load(path, compute_units: str = "ALL") -> CoreMLModel:
-        from backend.engines.select import coreml_unavailable_reason
-        blocked = coreml_unavailable_reason()
+        blocked = machine.coreml_unavailable_reason()
         if blocked:
             raise UserError(f"cannot load {Path(path).name}: {blocked}")
         import coremltools as ct

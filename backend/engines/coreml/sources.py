@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from backend import registry
+from backend.engines.base import EngineChoice
 from backend.engines.coreml import resources as res
 from backend.engines.coreml.engine import CoreMLStages, load_coreml_stages
 from backend.engines.coreml.spec import coreml_spec, coreml_tokenizers
@@ -247,7 +248,6 @@ def coreml_choice(model: str, reason: str, progress=None, refiner: bool = False)
     """select.choose_engine's Core ML branch: resolve the resources, read their spec, load on demand.
     `refiner`: the SDXL refiner bundled in the resources (a registry entry whose denoiser is UnetRefiner, or
     any folder of Apple's --refiner-version layout given as a refiner)."""
-    from backend.engines.select import EngineChoice
     first = locate(model, progress=progress, refiner=refiner)
     refiner = refiner or (first.entry is not None and first.entry.coreml.get("denoiser") == res.REFINER)
     resources = res.find_resources(first.folder, require_tokenizer=False, refiner=refiner)
