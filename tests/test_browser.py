@@ -64,6 +64,12 @@ def test_generate_shows_image_and_timings(page, url, tmp_path):
     assert (tmp_path / "generate.png").stat().st_size > 10_000
 
 
+def test_the_api_link_is_visible(page):
+    link = page.get_by_text("Use via API").first
+    link.scroll_into_view_if_needed()
+    assert link.is_visible()
+
+
 def test_download_button_keeps_the_parameters_chunk(page, tmp_path):
     page.wait_for_selector("#result img")
     with page.expect_download(timeout=15_000) as info:

@@ -66,7 +66,6 @@ CSS = """
 .sd-px img {image-rendering:pixelated;}
 .sd-fit img {width:100%; height:100%; object-fit:contain;}
 .sd-cell img.px {image-rendering:pixelated;}
-footer {display:none !important;}
 """
 
 
@@ -218,11 +217,16 @@ def compare_grid_html(state, url: Callable[[str], str]) -> str:
     return "<div class='sd-grid'>" + "".join(compare_cell_html(r, url) for r in state.results) + "</div>"
 
 
+def plural(count: int, word: str) -> str:
+    """'1 warm run', '3 warm runs'."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def big_numbers_html(seconds_per_image: Optional[float], steps_per_second: Optional[float], count: int,
-                     count_label: str = "warm runs") -> str:
+                     unit: str = "warm run", note: str = "") -> str:
     spi = "—" if seconds_per_image is None else (f"{seconds_per_image:.2f}" if seconds_per_image < 100
                                                   else f"{seconds_per_image:.0f}")
     sps = "—" if steps_per_second is None else f"{steps_per_second:.2f}"
     return (f"<div class='sd-big'><div><b>{spi}</b><span>seconds per image</span></div>"
             f"<div><b>{sps}</b><span>steps per second</span></div>"
-            f"<div><b>{count}</b><span>{esc(count_label)}</span></div></div>")
+            f"<div><b>{count}</b><span>{esc(plural(count, unit).split(' ', 1)[1] + note)}</span></div></div>")

@@ -51,7 +51,8 @@ class PresenterTab(AppBase):
                     elif ev.kind in ("stopped", "error"):
                         yield {u.p_status: present.progress_html(ev.kind, ev.message)}
                         return
-            yield {u.p_status: present.progress_html("done", f"{len(totals)} warm runs, seed 0", len(totals),
+            yield {u.p_status: present.progress_html("done", f"{present.plural(len(totals), 'warm run')}, seed 0",
+                                                     len(totals),
                                                      len(totals), unit="run")}
         except UserError as exc:
             yield {u.p_status: present.progress_html("error", str(exc))}
@@ -68,7 +69,7 @@ class PresenterTab(AppBase):
                 if ev.kind == "done":
                     t = ev.result.timings
                     return ev.result.image, present.big_numbers_html(t.total, t.steps_per_second, len(t.steps),
-                                                                     "steps, as you type")
+                                                                     "step", ", as you type")
                 if ev.kind in ("stopped", "error"):
                     return gr.skip(), present.progress_html("error", ev.message)
         except UserError as exc:
