@@ -85,6 +85,7 @@ def launch(app: App, host: str = "127.0.0.1", port: int | None = None, share: bo
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", 7860))
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=present.CSS,
+                            head=present.SHORTCUTS,
                             allowed_paths=[str(app.outputs.folder)], ssr_mode=False, footer_links=["api"],
                             favicon_path=None, **kwargs)
     return demo, url

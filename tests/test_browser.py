@@ -64,6 +64,16 @@ def test_generate_shows_image_and_timings(page, url, tmp_path):
     assert (tmp_path / "generate.png").stat().st_size > 10_000
 
 
+def test_ctrl_enter_generates(page):
+    page.wait_for_selector("#stats .sd-stats", timeout=60_000)
+    before = page.inner_text("#stats")
+    page.fill("#prompt textarea", "a small blue square")
+    page.locator("#prompt textarea").press("Control+Enter")
+    page.wait_for_function(f"document.querySelector('#stats').innerText !== {before!r} && "
+                           "document.querySelector('#progress').innerText.includes('Done in')", timeout=60_000)
+    assert "SEED" in page.inner_text("#stats").upper()
+
+
 def test_the_api_link_is_visible(page):
     link = page.get_by_text("Use via API").first
     link.scroll_into_view_if_needed()

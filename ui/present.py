@@ -14,6 +14,16 @@ from backend.types import GenerationResult
 STAGES = (("load", "Load", "#94a3b8"), ("text_encoder", "Text encoding", "#38bdf8"),
           ("denoise", "Denoising", "#6366f1"), ("vae_decode", "Decode", "#f472b6"))
 
+#: Ctrl+Enter (Cmd+Enter on a Mac) generates from anywhere on the Generate tab, as in other image tools
+SHORTCUTS = """<script>
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+    const button = document.querySelector("#generate-btn");
+    if (button && button.offsetParent !== null) { e.preventDefault(); button.click(); }
+  }
+});
+</script>"""
+
 CSS = """
 .sd-header {display:flex; align-items:center; gap:14px; padding:6px 2px 2px;}
 .sd-logo {width:38px; height:38px; border-radius:10px; flex:none;
