@@ -74,6 +74,15 @@ def test_ctrl_enter_generates(page):
     assert "SEED" in page.inner_text("#stats").upper()
 
 
+def test_compute_units_are_off_where_core_ml_cannot_run_and_say_why(page):
+    import sys
+    if sys.platform == "darwin":
+        pytest.skip("Core ML runs here")
+    units = page.locator("#units")
+    assert "Core ML prediction needs macOS" in units.inner_text()
+    assert units.locator("input").first.is_disabled()
+
+
 def test_the_api_link_is_visible(page):
     link = page.get_by_text("Use via API").first
     link.scroll_into_view_if_needed()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from backend.engines import machine
 from backend.png import read_parameters
 from backend.session import PRECISION_CHOICES, model_defaults, preview_image, request_settings
 from backend.types import UserError
@@ -163,7 +164,10 @@ class GenerateTab(AppBase):
                     with gr.Row():
                         u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="auto",
                                                   label="Precision or quantization", min_width=140)
-                        u.units = gr.Dropdown(UNITS, value="auto", label="Compute units (Core ML)", min_width=200)
+                        blocked = machine.coreml_unavailable_reason()  # the control does nothing here: say why
+                        u.units = gr.Dropdown(UNITS, value="auto", label="Compute units (Core ML)", min_width=200,
+                                              interactive=blocked is None, elem_id="units",
+                                              info=f"Off here: {blocked}" if blocked else None)
                     u.t5 = gr.Checkbox(False, label="T5 text encoder (SD3 models)",
                                        info="Better prompt following and text in images, ~9.5 GB more at fp16 "
                                             "(19 GB at fp32). Off: its tokens are zeros, as in Apple's app")
