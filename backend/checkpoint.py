@@ -6,6 +6,7 @@ the components model_index.json names; the defaults (steps, guidance, scheduler,
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -104,6 +105,18 @@ class ModelSpec:
 
     def default(self, key: str):
         return self.defaults[key]
+
+    @property
+    def vocabulary(self) -> Optional[list]:
+        """The only words the model was trained on, when its settings file declares them (the embedded model)."""
+        words = self.defaults.get("vocabulary")
+        return list(words) if isinstance(words, list) else None
+
+    def words_it_ignores(self, prompt: str) -> list:
+        """The words of `prompt` outside the model's declared vocabulary (none when it declares none)."""
+        known = set(self.vocabulary or [])
+        words = re.findall(r"[a-z0-9']+", (prompt or "").lower())
+        return list(dict.fromkeys(w for w in words if w not in known)) if known else []
 
     def patch_count(self, width: int, height: int) -> int:
         """The transformer's image tokens at this size (the flow schedule's resolution shift reads it)."""

@@ -170,6 +170,10 @@ class Pipeline:
         inputs = ImageInputs.from_request(request)  # None: text to image
         p = self._settings(request, inputs)
         warnings: list[str] = list(self.stages.set_loras(request.loras))  # [] takes earlier LoRAs off
+        ignored = self.spec.words_it_ignores(p["prompt"])
+        if ignored:
+            warnings.append(f"this model knows only its own words: {', '.join(ignored)} mean nothing to it "
+                            f"(try '{self.spec.defaults.get('example_prompt', ' '.join(self.spec.vocabulary[:6]))}')")
         if request.loras:
             from backend import lora
             p["loras"] = [lora.record(path, scale) for path, scale in lora.normalize(request.loras)]

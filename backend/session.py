@@ -318,6 +318,22 @@ def request_settings(parameters: dict) -> dict:
     return out
 
 
+def prompt_help(model: str, prompt: str) -> Optional[tuple]:
+    """(the words the model knows, an example prompt, the words of `prompt` it ignores) for a model that declares
+    its vocabulary (the embedded one); None for the others, or when that cannot be known without downloading."""
+    from backend import registry
+    try:
+        entry = registry.get_entry(model)
+        if not Path(model).expanduser().is_dir() and entry is None:
+            return None
+        spec = registry.load_spec(model, local_only=True)[0]
+    except (UserError, OSError, ValueError):
+        return None
+    if not spec.vocabulary:
+        return None
+    return spec.vocabulary, spec.defaults.get("example_prompt", ""), spec.words_it_ignores(prompt)
+
+
 def model_defaults(model: str) -> Optional[dict]:
     """A model's default steps, guidance, scheduler and size, and the size grid its denoiser needs (size_step,
     size_min); None when that cannot be known without downloading."""

@@ -208,3 +208,17 @@ def test_a_model_folder_loads_for_training_with_its_own_configs(tmp_path):
     wider = {**UNET_CONFIG, "block_out_channels": [64, 64, 64, 64]}
     folder = save_folder(Parts(unet_config=wider), tmp_path / "wider")
     assert load_folder(folder).unet.conv_in.weight.shape[0] == 64
+
+
+def test_the_embedded_model_shows_its_words_and_warns_about_others(shipped_pipeline, tiny_pipelines):
+    from backend.session import prompt_help
+    from ui.present import prompt_help_html
+    words, example, ignored = prompt_help(str(SHIPPED), "a large red cat at the top")
+    assert set(dataset.vocabulary()) == set(words) and ignored == ["cat"]
+    assert dataset.parse_caption(example).color  # the example is a caption of its own grammar
+    assert "Ignored in this prompt: cat" in prompt_help_html((words, example, ignored))
+    assert prompt_help(str(tiny_pipelines("sd1")[1]), "a cat") is None  # a model that declares no vocabulary
+    result = shipped_pipeline.generate(backend.GenerationRequest(prompt="a large red cat at the top", steps=2, seed=1))
+    assert any("cat mean nothing to it" in w for w in result.warnings)
+    clean = shipped_pipeline.generate(backend.GenerationRequest(prompt=example, steps=2, seed=1))
+    assert not any("mean nothing" in w for w in clean.warnings)

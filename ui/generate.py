@@ -9,7 +9,7 @@ import gradio as gr
 
 from backend.engines import machine
 from backend.png import read_parameters
-from backend.session import PRECISION_CHOICES, model_defaults, preview_image, request_settings
+from backend.session import PRECISION_CHOICES, model_defaults, preview_image, prompt_help, request_settings
 from backend.types import UserError
 from ui import present
 from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, make_request, opt
@@ -152,6 +152,8 @@ class GenerateTab(AppBase):
             with gr.Column(scale=5, min_width=340):
                 u.prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLE_PROMPT, elem_id="prompt",
                                       placeholder="Describe the image")
+                u.prompt_help = gr.HTML(present.prompt_help_html(prompt_help(self.model, EXAMPLE_PROMPT)),
+                                        elem_id="prompt-help")
                 u.negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="What to avoid (optional)")
                 with gr.Row():
                     u.go = gr.Button("Generate", variant="primary", scale=3, elem_id="generate-btn")
@@ -229,6 +231,9 @@ class GenerateTab(AppBase):
         u.stop.click(self.stop, None, gr.Textbox(visible=False, label="stop"), queue=False, api_name="stop")
         u.random.click(lambda: -1, None, u.seed, queue=False, **PRIVATE)
         u.reuse.click(lambda s: gr.skip() if s is None else s, u.last_seed, u.seed, queue=False, **PRIVATE)
+        gr.on([u.prompt.change, u.model.input], lambda model, prompt: present.prompt_help_html(
+            prompt_help(model, prompt)), [u.model, u.prompt], u.prompt_help, queue=False, show_progress="hidden",
+            **PRIVATE)
         u.model.input(self.on_model_change, u.model, [u.steps, u.guidance, u.scheduler, u.width, u.height],
                       queue=False, **PRIVATE)
         restored = settings + [u.editor, u.strength, u.mask_blur, u.loras, u.progress]

@@ -191,6 +191,17 @@ def stats_html(result: GenerationResult, cached: bool = False) -> str:
     return f"<div class='sd-stats'>{''.join(cards)}{warn}</div>"
 
 
+def prompt_help_html(help_: Optional[tuple]) -> str:
+    """The words a small-vocabulary model knows, an example, and the prompt's words it will ignore."""
+    if not help_:
+        return ""
+    words, example, ignored = help_
+    text = f"This model knows only these words: {', '.join(words)}. Example: “{example}”."
+    if ignored:
+        text += f" Ignored in this prompt: {', '.join(ignored)}."
+    return note_html(text, warn=bool(ignored))
+
+
 def note_html(text: str, warn: bool = False) -> str:
     return f"<div class='sd-info{' warn' if warn else ''}'>{esc(text)}</div>"
 

@@ -30,6 +30,7 @@ from backend.vocab import build_vocab, write_tokenizer_folder
 RESOLUTION = 64
 DEFAULTS = {"steps": 20, "guidance": 4.0, "scheduler": "dpmpp_2m", "size": RESOLUTION}
 SETTINGS_FILE = "silicon_diffusion.json"
+EXAMPLE_PROMPT = "a large red circle in the center on a blue background"
 WEIGHTS = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
            "vae": "diffusion_pytorch_model.safetensors"}
 
@@ -127,7 +128,8 @@ def save_folder(parts: Parts, folder: Path, dtype=mx.float32, defaults: dict = D
     _write_json(tmp / "unet" / "config.json", parts.unet_config)
     _write_json(tmp / "vae" / "config.json", parts.vae_config)
     _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(tmp / SETTINGS_FILE, defaults)
+    # the words it knows and an example, so that the app can show them and warn about the others
+    _write_json(tmp / SETTINGS_FILE, {**defaults, "vocabulary": vocabulary(), "example_prompt": EXAMPLE_PROMPT})
     write_tokenizer_folder(tmp / "tokenizer", vocabulary(), max_length=TEXT_LENGTH)
     for name, filename in WEIGHTS.items():
         mx.save_safetensors(str(tmp / name / filename), torch_layout(parts.component(name), dtype),
