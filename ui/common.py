@@ -83,6 +83,10 @@ class AppBase:
         signal.set()
         return "stopping between two steps"
 
+    def stop_quietly(self, request: gr.Request) -> None:
+        """Stop for a button with no output to show the answer in (a returned string would be a stray value)."""
+        self.stop(request)
+
     def _stream(self, model, engine, units, precision, request, stop, min_interval=0.05, t5=False):
         key = PipelineKey.from_choice(model or self.model, engine, precision, units, t5)
         return stream_generation(self.pipelines, key, request, stop, min_interval=min_interval)

@@ -112,6 +112,6 @@ class CompareTab(AppBase):
         u.cmp_go.click(self.arm, None, None, queue=False, **PRIVATE).then(
             self.compare_ui, inputs, [u.cmp_grid, u.cmp_state, u.cmp_seed, u.cmp_status, *u.cmp_plots, u.ab_a,
                                       u.ab_b, u.ab_slider], show_progress_on=[u.cmp_status], **ENGINE, **PRIVATE)
-        u.cmp_stop.click(self.stop, None, None, queue=False, **PRIVATE)
+        u.cmp_stop.click(self.stop_quietly, None, None, queue=False, **PRIVATE)
         gr.on([u.ab_a.input, u.ab_b.input], self.ab_value, [u.cmp_state, u.ab_a, u.ab_b], u.ab_slider, queue=False,
               **PRIVATE)

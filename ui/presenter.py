@@ -106,7 +106,7 @@ class PresenterTab(AppBase):
         u.p_go.click(self.arm, None, None, queue=False, **PRIVATE).then(
             self.warm_runs, [u.p_prompt, u.runs, *model_settings], [u.p_status, u.latency, u.p_image, u.big],
             show_progress_on=[u.p_status], **ENGINE, **PRIVATE)
-        u.p_stop.click(self.stop, None, None, queue=False, **PRIVATE)
+        u.p_stop.click(self.stop_quietly, None, None, queue=False, **PRIVATE)
         gr.on([u.p_prompt.change, u.live_on.change], self.live,
               [u.live_on, u.p_prompt, u.live_steps, *model_settings], [u.p_image, u.big], trigger_mode="always_last",
               show_progress="hidden", **ENGINE, **PRIVATE)
