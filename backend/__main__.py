@@ -18,40 +18,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_int(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {v})")
-    return n
+def _checked(name: str, cast, ok, rule: str):
+    """An argparse type: `cast`, then `ok`, else one line with the rule ("must be at least 1 (got 0)")."""
+    def parse(v: str):
+        x = cast(v)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{rule} (got {v})")
+        return x
+    parse.__name__ = name  # what argparse names in "invalid <name> value"
+    return parse
 
 
-def _fraction(v: str) -> float:
-    f = float(v)
-    if not 0.0 < f < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, both excluded (got {v})")
-    return f
-
-
-def _strength(v: str) -> float:
-    f = float(v)
-    if not 0.0 < f <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (got {v})")
-    return f
-
-
-def _pixels(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {v})")
-    return n
-
-
-def _seed(v: str) -> int:
-    n = int(v)
-    if not 0 <= n < 2**64:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2^64 - 1; leave it out for a random seed "
-                                         f"(got {v})")
-    return n
+_positive_int = _checked("_positive_int", int, lambda n: n >= 1, "must be at least 1")
+_fraction = _checked("_fraction", float, lambda f: 0.0 < f < 1.0, "must be between 0 and 1, both excluded")
+_strength = _checked("_strength", float, lambda f: 0.0 < f <= 1.0, "must be above 0 and at most 1")
+_pixels = _checked("_pixels", int, lambda n: n >= 0, "must be 0 or more")
+_seed = _checked("_seed", int, lambda n: 0 <= n < 2**64,
+                 "must be a whole number from 0 to 2^64 - 1; leave it out for a random seed")
 
 
 def cmd_generate(a) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from backend import lora
+from backend import lora, registry
 from backend.types import UserError
 
 MAX_FILES = 200
@@ -23,15 +23,10 @@ def lora_folder() -> Path:
 
 
 def _hub_loras() -> list:
-    try:
-        from huggingface_hub import constants, scan_cache_dir
-        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos  # the cache as configured now
-    except Exception:  # no cache yet, or one huggingface_hub cannot read
-        return []
     found = []
-    for repo in repos:
+    for repo in registry.cached_repos():
         revision = next(iter(repo.revisions), None)
-        if repo.repo_type != "model" or revision is None:
+        if revision is None:
             continue
         top = sorted(f.file_name for f in revision.files if f.file_path.parent == revision.snapshot_path)
         if "model_index.json" not in top:

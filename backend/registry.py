@@ -204,15 +204,20 @@ def resolve(model: str, progress: Optional[Callable[[str], None]] = None, skip: 
     raise UserError(f"unknown model '{model}': give a folder, a Hub id (owner/name) or one of: {names}")
 
 
-def cached_models() -> list[dict]:
-    """Models in the Hugging Face cache, with their size on disk."""
+def cached_repos() -> list:
+    """The model repositories in the Hugging Face cache as configured now (huggingface_hub's scan_cache_dir
+    binds the cache folder when it is imported, so it is passed explicitly); [] without a readable cache."""
     try:
-        from huggingface_hub import scan_cache_dir
-        info = scan_cache_dir()
+        from huggingface_hub import constants, scan_cache_dir
+        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
     except Exception:
         return []
-    return [{"repo": r.repo_id, "bytes": r.size_on_disk, "path": str(r.repo_path)}
-            for r in sorted(info.repos, key=lambda r: r.repo_id) if r.repo_type == "model"]
+    return sorted((r for r in repos if r.repo_type == "model"), key=lambda r: r.repo_id)
+
+
+def cached_models() -> list[dict]:
+    """Models in the Hugging Face cache, with their size on disk."""
+    return [{"repo": r.repo_id, "bytes": r.size_on_disk, "path": str(r.repo_path)} for r in cached_repos()]
 
 
 def delete_cached(repo_id: str) -> int:

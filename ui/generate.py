@@ -13,7 +13,7 @@ from backend.session import PRECISION_CHOICES, model_defaults, preview_image, pr
 from backend.types import UserError
 from ui import present
 from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, make_request, opt
-from ui.generate_inputs import image_fields, lora_label, lora_table, restore_lora_scales
+from ui.generate_inputs import image_fields, lora_label, lora_table, lora_table_update, restore_lora_scales
 
 ENGINES = [("Auto", "auto"), ("Core ML", "coreml"), ("MLX", "mlx")]
 UNITS = [("Auto (Apple's choice)", "auto"), ("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"),
@@ -243,6 +243,5 @@ class GenerateTab(AppBase):
         u.use_result.click(lambda path: gr.skip() if not path else {"background": path, "layers": [],
                                                                       "composite": path},
                            u.image, u.editor, queue=False, **PRIVATE)
-        u.lora_refresh.click(lambda: (lambda t: gr.update(value=t, label=lora_label(t)))(lora_table()),
-                             None, u.loras, queue=False, **PRIVATE)
+        u.lora_refresh.click(lora_table_update, None, u.loras, queue=False, **PRIVATE)
         return settings

@@ -2,6 +2,7 @@
 from the LoRAs a PNG records."""
 from __future__ import annotations
 
+import gradio as gr
 import numpy as np
 import pandas as pd
 
@@ -70,3 +71,9 @@ def lora_table(files=None) -> pd.DataFrame:
     from backend.lora_files import find_lora_files
     files = find_lora_files() if files is None else files
     return pd.DataFrame([[f.name, str(f), 0.0] for f in files], columns=["LoRA", "File", "Scale"])
+
+
+def lora_table_update():
+    """The LoRA table looked for again, with its label."""
+    table = lora_table()
+    return gr.update(value=table, label=lora_label(table))

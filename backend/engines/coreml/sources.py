@@ -21,6 +21,7 @@ import fnmatch
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -77,6 +78,7 @@ def plan_download(files, variant: str, packages: bool = False, refiner: bool = F
     """What to fetch of a repository (its file list) for one variant folder: see the module docstring."""
     root = variant.strip("/")
     join = (lambda *parts: "/".join(p for p in parts if p))
+    listed = set(files)
     kinds = ("packages", "") if packages else ("compiled", "packages", "")
     for kind in kinds:  # "": models directly in the variant folder (MobileDiffuser's coremlsd3_*step/)
         folder = join(root, kind)
@@ -88,7 +90,7 @@ def plan_download(files, variant: str, packages: bool = False, refiner: bool = F
         # the CLIP tokenizer files live beside the compiled models (also needed with the packages)
         tokenizer_dirs = {folder, join(root, "compiled"), root}
         patterns += sorted(join(d, f) for d in tokenizer_dirs for f in TOKENIZER_FILES
-                           if join(d, f) in set(files))
+                           if join(d, f) in listed)
         return DownloadPlan(folder=folder, patterns=patterns, stages={s: found[s] for s in stages},
                             compiled=found[stages[0]].endswith(".mlmodelc"))
     what = "packages (.mlpackage)" if packages else "models"
@@ -96,6 +98,7 @@ def plan_download(files, variant: str, packages: bool = False, refiner: bool = F
                     f"{'packages' if packages else 'compiled or packages'}")
 
 
+@lru_cache(maxsize=1)
 def performance_cores() -> Optional[int]:
     """The Mac's performance cores (sysctl hw.perflevel0.physicalcpu), None elsewhere or when unknown."""
     if sys.platform != "darwin":
@@ -117,7 +120,7 @@ def recommended_settings(offered, attention: Optional[str] = None, units: Option
     split-einsum (run on CPU_AND_NE). Apple's README: ORIGINAL for cpuAndGPU on Mac, SPLIT_EINSUM for the
     Neural Engine. A choice the resources do not offer falls back to what they have."""
     offered = list(offered)
-    engine = [a for a in ("split_einsum", "split_einsum_v2") if a in offered]
+    engine = [a for a in res.NEURAL_ENGINE_ATTENTIONS if a in offered]
     if attention:
         if attention in offered:
             return attention, f"{attention} attention as asked"
@@ -142,9 +145,9 @@ def recommended_settings(offered, attention: Optional[str] = None, units: Option
 
 # ---------------------------------------------------------------- local folders and the Hub
 
-def _local_variants(folder: Path) -> dict:
-    """Apple's variant folders inside a local folder (original/, split_einsum(_v2)/), or {} when it has none."""
-    return {a: a for a in res.ATTENTIONS if (folder / a).is_dir()}
+def _local_variants(folder: Path) -> list:
+    """Apple's variant folders inside a local folder (original/, split_einsum(_v2)/), or [] when it has none."""
+    return [a for a in res.ATTENTIONS if (folder / a).is_dir()]
 
 
 def _local_folder(folder: Path, packages: bool) -> Path:
@@ -234,7 +237,7 @@ def locate(model: str, attention: Optional[str] = None, units: Optional[str] = N
         if not variants:
             return Located(_local_folder(local, packages), None, [], "", "local resources")
         chosen, reason = recommended_settings(variants, attention, units, performance_cores())
-        return Located(_local_folder(local / chosen, packages), None, list(variants), chosen, reason)
+        return Located(_local_folder(local / chosen, packages), None, variants, chosen, reason)
     entry = registry.get_entry(model)
     if entry is None or not entry.coreml:
         raise UserError(f"model '{model}' has no Core ML resources; export them with "
@@ -282,7 +285,7 @@ def coreml_choice(model: str, reason: str, progress=None, refiner: bool = False)
 
 def _paired_folder(entry) -> Optional[Path]:
     """The registry entry's diffusers model, if it is already in the Hub cache (for its configs)."""
-    if entry is None or not getattr(entry, "hub", None):
+    if entry is None or not entry.hub:
         return None
     from huggingface_hub import snapshot_download
     try:

@@ -10,11 +10,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
 
+from backend import files
 from backend.checkpoint import SETTINGS_FILE, ModelSpec
 from backend.engines.coreml import resources as res
 from backend.tokenizer import CLIPTokenizer
@@ -36,7 +36,7 @@ CLIP_TOKENS = 77
 
 def _read(folder: Optional[Path], relative: str) -> dict:
     path = folder / relative if folder is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return files.read_json(path) if path is not None and path.is_file() else {}
 
 
 def _default_scheduler(sdxl: bool, v_prediction: bool) -> dict:
