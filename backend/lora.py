@@ -160,16 +160,14 @@ def read(path) -> LoraFile:
 
 
 def _read(path: Path) -> LoraFile:
-    from safetensors import SafetensorError, safe_open
+    # MLX reads safetensors (bf16 included) with their metadata: no other reader is a runtime dependency
+    import mlx.core as mx
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            try:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            except (TypeError, ValueError):  # bf16 tensors: numpy has no bfloat16; MLX reads them
-                tensors = _read_with_mlx(path)
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        tensors = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"LoRA {path.name} is not a readable safetensors file ({exc})") from None
+    metadata = metadata or {}
     peft = {}
     if metadata.get("lora_adapter_metadata"):
         try:
@@ -194,11 +192,6 @@ def _read(path: Path) -> LoraFile:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return LoraFile(path=path, sha256=h.hexdigest(), groups=groups, stray=sorted(stray), metadata=peft)
-
-
-def _read_with_mlx(path: Path) -> dict:
-    import mlx.core as mx
-    return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(path)).items()}
 
 
 def record(path, scale: float) -> dict:
