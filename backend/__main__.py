@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-import backend  # noqa: F401  (loads OpenBLAS before MLX)
+import backend  # noqa: F401  (loads an optimized BLAS before MLX)
 from backend.types import UserError
 
 
@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU_AND_NE for split-einsum), as Apple's apps do")
     g.add_argument("--attention", choices=["original", "split_einsum", "split_einsum_v2"],
                    help="Core ML: the attention variant (default: Apple's choice for this Mac and the compute units)")
-    g.add_argument("--reduce-memory", action="store_true")
+    g.add_argument("--reduce-memory", action="store_true",
+                   help="load each stage (text encoders, denoiser, VAE) when it runs and release it after: "
+                        "a lower peak, a load per stage per image")
     g.add_argument("--no-t5", action="store_true",
                    help="SD3: skip the T5 text encoder (~9 GB less; its tokens are zeros, as without T5)")
     g.add_argument("--max-sequence-length", type=_positive_int,
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from backend import blas
+    blas.report_once()  # Linux without an optimized BLAS: one line on stderr, with what it costs
     try:
         return args.func(args)
     except UserError as exc:

@@ -1,16 +1,22 @@
 """Loads an optimized BLAS into the process before MLX, so MLX's CPU matrix products use it.
 
-The Linux `mlx[cpu]` wheel links a bundled reference BLAS (about 5 GFLOP/s here). Loading
-OpenBLAS with RTLD_GLOBAL first makes the dynamic linker resolve MLX's `cblas_*` symbols to
-OpenBLAS instead (about 150-270 GFLOP/s on the same machine). On macOS MLX uses Accelerate
-and the GPU, so nothing is done there. Set SILICON_DIFFUSION_BLAS=reference to opt out, or to
-a library path to load that one instead.
+The Linux `mlx[cpu]` wheel links a bundled reference BLAS (3-5 GFLOP per CPU-second here). Loading an
+optimized BLAS with RTLD_GLOBAL first makes the dynamic linker resolve MLX's `cblas_*` symbols to it instead
+(90-150 GFLOP per CPU-second on the same machine, on every core). On macOS MLX uses Accelerate and the
+GPU, so nothing is done there.
+
+Where it comes from, first found first:
+1. SILICON_DIFFUSION_BLAS: a library path or name (`reference` keeps MLX's own BLAS).
+2. oneMKL from the `mkl` wheel that requirements.txt installs on Linux x86-64 (`libmkl_rt.so.N`, found
+   through the installed distribution's file list, wherever pip put it). It needs no system package.
+3. A system library: Debian's `libopenblas0`, then MKL or BLIS installed by the system.
 
 OpenBLAS picks its kernels from a table of CPUs it knows; a CPU newer than the build (Debian's 0.3.21 on
 this machine's Xeon) falls back to "Prescott" kernels without AVX: 32 GFLOP/s instead of ~150, and an SD3
 transformer step 2.6x slower than torch's. So when OPENBLAS_CORETYPE is unset, it is set from the CPU's
 own flags before the library loads (SkylakeX for AVX-512 F/BW/DQ/VL, Haswell for AVX2 + FMA), and only if
-the library would otherwise choose Prescott. A value already in the environment is kept.
+the library would otherwise choose Prescott. A value already in the environment is kept. oneMKL picks its
+own code path from the CPU (AVX-512 here; see `kernel_name()`).
 """
 from __future__ import annotations
 
@@ -18,13 +24,24 @@ import ctypes
 import os
 import sys
 
-_CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.2", "libblis.so.4")
+#: The pip distribution that brings the BLAS (requirements.txt, Linux x86-64) and its library's file name.
+WHEEL, WHEEL_LIBRARY = "mkl", "libmkl_rt.so"
+#: The OpenMP runtime oneMKL's default (Intel) threading layer calls; a dependency of the mkl wheel.
+_OPENMP_WHEEL, _OPENMP_LIBRARY = "intel-openmp", "libiomp5.so"
+_SYSTEM = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.2", "libblis.so.4")
+#: How much slower MLX's matrix products run on the reference BLAS than on oneMKL from the wheel, per CPU core:
+#: 23-43x over a 2048³ product, SD 1.5's feed-forward products and a 3x3 convolution (README, "Speed on Linux").
+#: oneMKL also uses every core; the reference BLAS one.
+REFERENCE_SLOWDOWN = 30
 loaded: str | None = None
+#: Where `loaded` came from: "the mkl wheel", "the system" or "SILICON_DIFFUSION_BLAS".
+source: str | None = None
+_reported = False
 
 
 def load_optimized_blas() -> str | None:
-    """Load the first optimized BLAS found; return its name, or None. Must run before `import mlx`."""
-    global loaded
+    """Load the first optimized BLAS found; return its path or name, or None. Must run before `import mlx`."""
+    global loaded, source
     if loaded is not None or not sys.platform.startswith("linux"):
         return loaded
     choice = os.environ.get("SILICON_DIFFUSION_BLAS", "")
@@ -34,16 +51,83 @@ def load_optimized_blas() -> str | None:
         # Too late: MLX already bound its BLAS symbols.
         return None
     kernels = _kernels_for_this_cpu() if "OPENBLAS_CORETYPE" not in os.environ else None
-    for name in ([choice] if choice else []) + list(_CANDIDATES):
+    wheel = wheel_library()
+    candidates = [(choice, "SILICON_DIFFUSION_BLAS")] if choice else []
+    candidates += [(wheel, "the mkl wheel")] if wheel else []
+    candidates += [(name, "the system") for name in _SYSTEM]
+    for name, origin in candidates:
         if kernels and "openblas" in name and _would_fall_back(name):
             os.environ["OPENBLAS_CORETYPE"] = kernels  # read by OpenBLAS when it loads, below
+        if "mkl_rt" in name:
+            _prepare_mkl(name)
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        loaded = name
+        loaded, source = name, origin
         return loaded
     return None
+
+
+def _distribution_file(dist: str, prefix: str) -> str | None:
+    """The installed file of pip distribution `dist` whose name starts with `prefix`, from its RECORD."""
+    from importlib import metadata
+    try:
+        files = metadata.distribution(dist).files or ()
+    except metadata.PackageNotFoundError:
+        return None
+    for f in sorted(files, key=lambda f: f.name):
+        if f.name.startswith(prefix) and not f.name.endswith((".a", ".dbg")):
+            path = f.locate()
+            if os.path.isfile(path):
+                return os.path.abspath(path)
+    return None
+
+
+def wheel_library() -> str | None:
+    """The path of oneMKL's `libmkl_rt.so.N` from the installed `mkl` wheel, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _distribution_file(WHEEL, WHEEL_LIBRARY)
+
+
+def _prepare_mkl(path: str) -> None:
+    """oneMKL's default threading layer calls OpenMP's `omp_*` without linking it, and the process dies at
+    the first product if no OpenMP runtime can be found. Load intel-openmp's libiomp5 first, found as the mkl
+    wheel is; without one, fall back to oneMKL's sequential layer (one thread, still fast). Threads: oneMKL
+    uses one per physical core unless MKL_NUM_THREADS says otherwise."""
+    if os.environ.get("MKL_THREADING_LAYER", "").upper() not in ("", "INTEL"):
+        return
+    beside = os.path.join(os.path.dirname(path), _OPENMP_LIBRARY) if os.path.isabs(path) else None
+    for openmp in (beside, _distribution_file(_OPENMP_WHEEL, _OPENMP_LIBRARY), _OPENMP_LIBRARY):
+        if openmp and (openmp == _OPENMP_LIBRARY or os.path.isfile(openmp)):
+            try:
+                ctypes.CDLL(openmp, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                pass
+    os.environ["MKL_THREADING_LAYER"] = "SEQUENTIAL"  # e.g. the mkl wheel installed with --no-deps
+
+
+def provider() -> str | None:
+    """The file that the process's `cblas_sgemm` comes from (what MLX, loaded after it, binds to), or None
+    when no library loaded globally exports it (MLX then uses its bundled reference BLAS)."""
+    class _Info(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                    ("saddr", ctypes.c_void_p)]
+    try:
+        process = ctypes.CDLL(None)
+        symbol = process.cblas_sgemm
+    except (OSError, AttributeError):
+        return None
+    try:  # in libc since glibc 2.34, in libdl before
+        dladdr = getattr(process, "dladdr", None) or ctypes.CDLL("libdl.so.2").dladdr
+    except (OSError, AttributeError):
+        return None
+    info = _Info()
+    if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.fname:
+        return None
+    return os.fsdecode(info.fname)
 
 
 def cpu_flags() -> set:
@@ -78,22 +162,78 @@ def _would_fall_back(name: str) -> bool:
     return out.returncode == 0 and out.stdout.strip().lower() == "prescott"
 
 
-def kernel_name() -> str | None:
-    """The kernel family the loaded OpenBLAS uses (None for other libraries)."""
-    if not loaded or "openblas" not in loaded:
-        return None
+class _MKLVersion(ctypes.Structure):  # MKLVersion in mkl_types.h
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("update", ctypes.c_int), ("patch", ctypes.c_int),
+                ("status", ctypes.c_char_p), ("build", ctypes.c_char_p), ("processor", ctypes.c_char_p),
+                ("platform", ctypes.c_char_p)]
+
+
+def _mkl_version():
     try:
         lib = ctypes.CDLL(loaded)
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        return lib.openblas_get_corename().decode()
-    except (OSError, AttributeError):
+        v = _MKLVersion()
+        lib.MKL_Get_Version(ctypes.byref(v))
+        return v, lib.MKL_Get_Max_Threads()
+    except (OSError, AttributeError, TypeError):
+        return None, None
+
+
+def kernel_name() -> str | None:
+    """The kernel family the loaded library runs here: OpenBLAS's core name, or oneMKL's instruction set
+    (None for other libraries)."""
+    if not loaded:
         return None
+    if "openblas" in loaded:
+        try:
+            lib = ctypes.CDLL(loaded)
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            return lib.openblas_get_corename().decode()
+        except (OSError, AttributeError):
+            return None
+    if "mkl" in loaded:
+        v, _ = _mkl_version()
+        processor = (v.processor or b"").decode() if v else ""
+        return next((isa for isa in ("AVX10", "AVX-512", "AVX2", "AVX", "SSE4.2") if isa in processor),
+                    processor or None)
+    return None
+
+
+def warning() -> str | None:
+    """One sentence when MLX's matrix products run on its reference BLAS (Linux without an optimized one),
+    else None."""
+    if not sys.platform.startswith("linux") or loaded:
+        return None
+    fix = ("oneMKL, which also uses every core: pip install mkl (requirements.txt does)" if _x86_64()
+           else "OpenBLAS, which also uses every core: apt-get install libopenblas0")  # no mkl wheel for ARM
+    return (f"MLX is using its reference BLAS: matrix products run about {REFERENCE_SLOWDOWN}x slower per core "
+            f"than with {fix}; see README, Speed on Linux")
+
+
+def report_once(stream=None) -> str | None:
+    """Print the warning to stderr the first time it is asked for in this process; return it."""
+    global _reported
+    text = warning()
+    if text and not _reported:
+        _reported = True
+        print(f"warning: {text}", file=stream or sys.stderr, flush=True)
+    return text
+
+
+def _x86_64() -> bool:
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def describe() -> str:
     if not sys.platform.startswith("linux"):
         return "platform BLAS (Accelerate)"
     if not loaded:
-        return "reference BLAS bundled with mlx (slow: install libopenblas0)"
+        return "reference BLAS bundled with mlx (slow: see README, Speed on Linux)"
     kernels = kernel_name()
-    return f"{loaded}" + (f" ({kernels} kernels)" if kernels else "")
+    name = os.path.basename(loaded)
+    if "mkl" in loaded:
+        v, threads = _mkl_version()
+        version = f"oneMKL {v.major}.{v.update}" if v else "oneMKL"
+        threads = f", {threads} thread" + ("s" if threads != 1 else "") if threads else ""
+        return f"{name} from {source} ({version}, {kernels or '?'} kernels{threads})"
+    return f"{name}" + (f" ({kernels} kernels)" if kernels else "")

@@ -8,7 +8,8 @@ reads these fields and never asks for a family by name:
 - denoiser: the component folder (`unet` or `transformer`) and whether it is a flow-matching model;
 - extra conditioning: SDXL's micro-conditioning (`time_ids`, built by backend/guidance.py);
 - stages: a second-stage model (the SDXL refiner) names the family it finishes (`refines`);
-- latents: the preview projection to RGB.
+- latents: how a live preview shows them (backend/preview.py): a linear projection to RGB, and the tiny VAE
+  decoder (madebyollin's TAESD family on the Hub) that decodes them sharply.
 """
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ class Family:
     zeros_for_empty_negative: bool = False  # an empty negative prompt conditions on zeros (SDXL), unless
                                             # model_index.json's force_zeros_for_empty_prompt says otherwise
     refines: Optional[str] = None           # a second stage: the family whose schedule it finishes
+    vae_force_upcast: bool = False          # diffusers' pipelines of this family run the VAE in fp32 when its
+                                            # config's force_upcast says so (SDXL's VAE overflows in fp16)
     defaults: dict = field(default_factory=dict)
     preview: tuple = ()                     # (C x 3 matrix, RGB bias) from latents to a rough picture
+    tiny_vae: Optional[str] = None          # the Hub repository of the tiny VAE (AutoencoderTiny) for its latents
 
     def join_text(self, hiddens: list, pooleds: list, t5_hidden: Optional[np.ndarray],
                   joint_dim: Optional[int]) -> tuple:
@@ -52,15 +56,10 @@ class Family:
         pooled = pooleds[-1] if self.pooled == "last" else np.concatenate(pooleds, axis=-1)
         return hidden, pooled
 
-    def preview_rgb(self, latents: np.ndarray) -> np.ndarray:
-        """(C, h, w) latents -> (h, w, 3) uint8 through the family's fixed linear projection (no VAE)."""
-        matrix, bias = (np.asarray(a, dtype=np.float32) for a in self.preview)
-        rgb = np.einsum("chw,cr->hwr", latents[: matrix.shape[0]].astype(np.float32), matrix) + bias
-        return (np.clip((rgb + 1.0) / 2.0, 0, 1) * 255).round().astype(np.uint8)
 
-
-# Linear maps from latents to RGB fitted by the community on real images (ComfyUI's latent previews use the
-# same numbers); good enough for a live preview, at no cost.
+# Linear maps from (scaled) latents to RGB in [-1, 1], fitted by the community on real images: ComfyUI's
+# comfy/latent_formats.py, classes SD15 (SD 1.x and 2.x share one VAE), SDXL and SD3, `latent_rgb_factors` and
+# `latent_rgb_factors_bias`. Good enough for a live preview, at no cost (backend/preview.py applies them).
 _SD_PREVIEW = ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
                 [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0])
 _SDXL_PREVIEW = ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
@@ -74,21 +73,25 @@ _SD3_PREVIEW = ([[-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 
                  [-0.1448, -0.1463, -0.1189]], [0.2394, 0.2135, 0.1925])
 
 SD = Family("sd", denoiser="unet", encoders=(("text_encoder", "tokenizer"),), clip_layer=-1, pooled="none",
-            defaults={"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m"}, preview=_SD_PREVIEW)
+            defaults={"steps": 25, "guidance": 7.5, "scheduler": "dpmpp_2m"}, preview=_SD_PREVIEW,
+            tiny_vae="madebyollin/taesd")
 SDXL = Family("sdxl", denoiser="unet", encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
-              clip_layer=-2, pooled="last", time_ids="size", zeros_for_empty_negative=True,
-              defaults={"steps": 25, "guidance": 5.0, "scheduler": "dpmpp_2m"}, preview=_SDXL_PREVIEW)
+              clip_layer=-2, pooled="last", time_ids="size", zeros_for_empty_negative=True, vae_force_upcast=True,
+              defaults={"steps": 25, "guidance": 5.0, "scheduler": "dpmpp_2m"}, preview=_SDXL_PREVIEW,
+              tiny_vae="madebyollin/taesdxl")
 # the SDXL refiner: OpenCLIP bigG only, aesthetic-score conditioning; it runs the last part of an SDXL schedule
 # (`refiner_start`: the fraction the base runs, diffusers' denoising_end / denoising_start). diffusers' img2img
 # pipeline zeros an empty negative prompt unless model_index.json says not (the refiner 1.0 repository does).
 SDXL_REFINER = Family("sdxl-refiner", denoiser="unet", encoders=(("text_encoder_2", "tokenizer_2"),),
                       clip_layer=-2, pooled="last", time_ids="size+aesthetic", zeros_for_empty_negative=True,
-                      refines="sdxl", defaults={"steps": 25, "guidance": 5.0, "scheduler": "euler",
-                                                "refiner_start": 0.8}, preview=_SDXL_PREVIEW)
+                      refines="sdxl", vae_force_upcast=True,
+                      defaults={"steps": 25, "guidance": 5.0, "scheduler": "euler", "refiner_start": 0.8},
+                      preview=_SDXL_PREVIEW, tiny_vae="madebyollin/taesdxl")
 SD3 = Family("sd3", denoiser="transformer",
              encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")), clip_layer=-2,
              pooled="concat", t5=("text_encoder_3", "tokenizer_3"), flow=True,
-             defaults={"steps": 28, "guidance": 7.0, "scheduler": "flow_euler"}, preview=_SD3_PREVIEW)
+             defaults={"steps": 28, "guidance": 7.0, "scheduler": "flow_euler"}, preview=_SD3_PREVIEW,
+             tiny_vae="madebyollin/taesd3")
 FAMILIES = {f.name: f for f in (SD, SDXL, SDXL_REFINER, SD3)}
 
 

@@ -53,7 +53,7 @@ def load_image(source: Any, what: str) -> tuple[Image.Image, str]:
         raise UserError(f"the {what} must be an image file or a PIL image (got {type(source).__name__})")
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"the {what} {path} does not exist")
+        raise UserError(f"the {what} {path.name} does not exist")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise UserError(f"the {what} {path.name} is {path.stat().st_size / 2**20:.0f} MB: more than "
                         f"{MAX_FILE_BYTES // 2**20} MB is not read")
@@ -68,7 +68,8 @@ def load_image(source: Any, what: str) -> tuple[Image.Image, str]:
     except UserError:
         raise
     except (UnidentifiedImageError, OSError, ValueError):
-        raise UserError(f"the {what} {path} is not an image this program can read (PNG, JPEG, WebP ...)") from None
+        raise UserError(f"the {what} {path.name} is not an image this program can read (PNG, JPEG, WebP ...)") \
+            from None
     return image, hashlib.sha256(data).hexdigest()
 
 

@@ -52,6 +52,56 @@ class ProcessPeak:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+class StagePeaks:
+    """Peak memory per stage of one generation: the engine's own counter (MLX's; Core ML's resident model bytes)
+    and the process's high-water mark, both reset when a stage begins, so each figure is that stage's own
+    (elsewhere than on Linux the process figure is the lifetime peak, an upper bound). The generation's peaks are
+    the largest of all its stretches, stages and what runs between them."""
+
+    def __init__(self, stages):
+        self.stages = stages  # the engine's Stages (peak_memory, reset_peak_memory)
+        self.process = ProcessPeak()
+        self.per_stage: dict = {}
+        self.engine_bytes = 0
+        self.process_bytes = 0
+        self.weight_bytes = 0
+
+    def reset(self) -> None:
+        self.process.reset()
+        self.stages.reset_peak_memory()
+
+    def _fold(self) -> tuple[int, int]:
+        """This stretch's peaks (since the last reset), folded into the generation's."""
+        engine, process = int(self.stages.peak_memory()), int(self.process.peak_bytes())
+        self.engine_bytes, self.process_bytes = max(self.engine_bytes, engine), max(self.process_bytes, process)
+        # the most weight bytes resident at once (the engine's own figure is reset with each stage)
+        self.weight_bytes = max(self.weight_bytes, int(self.stages.weight_bytes()))
+        return engine, process
+
+    @contextmanager
+    def stage(self, name):
+        """Measure the block as stage `name` (None: measure nothing apart); a stage that runs twice (a refiner's
+        text encoder, denoising) keeps its larger peak."""
+        if name is None:
+            yield
+            return
+        self._fold()
+        self.reset()
+        try:
+            yield
+        finally:
+            engine, process = self._fold()
+            entry = self.per_stage.setdefault(name, {"peak_engine_bytes": 0, "peak_process_bytes": 0})
+            entry["peak_engine_bytes"] = max(entry["peak_engine_bytes"], engine)
+            entry["peak_process_bytes"] = max(entry["peak_process_bytes"], process)
+            self.reset()
+
+    def totals(self) -> tuple[int, int]:
+        """(engine peak, process peak) of the whole generation so far."""
+        self._fold()
+        return self.engine_bytes, self.process_bytes
+
+
 def current_rss_bytes() -> int:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
-from backend import guidance as cfg
+from backend import budget, guidance as cfg, interrupt, preview
 from backend.checkpoint import ModelSpec, resolve_dims
 from backend.engines.base import Stages
 from backend.images import ImageInputs, InitLatents, latent_mask, masked_image
-from backend.measure import ProcessPeak, disk_bytes
+from backend.measure import StagePeaks, disk_bytes
 from backend.families import T5_SEQUENCE_LENGTH
 from backend.schedulers import make_scheduler
 from backend.schedulers.flow import FIXED_SIGMAS
+from backend.seeds import BatchNoise
 from backend.types import (Cancelled, GenerationRequest, GenerationResult, Memory, StepCallback, StepInfo,
-                           Timings, UserError)
+                           Timings, UserError, finite_number, whole_number)
 
 MAX_STEPS = 500
 
@@ -58,18 +59,20 @@ class Pipeline:
         scheduler_name = r.scheduler or self.spec.default("scheduler")
         fixed = FIXED_SIGMAS.get(scheduler_name)
         steps = (len(fixed) - 1 if fixed else self.spec.default("steps")) if r.steps is None else r.steps
-        if int(steps) != steps or not 1 <= steps <= MAX_STEPS:
-            raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS} (got {steps})")
-        guidance = float(self.spec.default("guidance") if r.guidance is None else r.guidance)
-        if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
-            raise UserError(f"guidance must be between 0 and 50 (got {guidance})")
-        width, height = resolve_dims(self.spec, *(inputs.size(r.width, r.height, self.spec.size_step) if inputs
-                                                  else (r.width, r.height)), allow_large=self.allow_large)
-        if r.seed is not None and (int(r.seed) != r.seed or r.seed >= 2**64):
-            raise UserError(f"seed must be a whole number from 0 to 2^64 - 1 (got {r.seed})")
-        seed = secrets.randbelow(2**32) if r.seed is None or r.seed < 0 else int(r.seed)
-        if r.batch_size < 1 or r.batch_size > 8:
-            raise UserError("batch size must be from 1 to 8")
+        steps = whole_number(steps, "steps", 1, MAX_STEPS)
+        guidance = finite_number(self.spec.default("guidance") if r.guidance is None else r.guidance, "guidance",
+                                 0.0, 50.0)
+        asked = [None if v is None else whole_number(v, name, 1, 2**31) for v, name in ((r.width, "width"),
+                                                                                       (r.height, "height"))]
+        width, height = resolve_dims(self.spec, *(inputs.size(*asked, self.spec.size_step) if inputs else asked),
+                                     allow_large=self.allow_large)
+        if r.seed is not None and r.seed != -1:
+            whole_number(r.seed, "seed", 0, 2**64 - 1)
+        seed = secrets.randbelow(2**32) if r.seed is None or r.seed == -1 else int(r.seed)
+        whole_number(r.batch_size, "batch size", 1, 8)
+        half = self.stages.info.get("precision") in ("fp16", "bf16")
+        budget.check_memory(self.spec, width, height, int(r.batch_size), cfg.uses_cfg(guidance, self.spec.is_lcm),
+                            2 if half else 4)
         settings = dict(prompt=r.prompt, negative_prompt=r.negative_prompt or "", steps=int(steps), guidance=guidance,
                         scheduler=scheduler_name, width=width, height=height,
                         seed=seed, model=self.name, batch_size=r.batch_size)
@@ -164,9 +167,14 @@ class Pipeline:
 
     # -- the loop -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: Optional[StepCallback] = None,
-                 noise_rng=None) -> GenerationResult:
+                 noise_rng=None, should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
         """Run one request; `callback(StepInfo)` after every step may return False to stop (Cancelled).
+        `should_stop()` is also asked inside long stages (between UNet blocks, VAE bands: backend/interrupt.py).
         With a refiner, the base runs the schedule up to `refiner_start` and the refiner the rest, then decodes."""
+        with interrupt.watching(should_stop):
+            return self._generate(request, callback, noise_rng)
+
+    def _generate(self, request: GenerationRequest, callback: Optional[StepCallback], noise_rng) -> GenerationResult:
         inputs = ImageInputs.from_request(request)  # None: text to image
         p = self._settings(request, inputs)
         warnings: list[str] = list(self.stages.set_loras(request.loras))  # [] takes earlier LoRAs off
@@ -177,45 +185,58 @@ class Pipeline:
         if request.loras:
             from backend import lora
             p["loras"] = [lora.record(path, scale) for path, scale in lora.normalize(request.loras)]
-        rng = noise_rng or np.random.default_rng(p["seed"])
+        previewer = None if callback is None else preview.make_previewer(  # before the clock: it may download
+            self.spec, self.stages, request.preview, request.preview_every, warnings)
+        # one generator per batch item (seed + i), so each image reproduces alone: backend/seeds.py
+        rng = noise_rng or BatchNoise(p["seed"], p["batch_size"])
         timings = Timings(load=self.load_seconds if self._first_run else 0.0)
-        peak = ProcessPeak()
-        peak.reset()
-        self.stages.reset_peak_memory()
+        peaks = StagePeaks(self.stages)  # per stage and overall (Memory.per_stage)
+        peaks.reset()
         start = time.perf_counter()
 
         do_cfg = cfg.uses_cfg(p["guidance"], self.spec.is_lcm)
         runs = self._runs(p)
         total = sum(len(timesteps) for _, _, timesteps in runs)
 
-        def on_step(seconds: float, latents: np.ndarray) -> None:
+        def on_step(seconds: float, latents: np.ndarray, x0=None) -> None:
             timings.steps.append(seconds)
             step = len(timings.steps)
-            if callback is not None and callback(StepInfo(step=step, total=total, seconds=seconds, latents=latents,
-                                                          preview=self.spec.traits.preview_rgb(latents[0]))) is False:
+            if callback is None:
+                return
+            # the preview shows the step's predicted final latents (x0), not the noisy ones: backend/preview.py
+            shown, spent = previewer.render(step, total, x0 or (lambda: latents)) if previewer else (None, 0.0)
+            if callback(StepInfo(step=step, total=total, seconds=seconds, latents=latents, preview=shown,
+                                 preview_seconds=spent)) is False:
                 raise Cancelled(f"stopped after step {step} of {total}")
 
-        latents, image = self._starting_latents(request, p, rng, runs[0], inputs, timings)
+        with peaks.stage(None if inputs is None else "image_encoder"):
+            latents, image = self._starting_latents(request, p, rng, runs[0], inputs, timings)
         for model, scheduler, timesteps in runs:
-            conditioning, seconds = model._text_stage(p, do_cfg, warnings)
+            with peaks.stage("text_encoder"):
+                conditioning, seconds = model._text_stage(p, do_cfg, warnings)
             timings.text_encoder += seconds
             if model is self.refiner:
                 timings.refiner_text_encoder = seconds
-            latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step, image)
-        pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
+            with peaks.stage("denoise"):
+                latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step, image)
+        with peaks.stage("vae_decode"):
+            pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
         timings.total = time.perf_counter() - start
         self._first_run = False
 
         images = [Image.fromarray((px * 255).round().astype(np.uint8)) for px in pixels]
         models = [model for model, _, _ in runs]
-        memory = Memory(peak_engine_bytes=self.stages.peak_memory(), peak_process_bytes=peak.peak_bytes(),
-                        weight_bytes=sum(m.stages.weight_bytes() for m in models),
-                        disk_bytes=sum(m.disk_bytes for m in models))
+        engine_peak, process_peak = peaks.totals()
+        memory = Memory(peak_engine_bytes=engine_peak, peak_process_bytes=process_peak,
+                        weight_bytes=peaks.weight_bytes + sum(m.stages.weight_bytes() for m in models if m is not self),
+                        disk_bytes=sum(m.disk_bytes for m in models), per_stage=peaks.per_stage)
         params = {**p, "engine": self.stages.info.get("engine"), "precision": self.stages.info.get("precision"),
                   "quantization": self.stages.info.get("quantization"),
                   "compute_units": self.stages.info.get("compute_units"),
                   **({"t5": self.stages.info["t5"]} if "t5" in self.stages.info else {})}
-        return GenerationResult(images=images, seed=p["seed"], timings=timings, memory=memory, engine=self.info,
+        seeds = rng.seeds if isinstance(rng, BatchNoise) else [p["seed"]] * len(images)  # a caller's rng: its own
+        return GenerationResult(images=images, seed=p["seed"], seeds=seeds, timings=timings, memory=memory,
+                                engine=self.info,
                                 parameters=params, warnings=list(dict.fromkeys(warnings)), pixels=pixels)
 
     def _runs(self, p: dict) -> list[tuple]:
@@ -295,8 +316,9 @@ class Pipeline:
     def _denoise(self, latents: np.ndarray, scheduler, timesteps, conditioning: tuple, p: dict, do_cfg: bool,
                  rng, on_step, image: Optional[InitLatents] = None) -> np.ndarray:
         """Step `latents` through `timesteps` (the stretch of `scheduler`'s this model runs); `on_step(seconds,
-        latents)` after each step may raise Cancelled. Inpainting (`image`): an inpainting UNet also takes the mask
-        and the masked image; a plain one gets the known region put back after every step."""
+        latents, x0)` after each step (x0: the scheduler's predicted_original, for previews) may raise Cancelled.
+        Inpainting (`image`): an inpainting UNet also takes the mask and the masked image; a plain one gets the known
+        region put back after every step."""
         hidden, pooled, time_ids, timestep_cond = conditioning
         batch = p["batch_size"]
         self.stages.begin_stage("unet")
@@ -313,7 +335,7 @@ class Pipeline:
                 latents = scheduler.step(noise, t, latents, rng=rng).astype(np.float32)
                 if image is not None:
                     latents = image.after_step(latents, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)
-                on_step(time.perf_counter() - t0, latents)
+                on_step(time.perf_counter() - t0, latents, scheduler.predicted_original)
         finally:
             self.stages.end_stage("unet")
         return latents
@@ -340,7 +362,12 @@ def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", qua
     """Resolve `model`, choose the engine (with the reason shown to the user) and load its stages once.
     `t5=False` runs an SD3 model without its T5 encoder (~9 GB less; the result says so). `refiner`: a second
     stage (an SDXL refiner) that finishes the model's schedule, loaded with the same options (`Pipeline.refiner`)."""
+    from backend.engines.coreml.resources import ATTENTIONS
+    from backend.engines.coreml.runtime import check_compute_units
     from backend.engines.select import choose_engine
+    check_compute_units(compute_units)  # asked of every engine, so that a typo is refused, not ignored by MLX
+    if attention is not None and attention not in ATTENTIONS:
+        raise UserError(f"unknown attention '{attention}': choose one of {', '.join(ATTENTIONS)}")
     start = time.perf_counter()
     choices = [choose_engine(model, engine, progress=progress, t5=t5)]
     if refiner:

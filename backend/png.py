@@ -122,8 +122,15 @@ def parse_parameters_text(text: str) -> dict:
 def read_parameters(source) -> Optional[dict]:
     """Generation parameters from a PNG path or PIL image, or None when it carries none. A parameters chunk
     over PARAMETERS_BYTES is ignored (logged), as is a file that is not an image."""
+    from backend.images import MAX_FILE_BYTES, MAX_PIXELS
     try:
+        if not isinstance(source, Image.Image) and os.path.getsize(source) > MAX_FILE_BYTES:
+            log.warning("%s is over %d MB: its parameters are not read", source, MAX_FILE_BYTES >> 20)
+            return None
         image = source if isinstance(source, Image.Image) else Image.open(source)
+        if image.width * image.height > MAX_PIXELS:  # from the header: `text` below may decode the whole image
+            log.warning("%s has over %d million pixels: its parameters are not read", source, MAX_PIXELS // 10**6)
+            return None
         text = dict(getattr(image, "text", None) or image.info)
     except (OSError, ValueError, Image.DecompressionBombError):
         log.warning("%s is not an image whose parameters can be read", source)

@@ -1,5 +1,5 @@
 """What a long-lived interactive front end needs around the pipeline: loaded pipelines kept in a small
-LRU, one generation at a time on the machine, a run streamed step by step on a worker thread with a
+LRU, one generation at a time on the machine, a run streamed step by step on the engine thread with a
 stop between two steps, errors turned into one sentence, and PNG settings mapped back to a request.
 
 Nothing here knows about Gradio; the app (app.py) only wires these to widgets.
@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -25,6 +25,42 @@ log = logging.getLogger("silicon_diffusion.session")
 
 #: the one engine lock: whoever runs a stage holds it, so two generations never share the machine
 ENGINE_LOCK = threading.Lock()
+
+
+class EngineThread:
+    """The one thread every streamed run computes on, taking jobs in turn. MLX keeps per-thread state that a
+    finished thread does not give back (a fresh thread per run grew the process by ~3 MB a run: 118 -> 897 MB
+    over 300 runs of the embedded model; flat on one thread). A daemon thread idling on its queue, so that
+    exiting the process never waits for it or tears MLX down under it (a thread pool's worker, joined at exit,
+    made the interpreter abort in MLX's destructors)."""
+
+    def __init__(self):
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run `job` after the jobs before it; the returned event is set when it has finished."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
+                self._thread.start()
+        finished = threading.Event()
+        self._jobs.put((job, finished))
+        return finished
+
+    def _serve(self) -> None:
+        while True:
+            job, finished = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - a job reports its own errors; the thread keeps serving
+                log.exception("engine job failed")
+            finally:
+                finished.set()
+
+
+ENGINE_THREAD = EngineThread()
 
 #: the app's "precision or quantization" choices -> load_pipeline options. "auto" is fp16 on a GPU and fp32
 #: on a CPU (MLX has no fast half-precision matrix products there); quantized weights compute likewise.
@@ -153,10 +189,11 @@ class StopSignal:
 
 def stream_generation(cache: PipelineCache, key: PipelineKey, request: GenerationRequest,
                       stop: Optional[StopSignal] = None, min_interval: float = 0.0) -> Iterator[RunEvent]:
-    """Load (through the cache) and generate on a worker thread, yielding RunEvents as they happen.
+    """Load (through the cache) and generate on the engine thread, yielding RunEvents as they happen.
 
     Step events are coalesced to the newest one when the reader is slower than the steps, and at most
-    one per `min_interval` seconds is yielded (the final one always is). Closing the iterator early stops the run.
+    one per `min_interval` seconds is yielded (the final one always is); a step left out passes its preview on to
+    the next one yielded that has none. Closing the iterator early stops the run.
     """
     stop = stop or StopSignal()
     abandoned = threading.Event()   # the reader went away (a cancelled request): stop too
@@ -177,7 +214,8 @@ def stream_generation(cache: PipelineCache, key: PipelineKey, request: Generatio
                 events.put(RunEvent("status", message=f"Loading {key.label()}…"))
                 pipe, cached = cache.get(key, progress=lambda msg: events.put(RunEvent("status", message=msg)))
                 events.put(RunEvent("status", message="Running", pipeline=pipe, cached=cached))
-                result = pipe.generate(request, callback=on_step)
+                result = pipe.generate(request, callback=on_step,
+                                       should_stop=lambda: stop.is_set() or abandoned.is_set())
             events.put(RunEvent("done", result=result, pipeline=pipe, cached=cached))
         except Cancelled as exc:
             events.put(RunEvent("stopped", message=f"Stopped: {exc}", error=exc))
@@ -186,10 +224,10 @@ def stream_generation(cache: PipelineCache, key: PipelineKey, request: Generatio
                 log.exception("generation failed")
             events.put(RunEvent("error", message=describe_error(exc), error=exc))
 
-    worker = threading.Thread(target=work, name="generation", daemon=True)
-    worker.start()
+    worker = ENGINE_THREAD.submit(work)
     last_step_yield = 0.0
     held: Optional[RunEvent] = None
+    unshown = None  # the newest preview of a step left out (coalesced, or too soon): shown with the next step
     try:
         while True:
             event, held = (held, None) if held is not None else (events.get(), None)
@@ -202,19 +240,24 @@ def stream_generation(cache: PipelineCache, key: PipelineKey, request: Generatio
                     if newer.kind != "step":
                         held = newer
                         break
+                    unshown = unshown if event.step.preview is None else event.step.preview
                     event = newer
                 final = event.step.step == event.step.total
                 now = time.perf_counter()
                 if not final and held is None and now - last_step_yield < min_interval:
+                    unshown = unshown if event.step.preview is None else event.step.preview
                     continue
                 last_step_yield = now
+                if event.step.preview is None and unshown is not None:  # previews every N steps: none is lost
+                    event.step = replace(event.step, preview=unshown)
+                unshown = None
             if event.kind in ("done", "stopped", "error"):
                 yield event
                 return
             yield event
     finally:
         abandoned.set()     # harmless after the end; before it, the run stops between two steps
-        worker.join(timeout=0.1)
+        worker.wait(timeout=0.1)
 
 
 def run_to_end(cache: PipelineCache, key: PipelineKey, request: GenerationRequest,
@@ -229,17 +272,30 @@ def run_to_end(cache: PipelineCache, key: PipelineKey, request: GenerationReques
 
 
 def preview_image(info: StepInfo, width: int, height: int) -> Optional[Image.Image]:
-    """The step's cheap latent projection, scaled up to the image's size for display."""
+    """The step's preview (its predicted final image: backend/preview.py), scaled to the image's size for display."""
     if info.preview is None:
         return None
     return Image.fromarray(np.asarray(info.preview, dtype=np.uint8)).resize((width, height), Image.BILINEAR)
 
 
-class OutputFolder:
-    """Where the app writes its PNGs (each with its `parameters` text chunk)."""
+@dataclass(frozen=True)
+class Retention:
+    """How much the app's folder keeps: at most `files` files and `bytes` bytes; the oldest go first. Files
+    younger than `grace` seconds stay (an upload about to be used, the image being shown)."""
+    files: int = 1000
+    bytes: int = 4 * 2**30
+    grace: float = 600.0
 
-    def __init__(self, folder: Optional[Path] = None):
+
+class OutputFolder:
+    """The app's one folder for files: the PNGs it writes (each with its `parameters` text chunk), the start
+    images and masks it keeps for them (inputs/), and Gradio's uploads and served files (the app points
+    GRADIO_TEMP_DIR here, so an image it shows is served from where it was saved, not copied). A retention
+    policy bounds it (`prune`, after every save)."""
+
+    def __init__(self, folder: Optional[Path] = None, retention: Retention = Retention()):
         self.folder = Path(folder) if folder else home() / "outputs"
+        self.retention = retention
         self._count = 0
         self._lock = threading.Lock()
 
@@ -248,7 +304,44 @@ class OutputFolder:
         with self._lock:
             self._count += 1
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self._count:04d}-{stem or parameters.get('seed', 'image')}.png"
-        return save_png(image, self.folder / name, parameters)
+        path = save_png(image, self.folder / name, parameters)
+        self.prune()
+        return path
+
+    def prune(self, now: Optional[float] = None) -> list[Path]:
+        """Delete the oldest files beyond the retention policy (never one younger than its grace period);
+        returns what was deleted. Empty folders Gradio made for uploads go with their last file."""
+        now = time.time() if now is None else now
+        files = []
+        for path in self.folder.rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink():
+                    st = path.stat()
+                    files.append((st.st_mtime, st.st_size, path))
+            except OSError:
+                continue
+        files.sort(key=lambda f: (f[0], str(f[2])))
+        count, total = len(files), sum(size for _, size, _ in files)
+        deleted = []
+        for mtime, size, path in files:
+            if count <= self.retention.files and total <= self.retention.bytes:
+                break
+            if now - mtime < self.retention.grace:
+                break  # sorted by age: everything after it is younger still
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            count, total = count - 1, total - size
+            deleted.append(path)
+            if path.parent != self.folder and path.parent.name != "inputs":
+                try:
+                    path.parent.rmdir()  # an upload's own folder, once empty
+                except OSError:
+                    pass
+        if deleted:
+            log.info("retention: deleted %d old files from %s", len(deleted), self.folder)
+        return deleted
 
     def keep_inputs(self, parameters: dict, request: GenerationRequest) -> None:
         """Keep a run's start image and mask under inputs/<their hash>.png (the hash its parameters record), so
@@ -336,18 +429,36 @@ def prompt_help(model: str, prompt: str) -> Optional[tuple]:
 
 def model_defaults(model: str) -> Optional[dict]:
     """A model's default steps, guidance, scheduler and size, and the size grid its denoiser needs (size_step,
-    size_min); None when that cannot be known without downloading."""
+    size_min): from its folder when it is on disk, else from its registry entry (`native`), so that choosing a
+    model not downloaded yet still shows its settings; None when neither says (a Hub id not downloaded)."""
     from backend import registry
     from backend.schedulers import schedulers_for
+    entry = None
     try:
         entry = registry.get_entry(model)
         if not Path(model).expanduser().is_dir() and entry is None:
             return None
         spec = registry.load_spec(model, local_only=True)[0]  # never a download here
     except (UserError, OSError, ValueError):
-        return None
+        return _registry_defaults(entry)
     multiple = spec.size_step
     smallest = max(spec.min_size, -(-min(64, spec.native_size) // multiple) * multiple)
     return {"steps": int(spec.default("steps")), "guidance": float(spec.default("guidance")),
             "scheduler": spec.default("scheduler"), "width": spec.native_size, "height": spec.native_size,
             "size_step": multiple, "size_min": smallest, "schedulers": list(schedulers_for(spec.scheduler_config))}
+
+
+def _registry_defaults(entry) -> Optional[dict]:
+    """model_defaults from a registry entry alone (a model not downloaded): its family gives the size grid (a
+    UNet: 8-pixel VAE blocks; SD3's transformer: 16-pixel patches) and the schedulers it can use."""
+    from backend import families, registry
+    from backend.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+    d = registry.native_defaults(entry)
+    if d is None or d["family"] not in families.FAMILIES:
+        return None
+    family = families.get(d["family"])
+    step = 16 if family.denoiser == "transformer" else 8
+    size = int(d["size"])
+    return {"steps": int(d["steps"]), "guidance": float(d["guidance"]), "scheduler": d["scheduler"],
+            "width": size, "height": size, "size_step": step, "size_min": 64,
+            "schedulers": list(FLOW_SCHEDULERS if family.flow else SCHEDULERS)}

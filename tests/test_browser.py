@@ -130,29 +130,182 @@ def test_a_mask_painted_in_the_browser_inpaints(page, tmp_path):
     page.get_by_text("Start image and inpainting").click()  # folded again for the screenshots
 
 
+VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+
+
 def test_screenshots_of_every_tab(page):
+    """Each tab at 1280x800 and at a phone's 390x844 (what the viewport shows), after a generation, a comparison and
+    a presenter run, saved as <tab>-<viewport>.png."""
     folder = os.environ.get("SILICON_DIFFUSION_SCREENSHOTS")
     if not folder:
         pytest.skip("set SILICON_DIFFUSION_SCREENSHOTS=<folder> to save a screenshot of each tab")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    page.wait_for_selector("#stats .sd-stats", timeout=60_000)
-    page.screenshot(path=str(out / "generate.png"), full_page=True)
+    page.get_by_role("tab", name="Generate").click()
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#progress').innerText.includes('Done in')", timeout=120_000)
 
     page.get_by_role("tab", name="Compare").click()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.wait_for_function("document.querySelector('#compare-status').innerText.includes('rendered with seed')",
-                           timeout=120_000)
-    page.wait_for_timeout(1500)
-    page.screenshot(path=str(out / "compare.png"), full_page=True)
+                           timeout=180_000)
 
     page.get_by_role("tab", name="Presenter").click()
     page.get_by_role("button", name="Run warm").click()
     page.wait_for_function("document.querySelector('#presenter-status').innerText.includes('warm runs')",
-                           timeout=120_000)
-    page.wait_for_timeout(1500)
-    page.screenshot(path=str(out / "presenter.png"), full_page=True)
+                           timeout=180_000)
 
-    page.get_by_role("tab", name="Models").click()
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(out / "models.png"), full_page=True)
+    for viewport, (width, height) in VIEWPORTS.items():
+        page.set_viewport_size({"width": width, "height": height})
+        for tab in ("Generate", "Compare", "Presenter", "Models"):
+            page.get_by_role("tab", name=tab).click()
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(out / f"{tab.lower()}-{viewport}.png"))
+    page.set_viewport_size({"width": 1440, "height": 1000})
+    page.get_by_role("tab", name="Generate").click()
+
+
+# -- batches, the gallery, the console (issue 18) ------------------------------------------------------------------
+
+def _generate_tab(page):
+    page.get_by_role("tab", name="Generate").click()
+    page.wait_for_selector("#generate-btn", state="visible")
+
+
+def _set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _wait_done(page, before: str) -> None:
+    page.wait_for_function(f"document.querySelector('#stats').innerText !== {before!r} && "
+                           "document.querySelector('#progress').innerText.includes('Done in')", timeout=60_000)
+
+
+def test_a_batch_of_four_is_a_grid_of_four_images_with_their_own_seeds(page):
+    _generate_tab(page)
+    _set_slider(page, "batch", 4)
+    page.fill("#seed input, #seed textarea", "1000")
+    before = page.inner_text("#stats")
+    page.click("#generate-btn")
+    _wait_done(page, before)
+    page.wait_for_function("document.querySelectorAll('#batch-grid .thumbnail-item').length === 4", timeout=15_000)
+    captions = page.locator("#batch-grid .caption-label").all_inner_texts()
+    seeds = [int(c.split("·")[0].replace("seed", "").strip()) for c in captions]
+    assert seeds == [1000, 1001, 1002, 1003]  # image i has seed + i
+    assert "1000 – 1003" in page.inner_text("#stats")
+    titles = [page.locator("#batch-grid .thumbnail-item").nth(i).get_attribute("title") for i in range(4)]
+    assert all(t and t.startswith(f"seed {s} · ") and "steps" in t for t, s in zip(titles, seeds))  # whole caption
+    _set_slider(page, "batch", 1)
+    page.fill("#seed input, #seed textarea", "-1")
+
+
+def test_a_gallery_click_shows_the_settings_and_use_these_settings_restores_them(page):
+    _generate_tab(page)
+    thumbs = page.locator("#session-gallery .thumbnail-item")
+    assert thumbs.count() >= 4
+    caption = thumbs.nth(1).get_attribute("title")  # the batch's second image (its images come first, in order)
+    seed = caption.split("·")[0].replace("seed", "").strip()
+    label = thumbs.nth(1).locator(".caption-label").bounding_box()
+    picture = thumbs.nth(1).locator("img").bounding_box()
+    assert label["y"] >= picture["y"] + picture["height"] - 1  # the caption is under the picture, not over it
+    page.fill("#prompt textarea", "something else entirely")
+    thumbs.nth(1).click()
+    page.wait_for_function(f"document.querySelector('#picked-settings').innerText.includes({seed!r})", timeout=10_000)
+    assert page.input_value("#prompt textarea") == "something else entirely"  # a click alone restores nothing
+    page.click("#use-settings")
+    page.wait_for_function("document.querySelector('#prompt textarea').value !== 'something else entirely'",
+                           timeout=10_000)
+    assert page.input_value("#seed input, #seed textarea") == seed
+    assert "Settings restored" in page.inner_text("#progress")
+    page.fill("#seed input, #seed textarea", "-1")
+
+
+def test_a_full_session_leaves_the_console_clean_and_the_gallery_survives_a_reload(page):
+    """Generate, compare and presenter runs in a fresh browser context: no error or warning in the console
+    (Vega's included), and the gallery the browser keeps comes back after a reload."""
+    messages = []
+    context = page.context.browser.new_context(viewport={"width": 1440, "height": 1000})
+    tab = context.new_page()
+    tab.on("console", lambda m: messages.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    tab.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+    tab.goto(page.url)
+    tab.wait_for_selector("#generate-btn", timeout=30_000)
+    before = tab.inner_text("#stats")
+    tab.click("#generate-btn")
+    _wait_done(tab, before)
+    count = tab.locator("#session-gallery .thumbnail-item").count()
+    tab.get_by_role("tab", name="Compare").click()
+    tab.get_by_role("button", name="Compare", exact=True).click()
+    tab.wait_for_function("document.querySelector('#compare-status').innerText.includes('rendered with seed')",
+                          timeout=120_000)
+    assert "MLX 8-bit" in tab.inner_text("#compare-chart-0")
+    tab.get_by_role("tab", name="Presenter").click()
+    tab.get_by_role("button", name="Run warm").click()
+    tab.wait_for_function("document.querySelector('#presenter-status').innerText.includes('warm runs')",
+                          timeout=120_000)
+    tab.reload()
+    tab.wait_for_selector("#generate-btn", timeout=30_000)
+    tab.wait_for_function(f"document.querySelectorAll('#session-gallery .thumbnail-item').length === {count}",
+                          timeout=15_000)
+    context.close()
+    assert count >= 1 and messages == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Live preview on the embedded (trained) model: the predicted image shows the prompt from step 1
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes_url(tmp_path_factory):
+    """The app on the embedded model (assets/tiny-shapes, registry name tiny-shapes): a trained model, whose first
+    step already predicts the prompt's colours (the tiny random model's previews show noise)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["SILICON_DIFFUSION_HOME"] = str(tmp_path_factory.mktemp("shapes-home"))
+    import app as webapp
+    demo, address = webapp.launch(webapp.App("tiny-shapes"), port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield address
+    demo.close()
+
+
+def test_live_preview_shows_the_shape_colour_from_step_one(page, shapes_url):
+    """Preview every 20 steps of 20: the first preview shown is step 1's predicted image, whose centre is already
+    the circle's red and whose corner the background's blue."""
+    shapes = page.context.browser.new_page(viewport={"width": 1440, "height": 1000})
+    try:
+        shapes.goto(shapes_url)
+        shapes.wait_for_selector("#generate-btn", timeout=30_000)
+        shapes.fill("#prompt textarea", "a large red circle in the center on a blue background")
+        assert "Fast" in shapes.locator("#preview-mode").inner_text() or \
+            "Fast" in shapes.locator("#preview-mode input").first.input_value()
+        every = shapes.locator("#preview-every input[type=number]").first
+        every.fill("20")
+        every.press("Enter")
+        shapes.evaluate("""() => {
+            window.__seen = [];
+            const record = () => {
+                const img = document.querySelector('#result img');
+                const seen = window.__seen;
+                if (img && img.src && (!seen.length || seen[seen.length - 1].src !== img.src))
+                    seen.push({src: img.src, progress: document.querySelector('#progress').innerText});
+            };
+            new MutationObserver(record).observe(document.body,
+                {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+        }""")
+        shapes.click("#generate-btn")
+        shapes.wait_for_function("document.querySelector('#progress').innerText.includes('Done in')", timeout=90_000)
+        shapes.wait_for_timeout(500)
+        seen = shapes.evaluate("window.__seen")
+        assert len(seen) >= 2, seen  # at least one preview, then the image
+        first = seen[0]
+        assert "step 20 / 20" not in first["progress"], first  # not the last step's: with previews at steps 1
+        # and 20 only, step 1's (shown with a later step when the stream coalesced it, backend/session.py)
+        with urllib.request.urlopen(first["src"]) as r:
+            shown = Image.open(io.BytesIO(r.read())).convert("RGB")
+        w, h = shown.size
+        centre, corner = shown.getpixel((w // 2, h // 2)), shown.getpixel((3, 3))
+        assert centre[0] > centre[1] + 60 and centre[0] > centre[2] + 60, centre  # red
+        assert corner[2] > corner[0] + 60 and corner[2] > corner[1] + 40, corner  # blue
+    finally:
+        shapes.close()

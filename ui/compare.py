@@ -8,18 +8,33 @@ import gradio as gr
 
 from backend import compare
 from backend.types import UserError
-from ui import present
-from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, opt, typed_frame
+from ui import charts, present
+from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, number
 
 
-def compare_frames(state) -> list:
-    """PSNR, weight size and seconds per finished variant, in the fixed variant order."""
+def compare_charts(state) -> list:
+    """PSNR, weight size and seconds per finished variant, in the fixed variant order, as three bar charts (the
+    variants finished before a Stop keep theirs)."""
     done = [r for r in state.results if r.status == "done"] if state is not None else []
-    quality = [{"variant": r.label, "dB": r.psnr} for r in done if r.psnr is not None and math.isfinite(r.psnr)]
-    return [typed_frame(quality, variant=str, dB=float),
-            typed_frame([{"variant": r.label, "MB": (r.weight_bytes or r.disk_bytes) / 1e6} for r in done],
-                        variant=str, MB=float),
-            typed_frame([{"variant": r.label, "s": r.seconds} for r in done], variant=str, s=float)]
+    quality = [(r.label, r.psnr) for r in done if r.psnr is not None and math.isfinite(r.psnr)]
+    return [charts.bar_chart_html("Quality: PSNR vs fp16 (dB)", quality, lambda v: f"{v:.1f} dB"),
+            charts.bar_chart_html("Size: weights in memory (MB)",
+                                  [(r.label, (r.weight_bytes or r.disk_bytes) / 1e6) for r in done],
+                                  lambda v: f"{v:.3g} MB"),
+            charts.bar_chart_html("Time: seconds per image", [(r.label, r.seconds) for r in done],
+                                  present.fmt_seconds)]
+
+
+def compare_progress(state) -> str:
+    """The status bar: variants finished (rendered or failed) of those ticked; a stopped run stays where it was."""
+    finished = sum(r.status in ("done", "error") for r in state.results)
+    stopped = state.finished and any(r.status == "skipped" for r in state.results)
+    kind = "stopped" if stopped else "done" if state.finished else "running"
+    return present.progress_html(kind, state.message, finished, len(state.results), unit="variant")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 class CompareTab(AppBase):
@@ -27,8 +42,8 @@ class CompareTab(AppBase):
 
     def _compare(self, prompt, negative, model, keys, seed, steps, stop):
         settings = compare.CompareSettings(prompt=prompt or "", model=model or self.model,
-                                           seed=-1 if seed is None else int(seed), negative_prompt=negative or "",
-                                           steps=opt(steps, int))
+                                           seed=_or(number(seed, "seed", whole=True), -1),
+                                           negative_prompt=negative or "", steps=number(steps, "steps", whole=True))
         return compare.run_compare(self.pipelines, settings, keys, self.variants, self.outputs, stop)
 
     def compare_ui(self, prompt, negative, model, keys, seed, steps, request: gr.Request):
@@ -36,12 +51,9 @@ class CompareTab(AppBase):
         stop = self._signal(request, fresh=False)
         try:
             for state in self._compare(prompt, negative, model, keys, seed, steps, stop):
-                finished = sum(r.status not in ("pending", "running") for r in state.results)
                 out = {u.cmp_grid: present.compare_grid_html(state, lambda p: f"gradio_api/file={p}"),
-                       u.cmp_state: state, u.cmp_seed: state.seed,
-                       u.cmp_status: present.progress_html("done" if state.finished else "running", state.message,
-                                                           finished, len(state.results), unit="variant")}
-                out.update(zip(u.cmp_plots, compare_frames(state)))
+                       u.cmp_state: state, u.cmp_seed: state.seed, u.cmp_status: compare_progress(state)}
+                out.update(zip(u.cmp_plots, compare_charts(state)))
                 done = [(r.label, r.variant.key) for r in state.results if r.status == "done"]
                 if state.finished and done:
                     a, b = done[0][1], done[-1][1]
@@ -86,7 +98,7 @@ class CompareTab(AppBase):
                 u.cmp_variants = gr.CheckboxGroup([(v.label, v.key) for v in compare.VARIANTS],
                                                   value=list(compare.DEFAULT_SELECTION), label="Variants")
                 with gr.Row():
-                    u.cmp_seed = gr.Number(-1, label="Seed", precision=0, info="-1 picks one; then kept")
+                    u.cmp_seed = gr.Textbox("-1", label="Seed", info="-1 picks one; then kept", max_lines=1)
                     u.cmp_steps = gr.Slider(1, 150, value=d["steps"], step=1, label="Steps")
                 with gr.Row():
                     u.cmp_go = gr.Button("Compare", variant="primary", scale=3)
@@ -96,12 +108,8 @@ class CompareTab(AppBase):
                                        elem_id="compare-status")
                 u.cmp_grid = gr.HTML(present.compare_grid_html(None, str), elem_id="compare-grid")
         with gr.Row():
-            order = [v.label for v in compare.VARIANTS]
-            u.cmp_plots = [gr.BarPlot(frame, x="variant", y=frame.columns[1], sort=order, y_lim=[0, None],
-                                      title=title, height=240, x_title=" ")
-                           for frame, title in zip(compare_frames(None), (
-                               "Quality: PSNR vs fp16 (dB)", "Size: weights in memory (MB)",
-                               "Time: seconds per image"))]
+            u.cmp_plots = [gr.HTML(chart, elem_id=f"compare-chart-{i}")
+                           for i, chart in enumerate(compare_charts(None))]
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=220):
                 u.ab_a = gr.Dropdown([], label="A (left)")

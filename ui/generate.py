@@ -1,6 +1,6 @@
 """The Generate tab: prompt, model and engine, sampling, start image and inpainting, LoRA; the result with its
-progress and measurements; the session gallery and PNG drop that restore settings. Also the /generate API's
-handler and the /stop endpoint."""
+progress (time left included) and measurements; a batch's grid; the gallery (ui/gallery.py) and PNG drop that
+restore settings. Also the /generate API's handler and the /stop endpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,13 +11,15 @@ from backend.engines import machine
 from backend.png import read_parameters
 from backend.session import PRECISION_CHOICES, model_defaults, preview_image, prompt_help, request_settings
 from backend.types import UserError
-from ui import present
-from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, make_request, opt
+from ui import cpu_speed, present
+from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, RawSlider, UploadedImage, make_request, number
+from ui.gallery import GalleryPart, gallery_value
 from ui.generate_inputs import image_fields, lora_label, lora_table, lora_table_update, restore_lora_scales
 
 ENGINES = [("Auto", "auto"), ("Core ML", "coreml"), ("MLX", "mlx")]
 UNITS = [("Auto (Apple's choice)", "auto"), ("All (CPU, GPU, ANE)", "ALL"), ("CPU and Neural Engine", "CPU_AND_NE"),
          ("CPU and GPU", "CPU_AND_GPU"), ("CPU only", "CPU_ONLY")]
+PREVIEWS = [("Off", "off"), ("Fast: latent colours", "fast"), ("Sharp: tiny VAE", "sharp")]  # backend/preview.py
 SETTING_NAMES = ("prompt", "negative_prompt", "model", "engine", "compute_units", "precision", "scheduler", "steps",
                  "guidance", "width", "height", "seed", "t5")
 
@@ -29,37 +31,42 @@ def scheduler_choices(names=None) -> list:
     return [("Model default", "default")] + [(name.replace("_", " "), name) for name in names]
 
 
-class GenerateTab(AppBase):
+class GenerateTab(GalleryPart):
     """The Generate tab's handlers and layout, and the /generate API's handler."""
 
     def generate_ui(self, prompt, negative, model, engine, units, precision, scheduler, steps, guidance, width,
-                    height, seed, t5, editor, mask, strength, mask_blur, loras, history, request: gr.Request):
+                    height, seed, t5, editor, mask, strength, mask_blur, loras, batch, history,
+                    preview_mode="fast", preview_every=1, request: gr.Request = None):
         u = self.ui
         stop = self._signal(request, fresh=False)  # armed by the click: a Stop while queued counts
         try:
             req = make_request(prompt, negative, scheduler, steps, guidance, width, height, seed,
-                               **image_fields(editor, mask, strength, mask_blur, loras))
+                               batch_size=int(batch or 1), **image_fields(editor, mask, strength, mask_blur, loras),
+                               preview=preview_mode or "fast", preview_every=int(preview_every or 1))
             size = (req.width or self.defaults["width"], req.height or self.defaults["height"])
+            pipe = None
             for ev in self._stream(model, engine, units, precision, req, stop, t5=t5):
                 if ev.kind == "status":
                     if ev.pipeline is not None:  # loaded: previews take the model's own size
                         native = ev.pipeline.spec.native_size
-                        size = (req.width or native, req.height or native)
+                        size, pipe = (req.width or native, req.height or native), ev.pipeline
                     yield {u.progress: present.progress_html("loading", ev.message)}
                 elif ev.kind == "step":
                     s = ev.step
                     yield {u.image: preview_image(s, *size) if s.preview is not None else gr.skip(),
                            u.progress: present.progress_html("running", "Denoising", s.step, s.total,
-                                                             ev.steps_per_second)}
+                                                             ev.steps_per_second, eta=present.eta_seconds(
+                                                                 s.step, s.total, ev.denoise_seconds,
+                                                                 self.decode_estimate(pipe, size, req.batch_size)))}
                 elif ev.kind == "done":
                     r = ev.result
-                    path = str(self.outputs.save(r.image, r.parameters))
-                    self.outputs.keep_inputs(r.parameters, req)  # so that the PNG restores its start image and mask
-                    item = {"path": path, "caption": f"{r.parameters['prompt'][:48]} · seed {r.seed}"}
-                    history = ([item] + list(history or []))[:48]
+                    self.remember_decode(pipe, size, r)
+                    items, history = self.save_images(r, req, history)
                     t = r.timings
-                    yield {u.image: path, u.history: history, u.last_seed: r.seed,
-                           u.gallery: [(h["path"], h["caption"]) for h in history],
+                    grid = gallery_value(items) if len(items) > 1 else []
+                    yield {u.image: items[0]["path"], u.history: history, u.last_seed: r.seed,
+                           u.gallery: gallery_value(history), u.saved_history: [h["path"] for h in history],
+                           u.batch_grid: gr.update(value=grid, visible=bool(grid)), u.batch_items: items,
                            u.stats: present.stats_html(r, ev.cached),
                            u.progress: present.progress_html("done", "Done in " + present.fmt_seconds(
                                                                  present.total_seconds(r)),
@@ -73,28 +80,35 @@ class GenerateTab(AppBase):
 
     def generate_api(self, prompt, negative_prompt, model, engine, compute_units, precision, scheduler, steps,
                      guidance, width, height, seed, t5=False, init_image=None, strength=-1, mask=None, mask_blur=0,
-                     loras="", request: gr.Request = None, progress=gr.Progress()):
+                     loras="", batch_size=1, request: gr.Request = None, progress=gr.Progress()):
         """Text to image, or image to image with `init_image` (and inpainting with `mask`: white = repaint),
-        with LoRAs as in the CLI ("file.safetensors:0.8, other.safetensors"): the PNG (its `parameters` text
-        chunk reproduces it) and the measurements as JSON."""
+        with LoRAs as in the CLI ("file.safetensors:0.8, other.safetensors") and `batch_size` images (seed,
+        seed + 1, ...): the first PNG (its `parameters` text chunk reproduces it) and the measurements as JSON, with
+        every image's path and seed under "images" and "seeds"."""
         from backend.lora_files import parse_lora_list
         stop = self._signal(request, fresh=True)
         try:
-            fields = {"loras": parse_lora_list(loras)}
-            if init_image:
-                fields.update(init_image=init_image, mask=mask or None, strength=opt(strength, float),
-                              mask_blur=int(mask_blur or 0))
-            elif mask:
-                raise UserError("a mask needs a start image (init_image)")
-            req = make_request(prompt, negative_prompt, scheduler, steps, guidance, width, height, seed, **fields)
+            # without an init image, a mask, strength or blur is refused (backend/images.py), not ignored
+            fields = {"loras": parse_lora_list(loras), "init_image": init_image or None, "mask": mask or None,
+                      "strength": number(strength, "strength"),
+                      "mask_blur": number(mask_blur, "mask blur", whole=True) or 0}
+            req = make_request(prompt, negative_prompt, scheduler, steps, guidance, width, height, seed,
+                               batch_size=number(batch_size, "batch size", whole=True) or 1, **fields)
             for ev in self._stream(model, engine, compute_units, precision, req, stop, min_interval=0.1, t5=bool(t5)):
                 if ev.kind == "status":
                     progress(0, desc=ev.message)
                 elif ev.kind == "step":
                     progress((ev.step.step, ev.step.total), desc="denoising", unit="steps")
+                    # a generator, so that a cancelled job (a client gone) closes this run at its next step
+                    # event (the stream's end stops the engine: session.stream_generation), instead of the
+                    # engine finishing for no one
+                    yield gr.skip(), gr.skip()
                 elif ev.kind == "done":
                     r = ev.result
-                    return str(self.outputs.save(r.image, r.parameters)), r.measurements()
+                    # a batch: every image saved with its own seed (backend/seeds.py); the first is the output
+                    paths = [str(self.outputs.save(image, r.image_parameters(i))) for i, image in enumerate(r.images)]
+                    yield paths[0], {**r.measurements(), "images": paths, "seeds": list(r.seeds or [r.seed])}
+                    return
                 else:
                     raise gr.Error(ev.message, print_exception=False)
         except UserError as exc:
@@ -129,12 +143,16 @@ class GenerateTab(AppBase):
             params["mask_blur"] if params.get("mask_blur") is not None else gr.skip(),
             rows, present.progress_html("error" if missing else "idle", "; ".join(notes))]
 
-    def restore_from_gallery(self, history, lora_rows, evt: gr.SelectData):
-        """A thumbnail's settings restored, and the image shown (so that it can become the start image)."""
-        if not history or evt.index is None or evt.index >= len(history):
-            return [gr.skip()] * (len(SETTING_NAMES) + 6)
-        path = history[evt.index]["path"]
-        return self.restore(path, lora_rows) + [path]
+    def remember_decode(self, pipe, size, result) -> None:
+        """The VAE decode's time per image, by pipeline and size: the next run's ETA counts it."""
+        if pipe is not None and result.images:
+            self.__dict__.setdefault("_decodes", {})[(id(pipe), *size)] = result.timings.vae_decode / len(
+                result.images)
+
+    def decode_estimate(self, pipe, size, batch: int):
+        """Seconds the decode of `batch` images should take, from the last run of this pipeline at this size."""
+        per_image = self.__dict__.get("_decodes", {}).get((id(pipe), *size))
+        return None if per_image is None else per_image * batch
 
     @staticmethod
     def on_model_change(model):
@@ -165,36 +183,51 @@ class GenerateTab(AppBase):
                                         info="Auto picks Core ML where this Mac can run it, MLX otherwise")
                     with gr.Row():
                         u.precision = gr.Dropdown(list(PRECISION_CHOICES), value="auto",
-                                                  label="Precision or quantization", min_width=140)
+                                                  label="Precision or quantization", min_width=140,
+                                                  elem_id="precision")
                         blocked = machine.coreml_unavailable_reason()  # the control does nothing here: say why
                         u.units = gr.Dropdown(UNITS, value="auto", label="Compute units (Core ML)", min_width=200,
                                               interactive=blocked is None, elem_id="units",
                                               info=f"Off here: {blocked}" if blocked else None)
+                    slow = cpu_speed.note()  # on a CPU: how much slower than fp32 each choice was measured
+                    u.precision_note = gr.HTML(present.note_html(slow) if slow else "", elem_id="precision-note",
+                                               visible=bool(slow))
                     u.t5 = gr.Checkbox(False, label="T5 text encoder (SD3 models)",
                                        info="Better prompt following and text in images, ~9.5 GB more at fp16 "
                                             "(19 GB at fp32). Off: its tokens are zeros, as in Apple's app")
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
                         u.scheduler = gr.Dropdown(scheduler_choices(), value="default", label="Scheduler")
-                        u.steps = gr.Slider(1, 150, value=d["steps"], step=1, label="Steps", elem_id="steps")
+                        u.steps = RawSlider(1, 150, value=d["steps"], step=1, label="Steps", elem_id="steps")
                     with gr.Row():
-                        u.width = gr.Slider(d["size_min"], 2048, value=d["width"], step=d["size_step"], label="Width")
-                        u.height = gr.Slider(d["size_min"], 2048, value=d["height"], step=d["size_step"],
+                        u.width = RawSlider(d["size_min"], 2048, value=d["width"], step=d["size_step"], label="Width")
+                        u.height = RawSlider(d["size_min"], 2048, value=d["height"], step=d["size_step"],
                                              label="Height")
                     with gr.Row(equal_height=True):
-                        u.guidance = gr.Slider(0, 20, value=d["guidance"], step=0.5, label="Guidance")
-                        u.seed = gr.Number(-1, label="Seed", precision=0, info="-1: a new random seed each run")
+                        u.guidance = RawSlider(0, 20, value=d["guidance"], step=0.5, label="Guidance")
+                        u.seed = gr.Textbox("-1", label="Seed", max_lines=1, elem_id="seed",
+                                            info="-1: a new random seed each run (any whole number to 2^64 - 1)")
                     with gr.Row():
                         u.random = gr.Button("Random seed", size="sm")
                         u.reuse = gr.Button("Reuse last seed", size="sm")
+                    with gr.Row():  # the predicted final image, shown while the steps run
+                        u.preview_mode = gr.Dropdown(PREVIEWS, value="fast", label="Live preview",
+                                                     elem_id="preview-mode",
+                                                     info="Sharp decodes with a tiny VAE (downloaded once; "
+                                                          "seconds at 512² on a CPU: preview less often there)")
+                        u.preview_every = gr.Slider(1, 20, value=1, step=1, label="Preview every N steps",
+                                                    elem_id="preview-every")
+                    u.batch = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="batch",
+                                        info="Images per run, shown as a grid; image i has seed + i, which "
+                                             "reproduces it alone")
                 with gr.Accordion("Start image and inpainting", open=False):
-                    u.editor = gr.ImageEditor(label="Start image: paint over what to repaint", type="pil",
+                    u.editor = gr.ImageEditor(label="Start image: paint over what to repaint", type="filepath",
                                               sources=["upload", "clipboard"], layers=False, transforms=(),
                                               brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
                                                              color_mode="fixed", default_size="auto"),
                                               height=320, elem_id="init-editor")
-                    u.mask = gr.Image(label="Mask instead of painting (white = repaint)", type="pil",
-                                      sources=["upload"], image_mode="L", height=140, elem_id="mask-upload")
+                    u.mask = UploadedImage(label="Mask instead of painting (white = repaint)", sources=["upload"],
+                                           height=140, elem_id="mask-upload")
                     with gr.Row():
                         u.strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength",
                                                info="How much changes (1: all)")
@@ -213,20 +246,21 @@ class GenerateTab(AppBase):
                 u.image = gr.Image(format="png", type="filepath", label="Image", interactive=False, height=440,
                                    buttons=["download", "fullscreen"], elem_id="result",
                                    elem_classes=["sd-px", "sd-fit"])
+                u.batch_grid = gr.Gallery(label="This batch: click an image to show it and its settings",
+                                          format="png", columns=4, height="auto", allow_preview=False,
+                                          visible=False, object_fit="contain", elem_id="batch-grid",
+                                          elem_classes=["sd-px", "sd-thumbs"])
+                u.batch_items = gr.State([])
                 u.stats = gr.HTML(present.empty_html("Time per stage, peak memory, weight size and the engine used "
                                                      "(and why) appear here after each image."), elem_id="stats")
-        with gr.Row(equal_height=True):
-            u.gallery = gr.Gallery(label="This session: click an image to restore its settings", format="png",
-                                   columns=8, height=210, allow_preview=False, scale=5, elem_id="session-gallery",
-                                   fit_columns=False, object_fit="contain", elem_classes=["sd-px"])
-            u.drop = gr.Image(label="Drop a PNG made by this app", type="filepath", format="png",
-                              sources=["upload"], height=210, scale=1, min_width=200)
+        self.gallery_row()
         settings = [u.prompt, u.negative, u.model, u.engine, u.units, u.precision, u.scheduler, u.steps, u.guidance,
                     u.width, u.height, u.seed, u.t5]
         image_inputs = [u.editor, u.mask, u.strength, u.mask_blur, u.loras]
         gr.on([u.go.click, u.prompt.submit], self.arm, None, None, queue=False, **PRIVATE).then(
-            self.generate_ui, settings + image_inputs + [u.history],
-            [u.image, u.progress, u.stats, u.gallery, u.history, u.last_seed], show_progress_on=[u.progress],
+            self.generate_ui, settings + image_inputs + [u.batch, u.history, u.preview_mode, u.preview_every],
+            [u.image, u.progress, u.stats, u.gallery, u.history, u.last_seed, u.saved_history, u.batch_grid,
+             u.batch_items], show_progress_on=[u.progress],
             **ENGINE, **PRIVATE)
         u.stop.click(self.stop, None, gr.Textbox(visible=False, label="stop"), queue=False, api_name="stop")
         u.random.click(lambda: -1, None, u.seed, queue=False, **PRIVATE)
@@ -237,8 +271,7 @@ class GenerateTab(AppBase):
         u.model.input(self.on_model_change, u.model, [u.steps, u.guidance, u.scheduler, u.width, u.height],
                       queue=False, **PRIVATE)
         restored = settings + [u.editor, u.strength, u.mask_blur, u.loras, u.progress]
-        u.gallery.select(self.restore_from_gallery, [u.history, u.loras], restored + [u.image], queue=False,
-                         **PRIVATE)
+        self.wire_gallery(restored)
         u.drop.upload(self.restore, [u.drop, u.loras], restored, queue=False, **PRIVATE)
         u.use_result.click(lambda path: gr.skip() if not path else {"background": path, "layers": [],
                                                                       "composite": path},

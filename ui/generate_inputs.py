@@ -13,16 +13,23 @@ def editor_image_and_mask(value, uploaded_mask=None) -> tuple:
     from PIL import Image
     if not value or value.get("background") is None:
         return None, None
-    background = value["background"].convert("RGB")
+    background = _opened(value["background"], "start image").convert("RGB")
     if uploaded_mask is not None:
-        return background, uploaded_mask.convert("L")
+        return background, _opened(uploaded_mask, "mask").convert("L")
     painted = None
     for layer in value.get("layers") or []:
-        alpha = np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+        alpha = np.asarray(_opened(layer, "painted mask").convert("RGBA").getchannel("A")) > 0
         painted = alpha if painted is None else painted | alpha
     if painted is None or not painted.any():
         return background, None
     return background, Image.fromarray(painted.astype(np.uint8) * 255).resize(background.size, Image.NEAREST)
+
+
+def _opened(value, what: str):
+    """A PIL image from a widget's value: an upload's path is read with backend/images.py's limits (its size and
+    pixels checked from the header before decoding), so a bad upload is the app's sentence."""
+    from backend.images import load_image
+    return value if hasattr(value, "convert") else load_image(value, what)[0]
 
 
 def image_fields(editor, uploaded_mask, strength, mask_blur, lora_rows) -> dict:

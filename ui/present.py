@@ -119,17 +119,41 @@ def fmt_seconds(s: Optional[float]) -> str:
 
 
 def header_html() -> str:
+    from backend import blas
+    slow = blas.report_once()  # Linux on MLX's reference BLAS: said in the header, and once in the server log
     return ("<div class='sd-header'><div class='sd-logo'></div><div><h1>Silicon Diffusion</h1>"
-            "<p>Stable Diffusion on Apple Silicon — Core ML and MLX, measured.</p></div></div>")
+            "<p>Stable Diffusion on Apple Silicon — Core ML and MLX, measured.</p>"
+            + (f"<p class='sd-blas-warning' style='color:#b45309;opacity:1'>⚠ {esc(slow)}</p>" if slow else "")
+            + "</div></div>")
+
+
+def eta_seconds(step: int, total: int, denoise_seconds: float, decode_seconds: Optional[float] = None) -> float:
+    """What is left of a run: the steps to go at the mean step time so far, plus the decode's estimate (None: not
+    known yet, counted as nothing)."""
+    mean = denoise_seconds / step if step else 0.0
+    return max(0, total - step) * mean + (decode_seconds or 0.0)
+
+
+def fmt_eta(seconds: Optional[float]) -> str:
+    """'about 40 s left', 'about 3 min left', '' for nothing known."""
+    if seconds is None or seconds <= 0:
+        return ""
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s left"
+    if seconds < 3600:
+        return f"about {round(seconds / 60)} min left"
+    return f"about {seconds / 3600:.1f} h left"
 
 
 def progress_html(state: str = "idle", message: str = "", step: int = 0, total: int = 0,
-                  steps_per_second: float = 0.0, unit: str = "step") -> str:
-    """state: idle, loading, running, done, stopped or error."""
+                  steps_per_second: float = 0.0, unit: str = "step", eta: Optional[float] = None) -> str:
+    """state: idle, loading, running, done, stopped or error. `eta`: seconds left (eta_seconds), while running."""
     fraction = 1.0 if state == "done" else (step / total if total else 0.0)
     right = f"{unit} {step} / {total}" if total else ""
     if steps_per_second and state in ("running", "done", "stopped"):
         right += f" · {steps_per_second:.2f} steps/s"
+    if state == "running" and fmt_eta(eta):
+        right += f" · {fmt_eta(eta)}"
     if state == "idle" and not message:
         message = "Ready"
     return (f"<div class='sd-progress {esc(state)}'><div class='row'><span class='msg'>{esc(message)}</span>"
@@ -158,6 +182,16 @@ def _card(key: str, value: str, sub: str = "", wide: bool = False) -> str:
             f"<div class='v'>{esc(value)}</div>" + (f"<div class='s'>{esc(sub)}</div>" if sub else "") + "</div>")
 
 
+def _seeds(result: GenerationResult) -> str:
+    seeds = result.seeds or [result.seed]
+    return str(seeds[0]) if len(result.images) < 2 else f"{seeds[0]} – {seeds[len(result.images) - 1]}"
+
+
+def _batch_note(result: GenerationResult) -> str:
+    n = len(result.images)
+    return f" · batch of {n}: image i has seed + i" if n > 1 else ""
+
+
 def stats_html(result: GenerationResult, cached: bool = False) -> str:
     """The panel beside an image: time per stage as a chart, memory, sizes, engine and why."""
     t, m, e = result.timings, result.memory, result.engine
@@ -183,8 +217,8 @@ def stats_html(result: GenerationResult, cached: bool = False) -> str:
         f"<div class='sd-legend'>{legend}</div>{_sparkline(list(t.steps))}</div>",
         _card("Weights", fmt_bytes(m.weight_bytes), f"{fmt_bytes(m.disk_bytes)} on disk"),
         _card("Engine", f"{e.get('engine', '—')} · {units}", precision),
-        _card("Seed", str(result.seed), f"{result.parameters.get('width')}×{result.parameters.get('height')} · "
-                                        f"{result.parameters.get('scheduler')}"),
+        _card("Seed", _seeds(result), f"{result.parameters.get('width')}×{result.parameters.get('height')} · "
+                                      f"{result.parameters.get('scheduler')}" + _batch_note(result)),
         _card("Why this engine", "", e.get("reason", ""), wide=True).replace("<div class='v'></div>", ""),
     ]
     warn = "".join(f"<div class='sd-warn sd-wide'>⚠ {esc(w)}</div>" for w in result.warnings)

@@ -3,19 +3,21 @@ the model, engine and precision chosen on the Generate tab."""
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from backend.types import UserError
-from ui import present
-from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, make_request, typed_frame
+from ui import charts, present
+from ui.common import ENGINE, EXAMPLE_PROMPT, PRIVATE, AppBase, make_request
 
 
 def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def latency_frame(rows: list) -> pd.DataFrame:
-    return typed_frame(rows, step=int, ms=float, run=str)
+def latency_chart(rows: list) -> str:
+    """Per-step latency over every warm run, in order (rows: step, ms, run)."""
+    return charts.line_chart_html("Per-step latency across the warm runs",
+                                  [(r["step"], r["ms"], r["run"]) for r in rows], "ms",
+                                  "step (all runs in order; dashed: a new run)")
 
 
 class PresenterTab(AppBase):
@@ -35,7 +37,7 @@ class PresenterTab(AppBase):
                                                                  unit="run")}
                     elif ev.kind == "step" and run > 0:
                         live = [{"step": len(rows) + 1, "ms": 1000 * ev.step.seconds, "run": label}]
-                        yield {u.latency: latency_frame(rows + live)}
+                        yield {u.latency: latency_chart(rows + live)}
                     elif ev.kind == "done":
                         t = ev.result.timings
                         if run > 0:
@@ -45,7 +47,7 @@ class PresenterTab(AppBase):
                                      for i, s in enumerate(t.steps)]
                         yield {u.p_status: present.progress_html("running", f"{label} done", run, int(runs),
                                                                  unit="run"),
-                               u.latency: latency_frame(rows),
+                               u.latency: latency_chart(rows),
                                u.p_image: ev.result.image,
                                u.big: present.big_numbers_html(_mean(totals), _mean(rates), len(totals))}
                     elif ev.kind in ("stopped", "error"):
@@ -98,10 +100,7 @@ class PresenterTab(AppBase):
             with gr.Column(scale=7, min_width=340):
                 u.p_image = gr.Image(format="png", label="Latest image", interactive=False, height=380,
                                      elem_classes=["sd-px", "sd-fit"])
-        # one line over all runs: Gradio's plots drop streamed series whose color was not in the first value
-        u.latency = gr.LinePlot(latency_frame([]), x="step", y="ms", title="Per-step latency across the warm runs",
-                                x_title="step (all runs in order)", y_title="ms per step", y_lim=[0, None],
-                                tooltip=["run", "step", "ms"], height=260)
+        u.latency = gr.HTML(latency_chart([]), elem_id="latency-chart")
         model_settings = [settings[2], settings[3], settings[4], settings[5]]  # model, engine, units, precision
         u.p_go.click(self.arm, None, None, queue=False, **PRIVATE).then(
             self.warm_runs, [u.p_prompt, u.runs, *model_settings], [u.p_status, u.latency, u.p_image, u.big],

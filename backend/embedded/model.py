@@ -128,8 +128,10 @@ def save_folder(parts: Parts, folder: Path, dtype=mx.float32, defaults: dict = D
     _write_json(tmp / "unet" / "config.json", parts.unet_config)
     _write_json(tmp / "vae" / "config.json", parts.vae_config)
     _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    # the words it knows and an example, so that the app can show them and warn about the others
-    _write_json(tmp / SETTINGS_FILE, {**defaults, "vocabulary": vocabulary(), "example_prompt": EXAMPLE_PROMPT})
+    # the words it knows and an example, so that the app can show them and warn about the others; its own small
+    # VAE decodes the sharp live previews (the fast ones' projection: tools/fit_preview_projection.py --write)
+    _write_json(tmp / SETTINGS_FILE, {**defaults, "vocabulary": vocabulary(), "example_prompt": EXAMPLE_PROMPT,
+                                      "preview_decoder": "vae"})
     write_tokenizer_folder(tmp / "tokenizer", vocabulary(), max_length=TEXT_LENGTH)
     for name, filename in WEIGHTS.items():
         mx.save_safetensors(str(tmp / name / filename), torch_layout(parts.component(name), dtype),

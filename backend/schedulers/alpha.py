@@ -36,6 +36,7 @@ class DDIM(Scheduler):
         if self.config["clip_sample"]:
             limit = self.config["clip_sample_range"]
             x0 = np.clip(x0, -limit, limit)
+        self._x0 = x0  # diffusers' pred_original_sample (after the clip)
         prev = np.float32(alpha_prev ** 0.5) * x0 + np.float32((1 - alpha_prev) ** 0.5) * eps
         return prev.astype(np.float32)
 
@@ -79,6 +80,7 @@ class LCM(Scheduler):
             limit = self.config["clip_sample_range"]
             x0 = np.clip(x0, -limit, limit)
         denoised = np.float32(c_out) * x0 + np.float32(c_skip) * sample
+        self._x0 = denoised  # what the LCM pipeline decodes (diffusers' `denoised`)
         self._index += 1
         if i == self.num_inference_steps - 1:
             return denoised.astype(np.float32)
@@ -116,6 +118,10 @@ class PNDM(Scheduler):
     def step(self, model_output, t, sample, rng=None):
         stride = self.train_steps // self.num_inference_steps
         t = int(t)
+        # the x0 this evaluation implies at (sample, t), computed only if asked (diffusers' PNDM returns none);
+        # the arguments are bound now, as the names are reassigned below
+        alpha_t = float(self.alphas_cumprod[t])
+        self._x0 = lambda out=model_output, x=sample: self._x0_from_alphas(out, x, alpha_t)[0]
         prev_t = t - stride
         if self._counter != 1:
             self._history = self._history[-3:] + [model_output]

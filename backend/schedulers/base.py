@@ -28,6 +28,7 @@ class Scheduler:
     needs_noise = False
     init_noise_sigma = 1.0
     order = 1  # diffusers' `order`: 2 for solvers that evaluate twice per step (Heun, KDPM2); none here
+    _x0 = None  # the last step's predicted final latents: an array, or a function that computes them on demand
     strength_in_float = False  # strength_start's rounding: SD3's img2img pipeline keeps n * strength unrounded
 
     def __init__(self, name: str, config: dict):
@@ -55,6 +56,7 @@ class Scheduler:
                             "timesteps this model was trained with.")
         self.num_inference_steps = int(num_steps)
         self._index = 0
+        self._x0 = None
         self._make_schedule(int(num_steps))
 
     def set_begin_index(self, index: int) -> None:
@@ -123,6 +125,16 @@ class Scheduler:
     def step(self, model_output: np.ndarray, t, sample: np.ndarray, rng=None) -> np.ndarray:
         """The latents after timestep t (float32 NCHW); after LCM's last step, its denoised sample."""
         raise NotImplementedError
+
+    def predicted_original(self):
+        """The last step()'s prediction of the final (fully denoised) latents, float32 NCHW, or None before the
+        first step: diffusers' `pred_original_sample` (DDIM, Euler, Euler ancestral), the data prediction
+        DPM-Solver++ steps with (its `model_outputs[-1]`), LCM's `denoised`, and for PNDM and flow matching the
+        x0 the current model output implies (flow: x0 = sample - sigma v). Live previews show it. Only read, never
+        fed back, so sampling is unchanged; where step() does not already hold it, it is computed on this call."""
+        if callable(self._x0):
+            self._x0 = self._x0()
+        return self._x0
 
     # -- helpers shared by the subclasses
     def _make_schedule(self, n: int) -> None:

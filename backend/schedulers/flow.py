@@ -124,6 +124,10 @@ class FlowMatchEuler(Scheduler):
 
     def step(self, model_output, t, sample, rng=None):
         i = self._step_index(t)
+        sigma = self.sigmas[i]
+        # x0 = sample - sigma v, computed only if asked (diffusers' flow scheduler returns no prediction)
+        self._x0 = lambda v=model_output, x=sample: (x.astype(np.float32) - sigma * v.astype(np.float32)) \
+            .astype(np.float32)
         dt = self.sigmas[i + 1] - self.sigmas[i]  # float32, as diffusers' tensors
         self._index += 1
         return (sample.astype(np.float32) + dt * model_output.astype(np.float32)).astype(np.float32)

@@ -75,7 +75,7 @@ class Euler(_SigmaScheduler):
         i = self._step_index(t)
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         sample = sample.astype(np.float32)
-        x0 = self._x0_from_sigma(model_output, sample, sigma)
+        x0 = self._x0 = self._x0_from_sigma(model_output, sample, sigma)  # diffusers' pred_original_sample
         derivative = (sample - x0) / np.float32(sigma)
         self._index += 1
         return (sample + derivative * np.float32(sigma_next - sigma)).astype(np.float32)
@@ -99,7 +99,7 @@ class EulerAncestral(_SigmaScheduler):
         i = self._step_index(t)
         sigma, sigma_to = float(self.sigmas[i]), float(self.sigmas[i + 1])
         sample = sample.astype(np.float32)
-        x0 = self._x0_from_sigma(model_output, sample, sigma)
+        x0 = self._x0 = self._x0_from_sigma(model_output, sample, sigma)  # diffusers' pred_original_sample
         sigma_up = (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5
         sigma_down = max(sigma_to ** 2 - sigma_up ** 2, 0.0) ** 0.5
         derivative = (sample - x0) / np.float32(sigma)
@@ -183,6 +183,7 @@ class DPMSolverPP2M(Scheduler):
         else:
             x0 = model_output
         previous_x0, self._previous_x0 = self._previous_x0, x0
+        self._x0 = x0  # the data prediction (diffusers' convert_model_output, kept in model_outputs[-1])
 
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(float(self.sigmas[i + 1]))
         h = lambda_t - lambda_s

@@ -257,6 +257,14 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return _in_chunks(lambda part: _gelu_tanh32(part.astype(mx.float32)).astype(x.dtype), x)
 
 
+def attention_chunk_scores(bh: int, n_q: int, n_kv: int) -> int:
+    """The most scores (elements, fp32) one chunk of `attention` holds, for bh = batch x heads."""
+    rows = max(1, _CHUNK_SCORES // n_kv)
+    if rows >= n_q:
+        return min(bh, rows // n_q) * n_q * n_kv
+    return rows * n_kv
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T scale) v in fp32, over chunks of query rows whose scores stay in cache."""
     batch, heads, n_q, _ = q.shape

@@ -18,16 +18,119 @@ import mlx.nn as nn
 from backend.engines.mlx import cpu_kernels
 
 
+# The most bytes of attention scores (batch x heads x queries x keys) one unfused call may materialise. MLX's own
+# unfused attention (its fallback wherever no fused kernel applies) holds the whole score matrix: 640 MiB for
+# SDXL's 4096-token self-attention at 1024x1024 in fp16, 1 GiB for its VAE's 16384-token, 512-wide single head
+# in fp32. Above this budget the queries are split into calls that each stay within it.
+SCORES_BUDGET = 256 << 20
+# The head widths MLX's fused kernels take (Metal's full-attention kernel; CUDA's cuDNN takes multiples of 8 up
+# to 128): a head that is not one of them (SD 1.x's 40 and 160) is zero-padded to the next one that is fused.
+FUSED_HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
+
+
+class AttentionStats:
+    """What `attention` did since `reset()`: calls per path, and the largest score matrix one call held
+    (bytes; 0 for fused calls, which hold none). For tests and measurements; the count costs nothing."""
+    calls: dict = {}
+    largest_scores = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls, cls.largest_scores = {}, 0
+
+    @classmethod
+    def record(cls, path: str, scores_bytes: int) -> None:
+        cls.calls[path] = cls.calls.get(path, 0) + 1
+        cls.largest_scores = max(cls.largest_scores, int(scores_bytes))
+
+
+def scores_bytes(batch: int, heads: int, queries: int, keys: int, itemsize: int) -> int:
+    return batch * heads * queries * keys * itemsize
+
+
+def chunk_rows(batch: int, heads: int, queries: int, keys: int, itemsize: int, budget: Optional[int] = None) -> int:
+    """Query rows per unfused call so that its scores (batch x heads x rows x keys) stay within `budget`
+    (SCORES_BUDGET by default); all of them when the whole matrix fits, at least one."""
+    budget = SCORES_BUDGET if budget is None else budget
+    per_row = scores_bytes(batch, heads, 1, keys, itemsize)
+    return max(1, min(queries, budget // max(1, per_row)))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values.
 
-    GPU: MLX's fused kernel. CPU: cpu_kernels.attention, in fp32 (also for fp16 inputs, whose
-    result is cast back). MLX's fused kernel on the CPU is a plain matmul-softmax-matmul whose
-    scalar exp costs ~3x the cpu_kernels version (tools/bench_attention.py).
+    CPU: cpu_kernels.attention, in fp32 (also for fp16 inputs, whose result is cast back), over cache-sized
+    chunks of query rows. MLX's fused kernel on the CPU is a plain matmul-softmax-matmul whose scalar exp
+    costs ~3x the cpu_kernels version (tools/bench_attention.py). Elsewhere (a GPU): `device_attention`.
     """
     if not cpu_kernels.available():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return device_attention(q, k, v, scale)
+    batch, heads, n_q, _ = q.shape
+    AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, k.shape[2]))
     return cpu_kernels.attention(q, k, v, scale).astype(q.dtype)
+
+
+def device_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, budget: Optional[int] = None) -> mx.array:
+    """MLX's attention on the default device without ever holding more than `budget` bytes of scores
+    (SCORES_BUDGET by default) in one call:
+
+    - scores within the budget: mx.fast.scaled_dot_product_attention as MLX routes it (fused, or its unfused
+      fallback, which then holds at most the budget);
+    - else the fused kernel, forced (MLX prefers its unfused path for some head widths), with the head
+      zero-padded to a width the kernel takes if it does not take this one (the same scores and output);
+    - else (no fused kernel here: the CPU, a 512-wide VAE head) the unfused path over chunks of query rows
+      (`chunk_rows`), each chunk evaluated before the next under cpu_kernels.eager_chunks (inference).
+    """
+    batch, heads, n_q, _ = q.shape
+    n_kv = k.shape[2]
+    itemsize = max(q.itemsize, k.itemsize, v.itemsize)
+    budget = SCORES_BUDGET if budget is None else budget
+    full = scores_bytes(batch, heads, n_q, n_kv, itemsize)
+    if full <= budget:
+        AttentionStats.record("mlx", full)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = _fused(q, k, v, scale)
+    if out is not None:
+        return out
+    rows = chunk_rows(batch, heads, n_q, n_kv, itemsize, budget)
+    AttentionStats.record("chunked", scores_bytes(batch, heads, rows, n_kv, itemsize))
+    parts = []
+    for r in range(0, n_q, rows):
+        parts.append(mx.fast.scaled_dot_product_attention(q[:, :, r:r + rows], k, v, scale=scale))
+        if cpu_kernels.eager_chunks.active:
+            mx.eval(parts[-1])
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
+_FUSED_WIDTH: dict = {}  # (device, dtype, shapes) -> the head width the fused kernel ran at, or None (none did)
+
+
+def _pad_head(x: mx.array, width: int) -> mx.array:
+    return x if x.shape[-1] == width else mx.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+
+
+def _fused(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.array]:
+    """The fused kernel's attention, at the head's own width or zero-padded to the narrowest fused width above it
+    (zero columns add nothing to q k^T, and v's come out as zero columns, cut off); None where MLX has no fused
+    kernel for it. MLX says so when the call is made (force_fused raises), before anything runs; the answer is
+    kept per device, dtype and shapes."""
+    d_v = v.shape[-1]
+    width = max(q.shape[-1], d_v)
+    key = (str(mx.default_device()), str(q.dtype), tuple(q.shape[1:]), tuple(k.shape[1:]), d_v)
+    widths = [_FUSED_WIDTH[key]] if key in _FUSED_WIDTH else [width] + [w for w in FUSED_HEAD_DIMS if w > width]
+    for w in widths:
+        if w is None:
+            break
+        try:
+            out = mx.fast.scaled_dot_product_attention(_pad_head(q, w), _pad_head(k, w), _pad_head(v, w),
+                                                       scale=scale, force_fused=True)
+        except ValueError:
+            continue
+        _FUSED_WIDTH[key] = w
+        AttentionStats.record("fused" if w == width and d_v == width else "fused_padded", 0)
+        return out if w == d_v else out[..., :d_v]
+    _FUSED_WIDTH[key] = None
+    return None
 
 
 def silu(x: mx.array) -> mx.array:

@@ -106,6 +106,8 @@ class Applied:
         self.layers = by_layer
         self.wrapped = []
         for (component, path), entries in by_layer.items():
+            if component not in modules:  # not loaded now (reduce-memory): wrapped when it is
+                continue
             parent, key = _parent(modules[component], path)
             base = _get(parent, key)
             down = np.concatenate([_to_mlx_down(layer) for _, layer in entries])
@@ -144,8 +146,8 @@ def set_loras(stages, loras) -> list[str]:
             applied.remove()
             state["applied"] = None
         return []
-    if state["table"] is None:  # before anything is wrapped: the model's own layers
-        targets = [(name, module) for name, module in stages.components() if name != "vae"]
+    if state["table"] is None:  # before anything is wrapped: the model's own layers (their shapes)
+        targets = [(name, module) for name, module in stages.architecture() if name != "vae"]
         state["table"] = module_table(targets)
         state["lookup"] = L._module_lookup(state["table"])
     spec = stages.spec
@@ -164,7 +166,7 @@ def set_loras(stages, loras) -> list[str]:
             a is not b for a, b in zip(applied.matched, matched)):
         if applied is not None:
             applied.remove()
-        modules = dict(stages.components())
+        modules = dict(stages.resident())  # reduce-memory: the loaded stages; each later load is wrapped then
         applied = Applied(modules, matched, stages.dtype)
         state["applied"] = applied
     applied.set_scales([scale for _, scale in requested])

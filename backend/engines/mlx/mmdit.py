@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from backend import files
+from backend import files, interrupt
 from backend.engines.mlx import cpu_kernels, weights as W
 from backend.engines.mlx.layers import FeedForward, TimestepEmbedding, attention, silu, timestep_embedding
 
@@ -382,6 +382,7 @@ class SD3Transformer2DModel(nn.Module):
             if cpu_kernels.eager_chunks.active:
                 # Inference: evaluate block by block, so the lazy graph holds one block's intermediates.
                 mx.eval(x, *([] if context is None else [context]))
+            interrupt.checkpoint(x, *([] if context is None else [context]))
 
         scale, shift = self.norm_out(conditioning_act)
         x = self.proj_out(_modulate(_layer_norm(x), scale, shift, dtype))

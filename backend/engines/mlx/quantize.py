@@ -234,9 +234,14 @@ def describe(component: str, p: dict) -> str:
     return text
 
 
-def quantize_module(module: nn.Module, component: str, recipe: dict) -> dict:
+def plan_component(module: nn.Module, component: str, recipe: dict) -> dict:
+    """`recipe`'s plan for one component (its layers' shapes decide: the weights need not be loaded)."""
     rules = recipe.get(component, recipe.get("text_encoder", []) if component.startswith("text_encoder") else [])
-    p = plan(module, rules, int(recipe.get("group_size", DEFAULT_GROUP_SIZE)))
+    return plan(module, rules, int(recipe.get("group_size", DEFAULT_GROUP_SIZE)))
+
+
+def quantize_module(module: nn.Module, component: str, recipe: dict) -> dict:
+    p = plan_component(module, component, recipe)
     apply_plan(module, p["layers"])
     mx.eval(module.parameters())
     return p

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from backend import interrupt
 from backend.engines.mlx.layers import (
     Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, activation, group_norm,
     timestep_embedding,
@@ -287,6 +288,7 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context)
             skips.extend(block_skips)
+            interrupt.checkpoint(x, *skips)
         if "mid_block" in self:
             x = self.mid_block(x, emb, context)
 
@@ -298,6 +300,7 @@ class UNet2DConditionModel(nn.Module):
             del skips[-len(block.resnets):]
             size = skips[-1].shape[1:3] if forward_size and i < len(self.up_blocks) - 1 else None
             x = block(x, block_skips, emb, context, size)
+            interrupt.checkpoint(x)
 
         x = self.conv_act(self.conv_norm_out(x))
         return self.conv_out(x)

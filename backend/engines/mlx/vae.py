@@ -4,7 +4,8 @@ Owns `VAEConfig` (diffusers' vae/config.json with diffusers' defaults, including
 scaling_factor / shift_factor / force_upcast the pipeline needs) and the model; attribute names
 mirror diffusers' state dict (old checkpoints' query/key/value/proj_attn are renamed by
 weights.py). Tensors are NHWC. On the CPU the decoder runs band by band (vae_bands.py): the same
-function, to rounding; `Decoder.graph` is the one-graph version (used inside mx.compile / mx.vmap).
+function, to rounding; `Decoder.graph` is the one-graph version (used inside mx.compile / mx.vmap, and on a
+GPU for images up to vae_bands.DEVICE_BAND_PIXELS; larger ones are banded there too).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from backend.engines.mlx import cpu_kernels, vae_bands
+from backend import interrupt
+from backend.engines.mlx import vae_bands
 from backend.engines.mlx.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, activation, group_norm
 
 _EPS = 1e-6  # the VAE's GroupNorm epsilon, fixed in diffusers' Encoder/Decoder
@@ -124,7 +126,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_kernels.available() and vae_bands.supports(self) and vae_bands.can_evaluate(x):
+        if vae_bands.applies(self, x):
             return vae_bands.encode(self, x)
         return self.graph(x)
 
@@ -155,7 +157,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
-        if cpu_kernels.available() and vae_bands.supports(self) and vae_bands.can_evaluate(z):
+        if vae_bands.applies(self, z, scale=2 ** (len(self.up_blocks) - 1)):
             return vae_bands.decode(self, z)
         return self.graph(z)
 
@@ -164,6 +166,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+            interrupt.checkpoint(x)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
@@ -172,15 +175,18 @@ ENCODER_PARTS = ("encoder", "quant_conv")  # the image-to-image half: weight nam
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL. `with_encoder=False` builds the decoder half only; `encode` then calls
-    `encoder_loader(self)` first, which attaches the encoder (`attach_encoder`): an engine loads it on first use."""
+    `encoder_loader(self)` first, which attaches the encoder (`attach_encoder`): an engine loads it on first use.
+    `with_decoder=False` builds the encoder half only (an engine's image encoder under reduce-memory)."""
 
-    def __init__(self, config: Union[VAEConfig, dict], with_encoder: bool = True):
+    def __init__(self, config: Union[VAEConfig, dict], with_encoder: bool = True, with_decoder: bool = True):
         super().__init__()
         cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
         self.config = cfg
         self.encoder_loader = None
         if with_encoder:
             self.attach_encoder(self.encoder_part(cfg))
+        if not with_decoder:
+            return
         self.decoder = Decoder(cfg)
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)

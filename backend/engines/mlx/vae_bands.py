@@ -21,7 +21,12 @@ reference with Winograd F(4x4), 2e-6 with the direct convolution, 5e-6 for the o
 vae.Decoder uses `decode` (and vae.Encoder `encode`: the same layers, plus the stride-2 downsampling
 convolution, by MLX's convolution band by band) on the CPU whenever arrays can be evaluated, which includes under
 mx.grad (evaluated arrays keep their graph) but not inside mx.compile or mx.vmap, and when its
-convolutions are not quantized.
+convolutions are not quantized (`applies`).
+
+On a GPU (or a CPU where the compiled kernels cannot run) the bands are used for large images only (above
+DEVICE_BAND_PIXELS output pixels: SDXL's 1024x1024 decodes in bands, SD 1.5's 512x512 in one graph), with bands
+of DEVICE_BAND_BYTES, MLX's own convolution in the activations' dtype (no Winograd) and MLX's own activation:
+the one-graph decoder holds several full-size activations at once (GiBs at 1024x1024), the bands about one.
 """
 from __future__ import annotations
 
@@ -29,11 +34,17 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from backend import interrupt
+
 from backend.engines.mlx import cpu_kernels, layers, winograd
 
 BAND_BYTES = 4 << 20  # the output rows evaluated at once
 WINOGRAD_TILE = 4  # convolutions by F(4x4, 3x3); 2 for F(2x2, 3x3), 0 for MLX's (in small calls)
 UNFOLD_BYTES = 6 << 20  # a convolution call's unfolded input (rows x width x 9 x channels)
+# Elsewhere than on the fast CPU path (a GPU): bands only above this many output pixels (batch included), of
+# this many bytes (fewer, larger calls: a GPU needs work per call, and each band is a synchronisation).
+DEVICE_BAND_PIXELS = 1 << 19
+DEVICE_BAND_BYTES = 64 << 20
 # MLX keeps freed buffers for reuse only up to its cache limit (32 MiB by default); a band's
 # temporaries need more, and without reuse every band faults fresh pages in.
 CACHE_BYTES = 128 << 20
@@ -55,6 +66,32 @@ def supports(decoder) -> bool:
     return not any("scales" in module for _, module in decoder.named_modules())
 
 
+def _fast_cpu() -> bool:
+    """The CPU with its compiled kernels (cpu_kernels, Winograd): bands at every size, tuned for its caches."""
+    return cpu_kernels.available()
+
+
+def applies(module, x: mx.array, scale: int = 1) -> bool:
+    """Whether vae.Encoder / vae.Decoder `module` runs band by band on input `x`, whose output has `scale`^2 times
+    its pixels: on the fast CPU path always, elsewhere above DEVICE_BAND_PIXELS output pixels; never for quantized
+    convolutions or where MLX cannot evaluate (inside mx.compile / mx.vmap)."""
+    if not _fast_cpu() and x.shape[0] * x.shape[1] * x.shape[2] * scale * scale <= DEVICE_BAND_PIXELS:
+        return False
+    return supports(module) and can_evaluate(x)
+
+
+def _band_bytes() -> int:
+    return BAND_BYTES if _fast_cpu() else DEVICE_BAND_BYTES
+
+
+def _unfold_bytes() -> int:
+    return UNFOLD_BYTES if _fast_cpu() else 9 * DEVICE_BAND_BYTES  # one convolution call per band
+
+
+def _winograd_tile() -> int:
+    return WINOGRAD_TILE if _fast_cpu() else 0
+
+
 def _rows_for(bytes_per_row: int, budget: int) -> int:
     return max(1, budget // max(1, bytes_per_row))
 
@@ -72,7 +109,7 @@ class Rows:
 
     @classmethod
     def of(cls, x: mx.array, groups: Optional[int]) -> "Rows":
-        rows = _rows_for(x.shape[0] * x.shape[2] * x.shape[3] * x.itemsize, BAND_BYTES)
+        rows = _rows_for(x.shape[0] * x.shape[2] * x.shape[3] * x.itemsize, _band_bytes())
         bands = [x[:, r:r + rows] for r in range(0, x.shape[1], rows)]
         moments = [_band_moments(band, groups) for band in bands] if groups else None
         mx.eval(bands, moments)
@@ -114,7 +151,9 @@ def _band_moments(band: mx.array, groups: int) -> tuple:
     count = r * w * (c // groups)
     mean = flat.astype(mx.float32).sum(axis=1).reshape(b, groups, -1).sum(axis=-1) / count
     per_channel = mx.repeat(mean, c // groups, axis=-1)[:, None, :]
-    m2 = cpu_kernels.squared_deviation(flat, per_channel).sum(axis=1).reshape(b, groups, -1).sum(axis=-1)
+    deviation = cpu_kernels.squared_deviation(flat, per_channel) if _fast_cpu() else \
+        mx.square(flat.astype(mx.float32) - per_channel)
+    m2 = deviation.sum(axis=1).reshape(b, groups, -1).sum(axis=-1)
     return count, mean, m2
 
 
@@ -127,7 +166,7 @@ def _norm_act(norm, act, x: Rows) -> RowSource:
     scale_g = mx.rsqrt(var + norm.eps)[..., None] * gamma
     scale = scale_g.reshape(b, 1, 1, -1)
     shift = (beta - mean[..., None] * scale_g).reshape(b, 1, 1, -1)
-    if act is layers.silu:
+    if act is layers.silu and _fast_cpu():
         return lambda first, end: cpu_kernels.affine_silu(x.take(first, end), scale, shift)
 
     def rows(first, end):
@@ -155,12 +194,12 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     c_out, _, _, c_in = weight.shape
     probe = source(0, 1)
     batch, width, itemsize = probe.shape[0], probe.shape[2], probe.itemsize
-    band_rows = _rows_for(batch * width * max(c_in, c_out) * itemsize, BAND_BYTES)
-    tile = WINOGRAD_TILE
+    band_rows = _rows_for(batch * width * max(c_in, c_out) * itemsize, _band_bytes())
+    tile = _winograd_tile()
     if tile:
         u = winograd.transform_weight(weight, tile)
         band_rows = -(-band_rows // tile) * tile
-    conv_rows = _rows_for(batch * width * 9 * c_in * itemsize, UNFOLD_BYTES)
+    conv_rows = _rows_for(batch * width * 9 * c_in * itemsize, _unfold_bytes())
     bias = [conv.bias] if "bias" in conv else []
     bands, moments = [], []
     for r0 in range(0, height, band_rows):
@@ -178,6 +217,7 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
             out = out / scale
         band_moments = _band_moments(out, groups) if groups else None
         mx.eval(out, band_moments)
+        interrupt.checkpoint()
         bands.append(out)
         moments.append(band_moments)
         done_before(r1 - 1)
@@ -250,7 +290,7 @@ def downsample(block, x: Rows, groups: int) -> Rows:
     height, conv = x.height, block.conv
     out_height = (height - 2) // 2 + 1
     probe = x.take(0, 1)
-    band_rows = _rows_for(probe.shape[0] * probe.shape[2] * 9 * probe.shape[3] * probe.itemsize, UNFOLD_BYTES)
+    band_rows = _rows_for(probe.shape[0] * probe.shape[2] * 9 * probe.shape[3] * probe.itemsize, _unfold_bytes())
     bands, moments = [], []
     for o0 in range(0, out_height, band_rows):
         o1 = min(out_height, o0 + band_rows)

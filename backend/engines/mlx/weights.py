@@ -128,5 +128,13 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
+def drained(weights: dict):
+    """`weights`' (name, array) pairs, each taken out of the dict as it is read: once load_into has cast and
+    evaluated a tensor nothing holds the file's copy any more (fp32 files into an fp16 model: the load peaks at
+    ~1.7x the loaded bytes instead of 3x)."""
+    while weights:
+        yield weights.popitem()
+
+
 def module_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
