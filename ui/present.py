@@ -67,7 +67,9 @@ CSS = """
 .sd-big {display:grid; grid-template-columns:repeat(3, minmax(0,1fr)); gap:12px;}
 .sd-big div {border:1px solid var(--border-color-primary); border-radius:14px; padding:16px 18px;
   background:var(--block-background-fill);}
-.sd-big b {display:block; font-size:3.2rem; line-height:1.05; font-weight:750; font-variant-numeric:tabular-nums;}
+.sd-big b {display:block; font-size:clamp(1.25rem, 6vw, 3.2rem); line-height:1.05; font-weight:750;
+           font-variant-numeric:tabular-nums; white-space:nowrap;}
+@media (max-width: 520px) {.sd-big {gap:8px;} .sd-big div {padding:10px 10px;}}
 .sd-big span {opacity:.7; font-size:.9rem;}
 .sd-note {font-size:.85rem; opacity:.8;}
 .sd-info {border-left:3px solid #6366f1; padding:8px 12px; border-radius:6px; font-size:.88rem;
