@@ -85,6 +85,9 @@ class App(GenerateTab, CompareTab, PresenterTab, ModelsTab):
         trigger.click(self.compare_api, cmp_in, cmp_out, api_name="compare", **ENGINE)
 
 
+STATE_SESSIONS = 200
+
+
 def launch(app: App, host: str = "127.0.0.1", port: int | None = None, share: bool = False, queue_size: int = 16,
            **kwargs):
     """Build and serve the app; returns (blocks, local_url)."""
@@ -94,6 +97,9 @@ def launch(app: App, host: str = "127.0.0.1", port: int | None = None, share: bo
     app.outputs.folder.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(app.outputs.folder)
     demo = app.build()
+    # Gradio keeps each session's component state, and every API call is a session of its own: at its default of
+    # 10000 sessions, 500 API calls in a row grew the server by ~25 KB each. The oldest idle ones go beyond this.
+    demo.state_session_capacity = STATE_SESSIONS
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     say_when_full(demo, queue_size)
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", 7860))

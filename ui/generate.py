@@ -102,7 +102,7 @@ class GenerateTab(GalleryPart):
                     # a generator, so that a cancelled job (a client gone) closes this run at its next step
                     # event (the stream's end stops the engine: session.stream_generation), instead of the
                     # engine finishing for no one
-                    yield gr.skip(), gr.skip()
+                    yield None, None  # not gr.skip(): Gradio builds (and keeps) a component for every update
                 elif ev.kind == "done":
                     r = ev.result
                     # a batch: every image saved with its own seed (backend/seeds.py); the first is the output
