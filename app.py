@@ -5,7 +5,7 @@
 
 Tabs: Generate, Compare, Presenter, Models; API endpoints /generate, /compare and /stop. One generation
 runs at a time on the machine (every engine event shares one concurrency group, and backend.session
-holds an engine lock); the others wait in a bounded queue and see their place in it.
+runs them on one engine thread); the others wait in a bounded queue and see their place in it.
 
 Each tab's layout and handlers live in ui/ under the tab's name (ui/generate.py ...); this file puts them
 together into one page with the API endpoints, and serves it.

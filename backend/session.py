@@ -23,12 +23,11 @@ from backend.types import Cancelled, GenerationRequest, GenerationResult, StepIn
 
 log = logging.getLogger("silicon_diffusion.session")
 
-#: the one engine lock: whoever runs a stage holds it, so two generations never share the machine
-ENGINE_LOCK = threading.Lock()
 
 
 class EngineThread:
-    """The one thread every streamed run computes on, taking jobs in turn. MLX keeps per-thread state that a
+    """The one thread every streamed run computes on, taking jobs in turn, so two generations never share the
+    machine (it replaces an engine lock around a thread per run). MLX keeps per-thread state that a
     finished thread does not give back (a fresh thread per run grew the process by ~3 MB a run: 118 -> 897 MB
     over 300 runs of the embedded model; flat on one thread). A daemon thread idling on its queue, so that
     exiting the process never waits for it or tears MLX down under it (a thread pool's worker, joined at exit,
@@ -121,7 +120,7 @@ class PipelineCache:
                              compute_units=key.compute_units, progress=progress, t5=key.t5)
 
     def get(self, key: PipelineKey, progress: Optional[Callable[[str], None]] = None) -> tuple[object, bool]:
-        """(pipeline, was_cached). Loading happens outside the cache's own lock but under the engine lock."""
+        """(pipeline, was_cached). Loading happens outside the cache's own lock, on the engine thread."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -208,14 +207,13 @@ def stream_generation(cache: PipelineCache, key: PipelineKey, request: Generatio
 
     def work():
         try:
-            with ENGINE_LOCK:
-                if stop.is_set() or abandoned.is_set():
-                    raise Cancelled("stopped before it started")
-                events.put(RunEvent("status", message=f"Loading {key.label()}…"))
-                pipe, cached = cache.get(key, progress=lambda msg: events.put(RunEvent("status", message=msg)))
-                events.put(RunEvent("status", message="Running", pipeline=pipe, cached=cached))
-                result = pipe.generate(request, callback=on_step,
-                                       should_stop=lambda: stop.is_set() or abandoned.is_set())
+            if stop.is_set() or abandoned.is_set():
+                raise Cancelled("stopped before it started")
+            events.put(RunEvent("status", message=f"Loading {key.label()}…"))
+            pipe, cached = cache.get(key, progress=lambda msg: events.put(RunEvent("status", message=msg)))
+            events.put(RunEvent("status", message="Running", pipeline=pipe, cached=cached))
+            result = pipe.generate(request, callback=on_step,
+                                   should_stop=lambda: stop.is_set() or abandoned.is_set())
             events.put(RunEvent("done", result=result, pipeline=pipe, cached=cached))
         except Cancelled as exc:
             events.put(RunEvent("stopped", message=f"Stopped: {exc}", error=exc))

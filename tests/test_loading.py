@@ -9,16 +9,7 @@ from backend import registry
 from backend.checkpoint import ModelSpec
 from backend.engines.mlx import weights as W
 from backend.types import UserError
-
-
-def _fake_hub_cache(cache, repo_id, source):
-    """Lay `source` out as huggingface_hub's cache does: models--owner--name/snapshots/<rev>/, refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    rev = "0" * 40
-    shutil.copytree(source, repo / "snapshots" / rev)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    return repo / "snapshots" / rev
+from tests.tiny_models import fake_hub_cache
 
 
 def test_hub_id_resolves_from_cache_offline(tiny_pipelines, tmp_path, monkeypatch):
@@ -28,7 +19,7 @@ def test_hub_id_resolves_from_cache_offline(tiny_pipelines, tmp_path, monkeypatc
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    snapshot = _fake_hub_cache(tmp_path / "hub", "someone/tiny-sd", folder)
+    snapshot = fake_hub_cache(tmp_path / "hub", "someone/tiny-sd", folder)
     assert registry.resolve("someone/tiny-sd") == snapshot
     with pytest.raises(UserError, match="cannot be reached"):
         registry.resolve("someone/not-downloaded")

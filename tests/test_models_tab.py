@@ -14,6 +14,7 @@ import pytest
 
 from backend import registry
 from backend.types import UserError
+from tests.tiny_models import fake_hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tiny-shapes"
@@ -35,16 +36,6 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("SILICON_DIFFUSION_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(registry, "USER_MODELS_FILE", None)
     return cache
-
-
-def cache_repo(cache: Path, repo_id: str, source: Path) -> Path:
-    """`source` laid out as huggingface_hub's cache does: models--owner--name/snapshots/<rev>/, refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    rev = "0" * 40
-    shutil.copytree(source, repo / "snapshots" / rev)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    return repo / "snapshots" / rev
 
 
 def loopback(host="127.0.0.1", **headers):
@@ -99,7 +90,7 @@ def test_states_sizes_and_marks_follow_the_hub_cache(hub, monkeypatch):
     assert registry.model_status(registry.get_entry("sd3-medium")).state == "not downloaded"
     monkeypatch.delenv("HF_TOKEN")
 
-    cache_repo(hub, SD15, TINY)
+    fake_hub_cache(hub, SD15, TINY)
     s = registry.model_status(registry.get_entry("sd-1.5"))
     assert s.state == "downloaded" and s.disk_bytes > 1_000_000
     assert dict((v, k) for k, v in model_choices())["sd-1.5"] == "Stable Diffusion 1.5"
@@ -113,7 +104,7 @@ def test_states_sizes_and_marks_follow_the_hub_cache(hub, monkeypatch):
 def test_a_configs_only_cache_is_not_downloaded(hub):
     configs = hub.parent / "configs-only"
     shutil.copytree(TINY, configs, ignore=shutil.ignore_patterns("*.safetensors"))
-    cache_repo(hub, SD15, configs)
+    fake_hub_cache(hub, SD15, configs)
     assert registry.model_status(registry.get_entry("sd-1.5")).state == "not downloaded"
 
 
@@ -123,7 +114,7 @@ def test_the_download_button_fetches_the_picked_entry_with_progress(hub):
     progress = lambda *a, **k: calls.append((a, k))  # noqa: E731  (gr.Progress's call)
     out = app.download("sd-1.5", progress=progress)
     assert "offline mode" in message(out[0]) and all(isinstance(o, dict) for o in out[1:])  # skipped
-    cache_repo(hub, SD15, TINY)
+    fake_hub_cache(hub, SD15, TINY)
     out = app.download("sd-1.5", progress=progress)
     assert "is ready" in message(out[0]) and calls
     progress_html, cached, delete_pick, info, table, model, cmp_model, pick = out

@@ -203,3 +203,15 @@ def save_pipeline(family: str, folder: Path):
     pipe = build_refiner() if family == "sdxl-refiner" else build_pipeline(family)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return pipe, Path(folder)
+
+
+def fake_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
+    """`source` laid out as huggingface_hub's cache does: models--owner--name/snapshots/<rev>/, refs/main; returns
+    the snapshot folder."""
+    import shutil
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    rev = "0" * 40
+    shutil.copytree(source, repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    return repo / "snapshots" / rev
