@@ -4,11 +4,13 @@
     pipe = load_pipeline("assets/tiny-shapes", engine="auto", precision="fp16")
     result = pipe.generate(GenerationRequest(prompt="a red circle"), callback=None)
 
-Importing this package loads an optimized BLAS before MLX (see backend/blas.py).
+Importing this package loads an optimized BLAS before MLX (see backend/blas.py) and has freed memory kept for
+reuse during a generation (backend/allocator.py).
 """
-from backend import blas as _blas
+from backend import allocator as _allocator, blas as _blas
 
 _blas.load_optimized_blas()
+_allocator.keep_freed_memory()
 
 from backend.types import (  # noqa: E402
     Cancelled, GenerationRequest, GenerationResult, Memory, StepInfo, Timings, UserError,

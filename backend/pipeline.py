@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from backend import budget, guidance as cfg, interrupt, preview
+from backend import allocator, budget, guidance as cfg, interrupt, preview
 from backend.checkpoint import ModelSpec, resolve_dims
 from backend.engines.base import Stages
 from backend.images import ImageInputs, InitLatents, latent_mask, masked_image
@@ -222,6 +222,7 @@ class Pipeline:
         with peaks.stage("vae_decode"):
             pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
         timings.total = time.perf_counter() - start
+        allocator.release()  # the activations' memory, kept for reuse while generating (backend/allocator.py)
         self._first_run = False
 
         images = [Image.fromarray((px * 255).round().astype(np.uint8)) for px in pixels]

@@ -231,7 +231,9 @@ def test_eager_blocks_equal_the_lazy_forward(models):
     lazy = run_mlx(mlx_model, args)
     with cpu_kernels.eager_chunks():
         eager = run_mlx(mlx_model, args)
-    np.testing.assert_array_equal(lazy, eager)
+    # Inference also swaps the attention kernel (cpu_attention, numpy on every core): the same sums in another
+    # order, so equal to fp32 rounding rather than bit for bit.
+    np.testing.assert_allclose(eager, lazy, rtol=0, atol=1e-5)
 
 
 def test_timestep_scalar_broadcasts(models):

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from backend import allocator
 from backend.checkpoint import ModelSpec
 from backend.engines.base import EncoderOutput, Stages
 from backend.engines.mlx import cpu_kernels, weights as W
@@ -185,6 +186,7 @@ class MLXStages(Stages):
         if dropped:
             self._rewrap_loras()
             mx.clear_cache()
+            allocator.release()
 
     def _done_with(self, name: str, stage: str) -> None:
         """After a call that used component `name`: reduce-memory releases it unless `stage` is still open."""

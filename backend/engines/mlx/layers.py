@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from backend.engines.mlx import cpu_kernels
+from backend.engines.mlx import cpu_attention, cpu_kernels, winograd
 
 
 # The most bytes of attention scores (batch x heads x queries x keys) one unfused call may materialise. MLX's own
@@ -59,13 +59,19 @@ def chunk_rows(batch: int, heads: int, queries: int, keys: int, itemsize: int, b
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values.
 
-    CPU: cpu_kernels.attention, in fp32 (also for fp16 inputs, whose result is cast back), over cache-sized
-    chunks of query rows. MLX's fused kernel on the CPU is a plain matmul-softmax-matmul whose scalar exp
-    costs ~3x the cpu_kernels version (tools/bench_attention.py). Elsewhere (a GPU): `device_attention`.
+    CPU, inference (under cpu_kernels.eager_chunks): cpu_attention, numpy kernels on every core. CPU otherwise
+    (training): cpu_kernels.attention, in fp32 (also for fp16 inputs, whose result is cast back), over
+    cache-sized chunks of query rows; MLX's fused kernel on the CPU is a plain matmul-softmax-matmul whose
+    scalar exp costs ~3x the cpu_kernels version (tools/bench_attention.py). Elsewhere (a GPU):
+    `device_attention`.
     """
     if not cpu_kernels.available():
         return device_attention(q, k, v, scale)
     batch, heads, n_q, _ = q.shape
+    if cpu_kernels.eager_chunks.active:
+        rows = min(n_q, cpu_attention.block_rows(k.shape[2]))
+        AttentionStats.record("cpu_blocks", 4 * rows * k.shape[2])
+        return cpu_attention.attention(q, k, v, scale)
     AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, k.shape[2]))
     return cpu_kernels.attention(q, k, v, scale).astype(q.dtype)
 
@@ -183,6 +189,34 @@ class GroupNorm(nn.GroupNorm):
         scale = mx.rsqrt(var + self.eps) * self.weight.astype(mx.float32).reshape(1, 1, groups, -1)
         shift = self.bias.astype(mx.float32).reshape(1, 1, groups, -1) - mean * scale
         return (grouped * scale.astype(x.dtype) + shift.astype(x.dtype)).reshape(shape)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d; on the CPU at inference (under cpu_kernels.eager_chunks), a 3x3, stride-1, padding-1 fp32
+    convolution over images of at least WINOGRAD_MIN_PIXELS (sides multiples of 4) runs as Winograd F(4x4, 3x3)
+    (winograd.py), with the bias added as the tiles are put in place. Measured on a 2-core Xeon (oneMKL), batch 2:
+    320->320 channels at 64x64 108 -> 39 ms, 640->640 at 32x32 78 -> 35 ms; at 16x16 and below MLX's direct
+    convolution is faster and is kept. The kernel's transform (4x the kernel's size) is kept with the module for
+    as long as the weight it came from is the module's weight; a "_" attribute, so not a parameter."""
+
+    WINOGRAD_MIN_PIXELS = 32 * 32
+
+    def _winograd_applies(self, x: mx.array) -> bool:
+        _, h, w, _ = x.shape
+        return (cpu_kernels.eager_chunks.active and x.dtype == mx.float32 and self.weight.dtype == mx.float32
+                and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
+                and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
+                and h % 4 == 0 and w % 4 == 0 and h * w >= self.WINOGRAD_MIN_PIXELS and cpu_kernels.available())
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self._winograd_applies(x):
+            return super().__call__(x)
+        cached = getattr(self, "_winograd", None)
+        if cached is None or cached[0] is not self.weight:
+            cached = self._winograd = (self.weight, winograd.transform_weight(self.weight, 4))
+        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        addends = (self.bias,) if "bias" in self else ()
+        return winograd.conv3x3(padded, cached[1], 4, addends)
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -330,11 +364,11 @@ class ResnetBlock2D(nn.Module):
         self.scale_shift = time_embedding_norm == "scale_shift"
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
         self.norm2 = group_norm(groups, out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = pointwise(in_channels, out_channels)
 
@@ -383,7 +417,7 @@ def upsample_nearest(x: mx.array, size: Optional[Sequence[int]] = None) -> mx.ar
 class Upsample2D(nn.Module):
     def __init__(self, channels: int, out_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: Optional[Sequence[int]] = None) -> mx.array:
         return self.conv(upsample_nearest(x, size))

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from backend import interrupt
 from backend.engines.mlx.layers import (
-    Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, activation, group_norm,
+    Conv2d, Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, activation, group_norm,
     timestep_embedding,
 )
 
@@ -217,7 +217,7 @@ class UNet2DConditionModel(nn.Module):
         levels = len(channels)
         time_embed_dim = cfg.time_embedding_dim or channels[0] * 4
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel,
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel,
                                  padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, cfg.act_fn,
                                                 cond_proj_dim=cfg.time_cond_proj_dim,
@@ -248,7 +248,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = group_norm(cfg.norm_num_groups, channels[0], cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
+        self.conv_out = Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
 
     def time_embed(self, timestep: mx.array, batch: int, dtype, text_embeds=None, time_ids=None,
