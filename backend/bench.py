@@ -55,7 +55,14 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         return module
 
     def text_fn(enc):
-        return lambda: mx.eval(enc(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state)
+        def run():
+            with cpu_kernels.eager_chunks():  # as engine.encode_text runs it
+                mx.eval(enc(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state)
+        return run
+
+    def decode(vae, z):
+        with cpu_kernels.eager_chunks():  # as engine.decode runs it
+            mx.eval(vae.decode(z))
 
     def unet_step(unet):
         with cpu_kernels.eager_chunks():  # as engine.predict_noise runs it
@@ -83,7 +90,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
     elif part == "vae_decode":
         vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
         z = mx.random.normal((1, latent, latent, 4)).astype(dtype)
-        sec, times = _median_time(lambda: mx.eval(vae.decode(z)), repeats)
+        sec, times = _median_time(lambda: decode(vae, z), repeats)
     elif part == "pipeline":  # one text encoding, one guided UNet step, one decode: the memory of a generation
         enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
@@ -93,7 +100,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
 
         def run():
             text_fn(enc)()
-            mx.eval(vae.decode(unet_step(unet)[:1]))
+            decode(vae, unet_step(unet)[:1])
         sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
         n_params = sum(v.size for m in (enc, unet, vae) for _, v in nn.utils.tree_flatten(m.parameters()))
     else:

@@ -4,7 +4,9 @@
     python tools/bench_attention.py --batch 2 --heads 10 --tokens 4096 --dim 64   # one custom case
 
 Prints the best of `--repeat` wall-clock runs of: q k^T and p v as two plain batched matmuls,
-`layers.attention`, and MLX's `mx.fast.scaled_dot_product_attention`, plus the kernel's error.
+`layers.attention` at inference (cpu_attention: numpy blocks on every core) and outside it (cpu_kernels,
+the training path), MLX's `mx.fast.scaled_dot_product_attention`, and torch's when it is installed, plus
+the errors. Prints the CPU and BLAS first.
 """
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import backend  # noqa: E402,F401  (loads the optimized BLAS before MLX)
 import mlx.core as mx  # noqa: E402
 
+from backend.bench import cpu_model  # noqa: E402
+from backend.engines.mlx import cpu_kernels  # noqa: E402
 from backend.engines.mlx.layers import attention  # noqa: E402
+
+
+def inference_attention(q, k, v, scale):
+    with cpu_kernels.eager_chunks():
+        return attention(q, k, v, scale)
 
 
 def best_time(fn, repeat: int) -> float:
@@ -48,15 +57,36 @@ def bench(name, batch, heads, n_q, n_kv, dim, repeat):
     mx.eval(q, k, v, scores)
     t_qk = best_time(lambda: (q * scale) @ k.swapaxes(-1, -2), repeat)
     t_pv = best_time(lambda: scores @ v, repeat)
-    t_ours = best_time(lambda: attention(q, k, v, scale), repeat)
+    t_infer = best_time(lambda: inference_attention(q, k, v, scale), repeat)
+    t_train = best_time(lambda: attention(q, k, v, scale), repeat)
     t_fast = best_time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), repeat)
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    error = (mx.linalg.norm(attention(q, k, v, scale) - ref) / mx.linalg.norm(ref)).item()
+
+    def error(out):
+        return (mx.linalg.norm(out - ref) / mx.linalg.norm(ref)).item()
     mm = t_qk + t_pv
     print(f"{name} (B={batch} H={heads} N={n_q} M={n_kv} d={dim})")
-    print(f"  matmuls q@k^T + p@v : {mm:7.3f} s")
-    print(f"  layers.attention    : {t_ours:7.3f} s  ({t_ours / mm:.2f}x the matmuls, rel. error {error:.1e})")
-    print(f"  mx.fast.sdpa        : {t_fast:7.3f} s  ({t_fast / mm:.2f}x the matmuls)")
+    print(f"  matmuls q@k^T + p@v      : {mm:7.3f} s")
+    print(f"  layers.attention, infer. : {t_infer:7.3f} s  ({t_infer / mm:.2f}x the matmuls, "
+          f"rel. error {error(inference_attention(q, k, v, scale)):.1e})")
+    print(f"  layers.attention, train. : {t_train:7.3f} s  ({t_train / mm:.2f}x the matmuls, "
+          f"rel. error {error(attention(q, k, v, scale)):.1e})")
+    print(f"  mx.fast.sdpa             : {t_fast:7.3f} s  ({t_fast / mm:.2f}x the matmuls)")
+    try:
+        import numpy as np
+        import torch
+    except ImportError:
+        return
+    tq, tk, tv = (torch.from_numpy(np.array(a)) for a in (q, k, v))
+    with torch.no_grad():
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sdpa(tq, tk, tv, scale=scale)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            sdpa(tq, tk, tv, scale=scale)
+            times.append(time.perf_counter() - start)
+    print(f"  torch sdpa ({torch.get_num_threads()} threads) : {min(times):7.3f} s")
 
 
 def main() -> None:
@@ -68,7 +98,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=40, help="head dimension")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"device {mx.default_device()}, best of {args.repeat} runs")
+    print(f"device {mx.default_device()}, best of {args.repeat} runs; CPU: {cpu_model()}; BLAS: {backend.blas.describe()}")
     if args.batch is None:
         for case in SD15_CASES:
             bench(*case, args.repeat)

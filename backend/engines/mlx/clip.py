@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from backend import files
-from backend.engines.mlx import weights as weight_io
+from backend.engines.mlx import cpu_attention, layers, weights as weight_io
 
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773: pool at the highest id instead
 
@@ -72,7 +72,9 @@ class CLIPOutput:
 
 
 def _quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
+    # x sigmoid(1.702 x) = SiLU(1.702 x) / 1.702: layers.silu is vectorized on the CPU, mx.sigmoid scalar there
+    # (0.13 s of a 0.4 s SD 1.5 text encoding at batch 2).
+    return layers.silu(1.702 * x) * (1 / 1.702)
 
 
 _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": nn.gelu}
@@ -119,8 +121,11 @@ class CLIPAttention(nn.Module):
         def heads(t):
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
-        out = mx.fast.scaled_dot_product_attention(
-            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), scale=self.scale, mask="causal")
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if layers.cpu_inference():
+            out = cpu_attention.attention(q, k, v, self.scale, causal=True)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
 
 

@@ -5,47 +5,27 @@ softmax of an SD 1.5 self-attention at 512x512 (2 x 8 heads x 4096 x 4096 scores
 call's 1.6 s even with cpu_kernels' exp. Here the work is cut into blocks of query rows (one head, a few MB
 of scores each, so they stay in cache), and one worker thread per core takes its share of the blocks:
 scores by a matrix product, minus the row maximum, numpy's SIMD exp in place, and the value product
-whose extra column of ones also gives each row's softmax denominator. numpy releases the GIL in all of
-them; its BLAS is held to one thread meanwhile (threadpoolctl), so the workers do not oversubscribe the
-cores. On a 2-core Xeon (AVX-512) this is 0.36 s for the call above (tools/bench_attention.py).
+whose extra column of ones also gives each row's softmax denominator (cpu_pool's workers, one per core;
+the products by oneMKL where it is the loaded BLAS, else numpy's).
+On a 2-core Xeon (AVX-512) this is 0.38 s for the call above, torch's 0.24 s (tools/bench_attention.py).
 
 Only for inference (`cpu_kernels.eager_chunks` active): it evaluates its inputs and returns a new array, so
 no gradient flows through it. layers.attention picks it; training and the GPU keep their own paths.
 """
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
-
 import mlx.core as mx
 import numpy as np
 
-#: Scores one block holds (fp32): 4 MiB, in a core's L2 with room for its rows of queries and the output.
-BLOCK_SCORES = 1 << 20
+from backend import blas
+from backend.engines.mlx import cpu_pool
 
-_pool: Optional[ThreadPoolExecutor] = None
-_blas_limiter = None
-_lock = threading.Lock()
-
-
-def workers() -> int:
-    """The cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+#: Scores one block holds (fp32): 8 MiB (measured best among 2-16 MiB here: 0.38 s against 0.40 at 4 MiB).
+BLOCK_SCORES = 1 << 21
 
 
-def _setup():
-    global _pool, _blas_limiter
-    with _lock:
-        if _pool is None:
-            from threadpoolctl import ThreadpoolController
-            _blas_limiter = ThreadpoolController()
-            _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="cpu-attention")
-    return _pool, _blas_limiter
+def _numpy_matmul(a, b, out, alpha: float = 1.0, b_transposed: bool = False) -> None:
+    np.matmul(a * np.float32(alpha) if alpha != 1.0 else a, b.T if b_transposed else b, out=out)
 
 
 def block_rows(keys: int) -> int:
@@ -53,21 +33,21 @@ def block_rows(keys: int) -> int:
     return max(16, BLOCK_SCORES // max(1, keys))
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values, computed in fp32 and
     returned in q's dtype as a (B, H, N, d_v) array (a transposed view of a (B, N, H, d_v) buffer, the layout
-    the callers' output projection wants)."""
-    pool, limiter = _setup()
+    the callers' output projection wants). `causal` (N = M, CLIP's text encoder): query i sees keys 0..i."""
     out_dtype = q.dtype
-    q, k, v = (a if a.dtype == mx.float32 else a.astype(mx.float32) for a in (q, k, v))
-    mx.eval(q, k, v)
-    qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)  # views of MLX's buffers, any strides
+    keep, (qn, kn, vn) = cpu_pool.as_numpy(q, k, v)  # views of MLX's buffers, any strides
     batch, heads, n_q, _ = qn.shape
     n_kv, d_v = kn.shape[2], vn.shape[3]
     out = np.empty((batch, n_q, heads, d_v), np.float32)
+    if causal and n_q != n_kv:
+        raise ValueError(f"causal attention needs as many queries as keys, got {n_q} and {n_kv}")
+    future = np.triu(np.full((n_q, n_kv), -np.inf, np.float32), 1) if causal else None
     rows = min(n_q, block_rows(n_kv))
     blocks = [(b, h, r) for b in range(batch) for h in range(heads) for r in range(0, n_q, rows)]
-    n_workers = min(len(blocks), pool._max_workers)
+    n_workers = min(len(blocks), cpu_pool.workers())
     shares = [blocks[i::n_workers] for i in range(n_workers)]
 
     def run(share):
@@ -81,14 +61,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
                 head = (b, h)
             n = min(rows, n_q - r)
             s, o = scores[:n], products[:n]
-            np.matmul(qn[b, h, r:r + n] * np.float32(scale), kn[b, h].T, out=s)
+            matmul(qn[b, h, r:r + n], kn[b, h], s, scale, b_transposed=True)
+            if future is not None:
+                s += future[r:r + n]
             s -= s.max(axis=1, keepdims=True)
             np.exp(s, out=s)
-            np.matmul(s, values, out=o)
+            matmul(s, values, o)
             np.divide(o[:, :d_v], o[:, d_v:], out=out[b, r:r + n, h])
 
-    with limiter.limit(limits=1, user_api="blas"):
-        for done in [pool.submit(run, share) for share in shares]:
-            done.result()
+    matmul = blas.sgemm() or _numpy_matmul
+    cpu_pool.run(run, shares)
+    del keep
     result = mx.array(out)
     return (result if out_dtype == mx.float32 else result.astype(out_dtype)).transpose(0, 2, 1, 3)

@@ -268,13 +268,14 @@ class MLXStages(Stages):
         traits = self.spec.traits
         name = self.encoder_names[index]
         try:
-            out = self._acquire(name)(mx.array(input_ids.astype(np.int32)))
-            if index >= len(traits.encoders):  # T5
-                hidden, pooled = out.last_hidden_state, None
-            else:
-                hidden = out.last_hidden_state if traits.clip_layer == -1 else out.hidden_states[traits.clip_layer]
-                pooled = out.text_embeds if traits.pooled != "none" else None
-            mx.eval(hidden, *([pooled] if pooled is not None else []))
+            with cpu_kernels.eager_chunks():
+                out = self._acquire(name)(mx.array(input_ids.astype(np.int32)))
+                if index >= len(traits.encoders):  # T5
+                    hidden, pooled = out.last_hidden_state, None
+                else:
+                    hidden = out.last_hidden_state if traits.clip_layer == -1 else out.hidden_states[traits.clip_layer]
+                    pooled = out.text_embeds if traits.pooled != "none" else None
+                mx.eval(hidden, *([pooled] if pooled is not None else []))
             return EncoderOutput(hidden=np.array(hidden.astype(mx.float32)),
                                  pooled=None if pooled is None else np.array(pooled.astype(mx.float32)))
         finally:

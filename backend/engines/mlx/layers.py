@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from backend.engines.mlx import cpu_attention, cpu_kernels, winograd
+from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_rowwise, winograd
 
 
 # The most bytes of attention scores (batch x heads x queries x keys) one unfused call may materialise. MLX's own
@@ -139,6 +139,12 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.a
     return None
 
 
+def cpu_inference() -> bool:
+    """True where the numpy kernels on every core apply (cpu_attention, cpu_rowwise): inference (under
+    cpu_kernels.eager_chunks) on the CPU."""
+    return cpu_kernels.eager_chunks.active and cpu_kernels.available()
+
+
 def silu(x: mx.array) -> mx.array:
     return cpu_kernels.silu(x) if cpu_kernels.available() else nn.silu(x)
 
@@ -172,13 +178,18 @@ class GroupNorm(nn.GroupNorm):
     """torch's GroupNorm on channels-last input (nn.GroupNorm with pytorch_compatible=True).
 
     On the CPU the statistics are reduced in place instead of through nn.GroupNorm's two
-    transposed copies (about 2.5x faster); they are computed in fp32 for any input dtype.
+    transposed copies (about 2.5x faster); they are computed in fp32 for any input dtype. At CPU inference,
+    cpu_rowwise.group_norm on every core, with the SiLU that follows it in the same pass (`then_silu`).
     """
 
     def __init__(self, groups: int, channels: int, eps: float):
         super().__init__(groups, channels, eps=eps, affine=True, pytorch_compatible=True)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, then_silu: bool = False) -> mx.array:
+        if cpu_inference():
+            return cpu_rowwise.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=then_silu)
+        if then_silu:
+            return silu(self(x))
         if mx.default_device() == mx.gpu:
             return super().__call__(x)
         shape, groups = x.shape, self.num_groups
@@ -217,6 +228,22 @@ class Conv2d(nn.Conv2d):
         padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
         addends = (self.bias,) if "bias" in self else ()
         return winograd.conv3x3(padded, cached[1], 4, addends)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; at CPU inference, cpu_rowwise.layer_norm on every core."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if cpu_inference():
+            return cpu_rowwise.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
+        return super().__call__(x)
+
+
+def _bias_free(linear, x: mx.array):
+    """(x W^T, bias) for a plain nn.Linear, so a CPU kernel can add the bias in its own pass; else (linear(x), None)."""
+    if type(linear) is nn.Linear and "bias" in linear:
+        return x @ linear.weight.T, linear.bias
+    return linear(x), None
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -271,6 +298,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if cpu_inference():
+            return cpu_rowwise.geglu(*_bias_free(self.proj, x))
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
         return hidden * gelu(gate)
 
@@ -283,6 +312,8 @@ class TanhGELU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if cpu_inference():
+            return cpu_rowwise.gelu_tanh(*_bias_free(self.proj, x))
         return gelu_tanh(self.proj(x))
 
 
@@ -312,11 +343,11 @@ class BasicTransformerBlock(nn.Module):
                  only_cross_attention: bool = False):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads, dim_head, cross_attention_dim if only_cross_attention else None)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
@@ -372,16 +403,19 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = pointwise(in_channels, out_channels)
 
+    def _norm_act(self, norm: GroupNorm, x: mx.array) -> mx.array:
+        return norm(x, then_silu=True) if self.act is silu else self.act(norm(x))
+
     def __call__(self, x: mx.array, temb: Optional[mx.array] = None) -> mx.array:
-        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv1(self._norm_act(self.norm1, x))
         t = self.time_emb_proj(self.act(temb))[:, None, None, :] if temb is not None else None
         if t is not None and not self.scale_shift:
             h = h + t
-        h = self.norm2(h)
         if t is not None and self.scale_shift:
             scale, shift = mx.split(t, 2, axis=-1)
-            h = h * (1 + scale) + shift
-        h = self.conv2(self.act(h))
+            h = self.conv2(self.act(self.norm2(h) * (1 + scale) + shift))
+        else:
+            h = self.conv2(self._norm_act(self.norm2, h))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         out = x + h

@@ -1,0 +1,74 @@
+"""One worker thread per core for the CPU inference kernels written in numpy (cpu_attention, cpu_rowwise).
+
+MLX's CPU backend runs every elementwise op and reduction on one thread; numpy releases the GIL inside its
+ufuncs and matrix products, so the same work cut into cache-sized blocks runs on every core from Python
+threads. `run(work, shares)` calls work(share) for each share on the pool and waits; numpy's BLAS (and any
+other the process loaded) is held to one thread meanwhile, and oneMKL to one thread in each worker, so the
+workers do not oversubscribe the cores. MLX itself is not called from the workers: they read numpy views of evaluated MLX
+arrays and write numpy arrays that the caller turns back into MLX arrays.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+
+from backend import blas
+
+_pool = None
+_blas = None
+_lock = threading.Lock()
+
+
+def workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def _setup():
+    global _pool, _blas
+    with _lock:
+        if _pool is None:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController()
+            _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="cpu-kernels",
+                                       initializer=blas.one_thread_here)
+    return _pool, _blas
+
+
+def run(work: Callable, shares: Sequence) -> None:
+    """work(share) for every share, one per worker at a time; the first exception is raised here."""
+    pool, blas_threads = _setup()
+    if len(shares) == 1:
+        with blas_threads.limit(limits=1, user_api="blas"):
+            work(shares[0])
+        return
+    with blas_threads.limit(limits=1, user_api="blas"):
+        for done in [pool.submit(work, share) for share in shares]:
+            done.result()
+
+
+def row_shares(rows: int, block: int) -> list:
+    """[start, stop) blocks of `block` rows covering `rows`, dealt round-robin to the workers: one list each."""
+    blocks = [(r, min(rows, r + block)) for r in range(0, rows, block)]
+    n = max(1, min(len(blocks), workers()))
+    return [blocks[i::n] for i in range(n)]
+
+
+def block_rows(row_elements: int, block_elements: int = 1 << 18) -> int:
+    """Rows per block so that a block holds about `block_elements` (1 MiB of fp32 by default: cache-sized)."""
+    return max(1, block_elements // max(1, row_elements))
+
+
+def as_numpy(*arrays):
+    """fp32 numpy views of MLX arrays (cast and evaluated first where needed); keep the MLX arrays alive."""
+    import mlx.core as mx
+    cast = [a if a.dtype == mx.float32 else a.astype(mx.float32) for a in arrays]
+    mx.eval(*cast)
+    return cast, [np.asarray(a) for a in cast]

@@ -1,0 +1,182 @@
+"""Row-wise inference kernels for the CPU in numpy, on every core: GEGLU and tanh-GELU (each with its projection's
+bias folded in), LayerNorm, and GroupNorm with an optional SiLU.
+
+MLX's CPU backend computes these one op at a time on one thread (its reductions scalar): an SD 1.5 UNet step at
+512x512 spent 0.6 s in GEGLU's GELU and 0.55 s in its norms where torch spends 0.1 s on all of them. Here rows
+are cut into cache-sized blocks shared among cpu_pool's workers, each block taken through every op of the
+kernel while it is in cache, in fp32 (fp16 inputs are cast, results cast back). Only for inference (under
+cpu_kernels.eager_chunks): the inputs are evaluated and the result is a new array, so no gradient flows.
+layers.py picks them; training and the GPU keep MLX's ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from backend.engines.mlx import cpu_pool
+
+# erfc(z) = t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7), for z = |x|/sqrt2.
+_ERF_P = np.float32(0.3275911 / math.sqrt(2.0))
+_ERF_COEFFS = tuple(np.float32(0.5 * c) for c in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+_GELU_TANH_K = np.float32(-2 * math.sqrt(2 / math.pi))  # tanh-GELU = x / (1 + exp(K (x + A x^3)))
+_GELU_TANH_A = np.float32(0.044715)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _result(out: np.ndarray, shape, dtype) -> mx.array:
+    result = mx.array(out.reshape(shape))
+    return result if dtype == mx.float32 else result.astype(dtype)
+
+
+def _gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray) -> None:
+    """out = GELU(g) (exact, erf): relu(g) - |g|/2 erfc(|g|/sqrt2); a and t are scratch of g's shape."""
+    np.abs(g, out=a)
+    np.multiply(a, _ERF_P, out=t)
+    t += 1
+    np.reciprocal(t, out=t)
+    c1, c2, c3, c4, c5 = _ERF_COEFFS
+    np.multiply(t, c5, out=out)
+    for c in (c4, c3, c2, c1):
+        out += c
+        out *= t
+    np.multiply(g, g, out=t)
+    t *= np.float32(-0.5)
+    np.exp(t, out=t)
+    out *= t
+    out *= a  # |g|/2 erfc(|g|/sqrt2) (the 1/2 is in the coefficients)
+    np.maximum(g, 0, out=t)
+    np.subtract(t, out, out=out)
+
+
+def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+    """diffusers' GEGLU after its projection: hidden * GELU(gate), (hidden, gate) = split(h + bias) on the last axis."""
+    keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
+    hn = _rows(views[0])
+    inner = hn.shape[1] // 2
+    b_hidden, b_gate = (views[1][:inner], views[1][inner:]) if bias is not None else (None, None)
+    out = np.empty((hn.shape[0], inner), np.float32)
+    block = cpu_pool.block_rows(inner, 1 << 16)
+
+    def work(share):
+        g, a, t = (np.empty((block, inner), np.float32) for _ in range(3))
+        for r0, r1 in share:
+            n = r1 - r0
+            gate, act = g[:n], out[r0:r1]
+            np.add(hn[r0:r1, inner:], b_gate, out=gate) if b_gate is not None else np.copyto(gate, hn[r0:r1, inner:])
+            _gelu_into(gate, act, a[:n], t[:n])
+            if b_hidden is not None:
+                np.add(hn[r0:r1, :inner], b_hidden, out=gate)
+                act *= gate
+            else:
+                act *= hn[r0:r1, :inner]
+
+    cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
+    del keep
+    return _result(out, h.shape[:-1] + (inner,), h.dtype)
+
+
+def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3)))."""
+    keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
+    hn, b = _rows(views[0]), (views[1] if bias is not None else None)
+    out = np.empty(hn.shape, np.float32)
+    block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
+
+    def work(share):
+        t = np.empty((block, hn.shape[1]), np.float32)
+        with np.errstate(over="ignore"):  # exp(large) = inf gives x / inf = 0, the limit
+            for r0, r1 in share:
+                x, e = out[r0:r1], t[:r1 - r0]
+                np.add(hn[r0:r1], b, out=x) if b is not None else np.copyto(x, hn[r0:r1])
+                np.multiply(x, x, out=e)
+                e *= _GELU_TANH_K * _GELU_TANH_A
+                e += _GELU_TANH_K
+                e *= x
+                np.exp(e, out=e)
+                e += 1
+                x /= e
+
+    cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
+    del keep
+    return _result(out, h.shape, h.dtype)
+
+
+def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:
+    """LayerNorm over the last axis (torch's, biased variance), statistics in fp32."""
+    keep, views = cpu_pool.as_numpy(x, *[a for a in (weight, bias) if a is not None])
+    xn = _rows(views[0])
+    rest = iter(views[1:])
+    w = next(rest) if weight is not None else None
+    b = next(rest) if bias is not None else None
+    out = np.empty(xn.shape, np.float32)
+    block = cpu_pool.block_rows(xn.shape[1], 1 << 16)
+    inv_n = np.float32(1.0 / xn.shape[1])
+
+    def work(share):
+        for r0, r1 in share:
+            d = out[r0:r1]
+            np.subtract(xn[r0:r1], xn[r0:r1].mean(axis=1, keepdims=True), out=d)
+            var = np.einsum("ij,ij->i", d, d)[:, None] * inv_n
+            d *= 1 / np.sqrt(var + np.float32(eps))
+            if w is not None:
+                d *= w
+            if b is not None:
+                d += b
+
+    cpu_pool.run(work, cpu_pool.row_shares(xn.shape[0], block))
+    del keep
+    return _result(out, x.shape, x.dtype)
+
+
+def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool = False) -> mx.array:
+    """torch's GroupNorm of channels-last x (B, ..., C), then SiLU if asked. Statistics per (image, group) in fp64
+    from per-block channel sums of x and x^2 (one pass); then the affine map and the SiLU per block."""
+    keep, (xn, w, b) = cpu_pool.as_numpy(x, weight, bias)
+    batch, channels = x.shape[0], x.shape[-1]
+    per_image = xn.reshape(batch, -1, channels)
+    rows = per_image.shape[1]
+    block = cpu_pool.block_rows(channels, 1 << 16)
+    shares = cpu_pool.row_shares(rows, block)
+    sums = np.zeros((len(shares), batch, 2, channels), np.float64)
+
+    def moments(i):
+        square = np.empty((block, channels), np.float32)
+        for img in range(batch):
+            for r0, r1 in shares[i]:
+                part = per_image[img, r0:r1]
+                sums[i, img, 0] += part.sum(axis=0, dtype=np.float64)
+                np.multiply(part, part, out=square[:r1 - r0])
+                sums[i, img, 1] += square[:r1 - r0].sum(axis=0, dtype=np.float64)
+
+    cpu_pool.run(moments, range(len(shares)))
+    total = sums.sum(axis=0).reshape(batch, 2, groups, channels // groups).sum(axis=3) / (rows * channels // groups)
+    mean, var = total[:, 0], np.maximum(total[:, 1] - total[:, 0] ** 2, 0)
+    inv_std = np.repeat(1 / np.sqrt(var + eps), channels // groups, axis=1)  # (batch, channels)
+    scale = (inv_std * w).astype(np.float32)
+    shift = (b - np.repeat(mean, channels // groups, axis=1) * inv_std * w).astype(np.float32)
+    out = np.empty(per_image.shape, np.float32)
+
+    def normalize(share):
+        e = np.empty((block, channels), np.float32)
+        with np.errstate(over="ignore"):
+            for img in range(batch):
+                for r0, r1 in share:
+                    y = out[img, r0:r1]
+                    np.multiply(per_image[img, r0:r1], scale[img], out=y)
+                    y += shift[img]
+                    if silu:
+                        t = e[:r1 - r0]
+                        np.negative(y, out=t)
+                        np.exp(t, out=t)
+                        t += 1
+                        y /= t
+
+    cpu_pool.run(normalize, shares)
+    del keep
+    return _result(out, x.shape, x.dtype)
