@@ -1,0 +1,164 @@
+"""The CPU inference kernels in numpy (cpu_attention, cpu_rowwise), the Winograd Conv2d and the allocator setting:
+each against a float64 reference or MLX's own path, over shapes that cut into several blocks with a ragged last one."""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from backend import allocator, blas
+from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, layers
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels need MLX's CPU compiler")
+
+_erf = np.vectorize(math.erf)
+
+
+def _ref_attention(q, k, v, scale, causal=False):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) * scale
+    if causal:
+        s = s + np.triu(np.full(s.shape[-2:], -np.inf), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def _heads_view(shape, seed):
+    """(B, H, N, d) as the models pass it: a transposed view of a (B, N, H, d) projection."""
+    b, h, n, d = shape
+    x = mx.random.normal((b, n, h, d), key=mx.random.key(seed)).transpose(0, 2, 1, 3)
+    mx.eval(x)
+    return x
+
+
+@pytest.mark.parametrize("use_mkl", [True, False])
+@pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 70, 16), (2, 3, 70, 16)), ((1, 2, 50, 8), (1, 2, 77, 8))])
+def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, shape_q, shape_kv):
+    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)  # several blocks per head, the last one ragged
+    if not use_mkl:
+        monkeypatch.setattr(blas, "sgemm", lambda: None)  # numpy's matmul, as without oneMKL
+    q, k, v = _heads_view(shape_q, 1), _heads_view(shape_kv, 2), _heads_view(shape_kv, 3)
+    out = cpu_attention.attention(q, k, v, 0.3)
+    assert out.shape == shape_q[:3] + (shape_kv[3],) and out.dtype == mx.float32
+    np.testing.assert_allclose(np.array(out), _ref_attention(np.array(q), np.array(k), np.array(v), 0.3),
+                               rtol=0, atol=2e-6)
+
+
+def test_causal_attention_and_half_precision_inputs(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 512)
+    q, k, v = (_heads_view((2, 4, 77, 16), s) for s in (4, 5, 6))
+    causal = cpu_attention.attention(q, k, v, 0.25, causal=True)
+    expected = _ref_attention(np.array(q), np.array(k), np.array(v), 0.25, causal=True)
+    np.testing.assert_allclose(np.array(causal), expected, rtol=0, atol=2e-6)
+    # the first query sees only the first key
+    np.testing.assert_allclose(np.array(causal)[:, :, 0], np.array(v)[:, :, 0], rtol=0, atol=1e-6)
+    half = cpu_attention.attention(*(a.astype(mx.float16) for a in (q, k, v)), 0.25, causal=True)
+    assert half.dtype == mx.float16
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), expected, rtol=0, atol=5e-3)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        cpu_attention.attention(q, k[:, :, :10], v[:, :, :10], 0.25, causal=True)
+
+
+def test_layers_attention_takes_the_cpu_kernel_only_at_inference():
+    q, k, v = (_heads_view((1, 2, 64, 8), s) for s in (7, 8, 9))
+    layers.AttentionStats.reset()
+    training = layers.attention(q, k, v, 0.35)
+    assert set(layers.AttentionStats.calls) == {"cpu"}
+    layers.AttentionStats.reset()
+    with cpu_kernels.eager_chunks():
+        inference = layers.attention(q, k, v, 0.35)
+    assert set(layers.AttentionStats.calls) == {"cpu_blocks"}
+    np.testing.assert_allclose(np.array(inference), np.array(training), rtol=0, atol=1e-6)
+
+
+def _gelu64(x):
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_geglu_and_tanh_gelu_match_float64(monkeypatch, with_bias):
+    monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 7)  # 7-row blocks: ragged, many
+    rng = np.random.default_rng(0)
+    h = (rng.standard_normal((2, 25, 24)) * 4).astype(np.float32)
+    h[0, 0, 12:] = [-30, -12, -6, 0, 1e-8, 6, 12, 30, 80, -80, 3, -3]  # tails of the erf polynomial
+    bias = rng.standard_normal(24).astype(np.float32) if with_bias else None
+    hb = h.astype(np.float64) + (0 if bias is None else bias)
+    got = cpu_rowwise.geglu(mx.array(h), None if bias is None else mx.array(bias))
+    np.testing.assert_allclose(np.array(got), hb[..., :12] * _gelu64(hb[..., 12:]), rtol=1e-6, atol=2e-6)
+    tanh_ref = 0.5 * hb * (1 + np.tanh(math.sqrt(2 / math.pi) * (hb + 0.044715 * hb ** 3)))
+    got = cpu_rowwise.gelu_tanh(mx.array(h), None if bias is None else mx.array(bias))
+    np.testing.assert_allclose(np.array(got), tanh_ref, rtol=1e-6, atol=2e-6)
+
+
+def test_layer_norm_and_group_norm_match_float64(monkeypatch):
+    monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 5)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 6, 7, 32)) * 3 + 5).astype(np.float32)  # an offset mean: cancellation
+    w, b = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    ln = (x64 - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(np.array(cpu_rowwise.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5)),
+                               ln * w + b, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.array(cpu_rowwise.layer_norm(mx.array(x), None, None, 1e-6)),
+                               (x64 - mean) / np.sqrt(var + 1e-6), rtol=0, atol=1e-5)
+    groups = x64.reshape(2, -1, 8, 4)
+    g_mean, g_var = groups.mean(axis=(1, 3), keepdims=True), groups.var(axis=(1, 3), keepdims=True)
+    gn = ((groups - g_mean) / np.sqrt(g_var + 1e-6)).reshape(x.shape) * w + b
+    got = cpu_rowwise.group_norm(mx.array(x), 8, mx.array(w), mx.array(b), 1e-6)
+    np.testing.assert_allclose(np.array(got), gn, rtol=0, atol=1e-5)
+    got = cpu_rowwise.group_norm(mx.array(x).astype(mx.float16), 8, mx.array(w), mx.array(b), 1e-6, silu=True)
+    assert got.dtype == mx.float16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), gn / (1 + np.exp(-gn)), rtol=0, atol=2e-2)
+
+
+def test_modules_give_the_same_output_at_inference_as_in_training():
+    """GEGLU, the transformer block (LayerNorms, attention) and the resnet (GroupNorm + SiLU, Winograd
+    convolutions at 32x32) through the numpy kernels against the MLX path used in training."""
+    mx.random.seed(3)
+    block = layers.BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
+    resnet = layers.ResnetBlock2D(16, 32, temb_channels=8, groups=4, eps=1e-6)
+    mx.eval(block.parameters(), resnet.parameters())
+    tokens, context = mx.random.normal((2, 40, 32)), mx.random.normal((2, 7, 24))
+    image, temb = mx.random.normal((2, 32, 32, 16)), mx.random.normal((2, 8))
+    plain = (block(tokens, context), resnet(image, temb))
+    with cpu_kernels.eager_chunks():
+        fast = (block(tokens, context), resnet(image, temb))
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=5e-5)
+
+
+def test_winograd_convolution_and_its_cached_kernel_transform():
+    conv = layers.Conv2d(8, 12, 3, padding=1)
+    x = mx.random.normal((1, 32, 32, 8))
+    mx.eval(conv.parameters(), x)
+    direct = nn.Conv2d.__call__(conv, x)
+    with cpu_kernels.eager_chunks():
+        assert conv._winograd_applies(x)
+        first = conv(x)
+        np.testing.assert_allclose(np.array(first), np.array(direct), rtol=0, atol=2e-5)
+        conv.weight = conv.weight * 2  # a new weight (a LoRA fused, weights reloaded): the transform follows it
+        np.testing.assert_allclose(np.array(conv(x)), 2 * np.array(direct) - np.array(conv.bias), rtol=0, atol=4e-5)
+        assert not conv._winograd_applies(x[:, :30, :30])  # sides not multiples of 4
+        assert not conv._winograd_applies(x[:, :16, :16])  # below 32x32: MLX's direct convolution
+    assert "_winograd" not in dict(nn.utils.tree_flatten(conv.parameters()))  # not a parameter
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc only")
+def test_allocator_keeps_freed_memory_until_released():
+    assert allocator.keep_freed_memory()
+    before = _resident_bytes()
+    block = np.ones(256 << 20, np.uint8)  # below KEEP_BELOW: from the heap, not a mapping of its own
+    del block
+    kept = _resident_bytes()
+    assert kept - before > 200 << 20  # freed, but kept for the next activation
+    allocator.release()
+    assert kept - _resident_bytes() > 200 << 20  # given back
