@@ -207,8 +207,9 @@ class Conv2d(nn.Conv2d):
     convolution over images of at least WINOGRAD_MIN_PIXELS (sides multiples of 4) runs as Winograd F(4x4, 3x3)
     (winograd.py), with the bias added as the tiles are put in place. Measured on a 2-core Xeon (oneMKL), batch 2:
     320->320 channels at 64x64 108 -> 39 ms, 640->640 at 32x32 78 -> 35 ms; at 16x16 and below MLX's direct
-    convolution is faster and is kept. The kernel's transform (4x the kernel's size) is kept with the module for
-    as long as the weight it came from is the module's weight; a "_" attribute, so not a parameter."""
+    convolution is faster and is kept. The kernel's transform is computed per call (2-45 ms for 320-1280
+    channels): kept, it added 4x every such kernel's size (1.18 GiB for SD 1.5's UNet at fp32, peak 4.87 against
+    3.82 GiB) for no measurable gain (`python -m backend bench --parts unet`: 7.27 s kept, 7.29 s per call)."""
 
     WINOGRAD_MIN_PIXELS = 32 * 32
 
@@ -222,12 +223,9 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         if not self._winograd_applies(x):
             return super().__call__(x)
-        cached = getattr(self, "_winograd", None)
-        if cached is None or cached[0] is not self.weight:
-            cached = self._winograd = (self.weight, winograd.transform_weight(self.weight, 4))
         padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
         addends = (self.bias,) if "bias" in self else ()
-        return winograd.conv3x3(padded, cached[1], 4, addends)
+        return winograd.conv3x3(padded, winograd.transform_weight(self.weight, 4), 4, addends)
 
 
 class LayerNorm(nn.LayerNorm):
