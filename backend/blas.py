@@ -289,3 +289,35 @@ def one_thread_here() -> None:
             ctypes.CDLL(loaded).MKL_Set_Num_Threads_Local(1)
         except (OSError, AttributeError):
             pass
+
+
+# oneMKL's vector math mode: "low accuracy" (at most 4 ulp; its default, HA, is 1 ulp and slower), and overflow or
+# underflow (exp of a large or very negative value) neither sets errno nor calls an error handler.
+_VML_MODE = 0x1 | 0x100  # VML_LA | VML_ERRMODE_IGNORE
+_vector_math: dict = {}
+
+
+def vector_math(name: str):
+    """oneMKL's vector math function `vms<name>` (e.g. "Exp", "Erf") as f(x, out) over contiguous fp32 numpy
+    arrays (out may be x), in its low-accuracy mode (relative error ~1e-7 here); None unless oneMKL is the loaded
+    BLAS. One thread per call in cpu_pool's workers (`one_thread_here`)."""
+    if name in _vector_math:
+        return _vector_math[name]
+    function = None
+    if loaded and "mkl" in loaded:
+        try:
+            function = getattr(ctypes.CDLL(loaded), f"vms{name}")
+            function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            function.restype = None
+        except (OSError, AttributeError):
+            function = None
+    if function is not None:
+        raw = function
+
+        def function(x, out) -> None:
+            if x.dtype != "float32" or out.dtype != "float32" or x.shape != out.shape \
+                    or not (x.flags.c_contiguous and out.flags.c_contiguous):
+                raise ValueError("vector math takes contiguous fp32 arrays of one shape")
+            raw(x.size, x.ctypes.data, out.ctypes.data, _VML_MODE)
+    _vector_math[name] = function
+    return function

@@ -28,6 +28,10 @@ def _numpy_matmul(a, b, out, alpha: float = 1.0, b_transposed: bool = False) -> 
     np.matmul(a * np.float32(alpha) if alpha != 1.0 else a, b.T if b_transposed else b, out=out)
 
 
+def _numpy_exp(x, out) -> None:
+    np.exp(x, out=out)
+
+
 def block_rows(keys: int) -> int:
     """Query rows per block: BLOCK_SCORES scores, at least 16 rows."""
     return max(16, BLOCK_SCORES // max(1, keys))
@@ -65,11 +69,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
             if future is not None:
                 s += future[r:r + n]
             s -= s.max(axis=1, keepdims=True)
-            np.exp(s, out=s)
+            exp(s, s)
             matmul(s, values, o)
             np.divide(o[:, :d_v], o[:, d_v:], out=out[b, r:r + n, h])
 
     matmul = blas.sgemm() or _numpy_matmul
+    exp = blas.vector_math("Exp") or _numpy_exp
     cpu_pool.run(run, shares)
     del keep
     result = mx.array(out)

@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from backend import blas
 from backend.engines.mlx import cpu_pool
 
 # erfc(z) = t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7), for z = |x|/sqrt2.
@@ -35,7 +36,8 @@ def _result(out: np.ndarray, shape, dtype) -> mx.array:
 
 
 def _gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray) -> None:
-    """out = GELU(g) (exact, erf): relu(g) - |g|/2 erfc(|g|/sqrt2); a and t are scratch of g's shape."""
+    """out = GELU(g) (exact, erf) without oneMKL: relu(g) - |g|/2 erfc(|g|/sqrt2) by a polynomial; a and t are
+    scratch of g's shape."""
     np.abs(g, out=a)
     np.multiply(a, _ERF_P, out=t)
     t += 1
@@ -54,6 +56,15 @@ def _gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray) -> 
     np.subtract(t, out, out=out)
 
 
+def _gelu_by_erf_into(g: np.ndarray, out: np.ndarray, erf) -> None:
+    """out = GELU(g) = g (1 + erf(g / sqrt2)) / 2, torch's formula, with oneMKL's vector erf."""
+    np.multiply(g, np.float32(1 / math.sqrt(2.0)), out=out)
+    erf(out, out)
+    out *= np.float32(0.5)
+    out += np.float32(0.5)
+    out *= g
+
+
 def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     """diffusers' GEGLU after its projection: hidden * GELU(gate), (hidden, gate) = split(h + bias) on the last axis."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
@@ -63,13 +74,18 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     out = np.empty((hn.shape[0], inner), np.float32)
     block = cpu_pool.block_rows(inner, 1 << 16)
 
+    erf = blas.vector_math("Erf")
+
     def work(share):
         g, a, t = (np.empty((block, inner), np.float32) for _ in range(3))
         for r0, r1 in share:
             n = r1 - r0
             gate, act = g[:n], out[r0:r1]
             np.add(hn[r0:r1, inner:], b_gate, out=gate) if b_gate is not None else np.copyto(gate, hn[r0:r1, inner:])
-            _gelu_into(gate, act, a[:n], t[:n])
+            if erf is not None:
+                _gelu_by_erf_into(gate, act, erf)
+            else:
+                _gelu_into(gate, act, a[:n], t[:n])
             if b_hidden is not None:
                 np.add(hn[r0:r1, :inner], b_hidden, out=gate)
                 act *= gate
@@ -98,7 +114,7 @@ def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
                 e *= _GELU_TANH_K * _GELU_TANH_A
                 e += _GELU_TANH_K
                 e *= x
-                np.exp(e, out=e)
+                np.exp(e, out=e)  # numpy's, here faster than oneMKL's (whose overflow path is slow)
                 e += 1
                 x /= e
 
