@@ -248,11 +248,12 @@ _sgemm = None
 
 
 def sgemm():
-    """oneMKL's `cblas_sgemm` as f(a, b, out, alpha=1.0, b_transposed=False): out = alpha a b (or alpha a b^T) for
-    fp32 numpy matrices whose rows may be strided but whose elements within a row are adjacent (views of MLX
-    arrays included); None unless oneMKL is the loaded BLAS (callers use numpy's matmul then). For worker
-    threads that each run on one core (`one_thread_here`): there it is ~1.5x numpy's bundled OpenBLAS on
-    attention's products (2 threads, 512x4096x40 and 512x4096x41: 270 vs 183 GFLOP/s on this Xeon)."""
+    """oneMKL's `cblas_sgemm` as f(a, b, out, alpha=1.0, b_transposed=False, accumulate=False): out = alpha a b
+    (or alpha a b^T; `accumulate` adds it to out instead) for fp32 numpy matrices whose rows may be strided but
+    whose elements within a row are adjacent (views of MLX arrays included); None unless oneMKL is the loaded
+    BLAS (callers use numpy's matmul then). In worker threads that each run on one core (`one_thread_here`) it
+    is ~1.5x numpy's bundled OpenBLAS on attention's products (2 threads, 512x4096x40 and 512x4096x41: 270 vs
+    183 GFLOP/s on this Xeon); called from another thread it uses oneMKL's threads."""
     global _sgemm
     if _sgemm is not None or not loaded or "mkl" not in loaded:
         return _sgemm or None
@@ -270,13 +271,14 @@ def sgemm():
             raise ValueError("sgemm takes fp32 matrices whose elements within a row are adjacent")
         return max(1, matrix.strides[0] // 4, matrix.shape[1])
 
-    def product(a, b, out, alpha: float = 1.0, b_transposed: bool = False) -> None:
+    def product(a, b, out, alpha: float = 1.0, b_transposed: bool = False, accumulate: bool = False) -> None:
         m, k = a.shape
         n = b.shape[0] if b_transposed else b.shape[1]
         if out.shape != (m, n) or (b.shape[1] if b_transposed else b.shape[0]) != k:
             raise ValueError(f"sgemm shapes {a.shape} x {b.shape}{'^T' if b_transposed else ''} -> {out.shape}")
         function(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS if b_transposed else _CBLAS_NO_TRANS, m, n, k,
-                 alpha, a.ctypes.data, leading(a), b.ctypes.data, leading(b), 0.0, out.ctypes.data, leading(out))
+                 alpha, a.ctypes.data, leading(a), b.ctypes.data, leading(b), 1.0 if accumulate else 0.0,
+                 out.ctypes.data, leading(out))
 
     _sgemm = product
     return _sgemm

@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from backend import files
 from backend.engines.mlx import cpu_attention, layers, weights as weight_io
+from backend.engines.mlx.layers import Linear
 
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773: pool at the highest id instead
 
@@ -110,10 +111,10 @@ class CLIPAttention(nn.Module):
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.scale = (dim // self.num_heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         batch, length, dim = x.shape
@@ -132,8 +133,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.activation = _ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -175,7 +176,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def eos_positions(self, input_ids: mx.array) -> mx.array:
         """Where each row's eos token is, the way transformers finds it for the pooled output."""

@@ -150,18 +150,13 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
     return _result(out, x.shape, x.dtype)
 
 
-def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool = False) -> mx.array:
-    """torch's GroupNorm of channels-last x (B, ..., C), then SiLU if asked. Statistics per (image, group) in fp64
-    from per-block channel sums of x and x^2 (one pass); then the affine map and the SiLU per block."""
-    keep, (xn, w, b) = cpu_pool.as_numpy(x, weight, bias)
-    batch, channels = x.shape[0], x.shape[-1]
-    per_image = xn.reshape(batch, -1, channels)
-    rows = per_image.shape[1]
-    block = cpu_pool.block_rows(channels, 1 << 16)
+def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:
+    """(B, 2, C) fp64 sums of x and x^2 per image and channel of (B, rows, C), fp64 per block on the workers."""
+    batch, rows, channels = per_image.shape
     shares = cpu_pool.row_shares(rows, block)
     sums = np.zeros((len(shares), batch, 2, channels), np.float64)
 
-    def moments(i):
+    def work(i):
         square = np.empty((block, channels), np.float32)
         for img in range(batch):
             for r0, r1 in shares[i]:
@@ -170,17 +165,18 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
                 np.multiply(part, part, out=square[:r1 - r0])
                 sums[i, img, 1] += square[:r1 - r0].sum(axis=0, dtype=np.float64)
 
-    cpu_pool.run(moments, range(len(shares)))
-    total = sums.sum(axis=0).reshape(batch, 2, groups, channels // groups).sum(axis=3) / (rows * channels // groups)
-    mean, var = total[:, 0], np.maximum(total[:, 1] - total[:, 0] ** 2, 0)
-    inv_std = np.repeat(1 / np.sqrt(var + eps), channels // groups, axis=1)  # (batch, channels)
-    scale = (inv_std * w).astype(np.float32)
-    shift = (b - np.repeat(mean, channels // groups, axis=1) * inv_std * w).astype(np.float32)
+    cpu_pool.run(work, range(len(shares)))
+    return sums.sum(axis=0)
+
+
+def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: bool, block: int) -> np.ndarray:
+    """x * scale + shift, then SiLU if asked, for (B, rows, C) x and (B, C) scale and shift."""
+    batch, rows, channels = per_image.shape
     out = np.empty(per_image.shape, np.float32)
 
-    def normalize(share):
+    def work(share):
         e = np.empty((block, channels), np.float32)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):  # exp(-y) = inf for very negative y: y / inf = -0, SiLU's limit
             for img in range(batch):
                 for r0, r1 in share:
                     y = out[img, r0:r1]
@@ -193,6 +189,49 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
                         t += 1
                         y /= t
 
-    cpu_pool.run(normalize, shares)
+    cpu_pool.run(work, cpu_pool.row_shares(rows, block))
+    return out
+
+
+def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool = False) -> mx.array:
+    """torch's GroupNorm of channels-last x (B, ..., C), then SiLU if asked. Statistics per (image, group) in fp64
+    from per-block channel sums of x and x^2 (one pass); then the affine map and the SiLU per block."""
+    keep, (xn, w, b) = cpu_pool.as_numpy(x, weight, bias)
+    batch, channels = x.shape[0], x.shape[-1]
+    per_image = xn.reshape(batch, -1, channels)
+    block = cpu_pool.block_rows(channels, 1 << 16)
+    sums = _channel_sums(per_image, block)
+    total = sums.reshape(batch, 2, groups, channels // groups).sum(axis=3) / (per_image.shape[1] * channels // groups)
+    mean, var = total[:, 0], np.maximum(total[:, 1] - total[:, 0] ** 2, 0)
+    inv_std = np.repeat(1 / np.sqrt(var + eps), channels // groups, axis=1)  # (batch, channels)
+    scale = (inv_std * w).astype(np.float32)
+    shift = (b - np.repeat(mean, channels // groups, axis=1) * inv_std * w).astype(np.float32)
+    out = _affine(per_image, scale, shift, silu, block)
     del keep
     return _result(out, x.shape, x.dtype)
+
+
+def affine_silu(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    """SiLU(x * scale + shift) for channels-last x (B, ..., C) and per-image, per-channel fp32 scale and shift
+    (B, 1, ..., C): a GroupNorm whose statistics are known (vae_bands' bands), applied and activated."""
+    keep, (xn, sc, sh) = cpu_pool.as_numpy(x, scale, shift)
+    batch, channels = x.shape[0], x.shape[-1]
+    out = _affine(xn.reshape(batch, -1, channels), sc.reshape(batch, channels), sh.reshape(batch, channels), True,
+                  cpu_pool.block_rows(channels, 1 << 16))
+    del keep
+    return _result(out, x.shape, x.dtype)
+
+
+def group_moments(x: mx.array, groups: int) -> tuple:
+    """(count, group means, centred group sums of squares) of channels-last x (B, ..., C), the means and sums
+    (B, G) fp32: vae_bands' GroupNorm moments of one band."""
+    keep, (xn,) = cpu_pool.as_numpy(x)
+    batch, channels = x.shape[0], x.shape[-1]
+    per_image = xn.reshape(batch, -1, channels)
+    sums = _channel_sums(per_image, cpu_pool.block_rows(channels, 1 << 16))
+    del keep
+    count = per_image.shape[1] * (channels // groups)
+    total = sums.reshape(batch, 2, groups, channels // groups).sum(axis=3)
+    mean = total[:, 0] / count
+    m2 = np.maximum(total[:, 1] - count * mean ** 2, 0)
+    return count, mx.array(mean.astype(np.float32)), mx.array(m2.astype(np.float32))

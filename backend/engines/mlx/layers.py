@@ -174,6 +174,17 @@ def activation(name: str):
         raise ValueError(f"unsupported activation function {name!r}") from None
 
 
+class Linear(nn.Linear):
+    """nn.Linear; on the CPU the product, then the bias: MLX's addmm there copies the bias into the output first
+    and reads it back in the product (SDXL's 2x1024x1280 -> 1280: 23.8 ms, the product then the bias 20.0 ms,
+    torch 22.2 ms, on the 2-core Xeon of the README's "Speed on Linux")."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self and mx.default_device() == mx.cpu:
+            return x @ self.weight.T + self.bias
+        return super().__call__(x)
+
+
 class GroupNorm(nn.GroupNorm):
     """torch's GroupNorm on channels-last input (nn.GroupNorm with pytorch_compatible=True).
 
@@ -239,7 +250,7 @@ class LayerNorm(nn.LayerNorm):
 
 def _bias_free(linear, x: mx.array):
     """(x W^T, bias) for a plain nn.Linear, so a CPU kernel can add the bias in its own pass; else (linear(x), None)."""
-    if type(linear) is nn.Linear and "bias" in linear:
+    if type(linear) in (Linear, nn.Linear) and "bias" in linear:
         return x @ linear.weight.T, linear.bias
     return linear(x), None
 
@@ -250,7 +261,7 @@ def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
 
 def pointwise(in_channels: int, out_channels: int, bias: bool = True) -> nn.Linear:
     """A 1x1 convolution as a Linear over the channel axis (weights.load_into squeezes the kernel)."""
-    return nn.Linear(in_channels, out_channels, bias=bias)
+    return Linear(in_channels, out_channels, bias=bias)
 
 
 class Attention(nn.Module):
@@ -269,10 +280,10 @@ class Attention(nn.Module):
         if norm_num_groups is not None:
             self.group_norm = group_norm(norm_num_groups, query_dim, eps)
         context_dim = cross_attention_dim or query_dim
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=bias)
-        self.to_out = [nn.Linear(inner, query_dim, bias=True)]
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim, inner, bias=bias)
+        self.to_out = [Linear(inner, query_dim, bias=True)]
 
     def _split_heads(self, x: mx.array) -> mx.array:
         b, n, _ = x.shape
@@ -293,7 +304,7 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference():
@@ -307,7 +318,7 @@ class TanhGELU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
+        self.proj = Linear(dim_in, dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference():
@@ -326,7 +337,7 @@ class FeedForward(nn.Module):
         super().__init__()
         inner = dim * mult
         self.net = [_FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner), nn.Identity(),  # net.1 is dropout
-                    nn.Linear(inner, dim)]
+                    Linear(inner, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.net:
@@ -395,7 +406,7 @@ class ResnetBlock2D(nn.Module):
         self.norm1 = group_norm(groups, in_channels, eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
-            self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
+            self.time_emb_proj = Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
         self.norm2 = group_norm(groups, out_channels, eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -475,11 +486,11 @@ class TimestepEmbedding(nn.Module):
                  out_dim: Optional[int] = None, cond_proj_dim: Optional[int] = None,
                  post_act_fn: Optional[str] = None):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
         if cond_proj_dim is not None:
-            self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False)
+            self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
         self.act = activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
         self.post_act = activation(post_act_fn) if post_act_fn else None
 
     def __call__(self, sample: mx.array, condition: Optional[mx.array] = None) -> mx.array:

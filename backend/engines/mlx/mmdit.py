@@ -22,7 +22,7 @@ import numpy as np
 
 from backend import files, interrupt
 from backend.engines.mlx import cpu_kernels, weights as W
-from backend.engines.mlx.layers import FeedForward, TimestepEmbedding, attention, silu, timestep_embedding
+from backend.engines.mlx.layers import FeedForward, Linear, TimestepEmbedding, attention, silu, timestep_embedding
 
 _NORM_EPS = 1e-6  # every norm of the model: adaLN LayerNorms, norm2, norm_out, the q/k RMS norms
 _TIME_CHANNELS = 256  # CombinedTimestepTextProjEmbeddings' sinusoidal timestep width
@@ -163,8 +163,8 @@ class PixArtAlphaTextProjection(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_features, hidden_size)
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.linear_1 = Linear(in_features, hidden_size)
+        self.linear_2 = Linear(hidden_size, hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(silu(self.linear_1(x)))
@@ -195,7 +195,7 @@ class AdaLayerNorm(nn.Module):
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = nn.Linear(dim, chunks * dim)
+        self.linear = Linear(dim, chunks * dim)
 
     def __call__(self, conditioning_act: mx.array) -> list:
         return mx.split(self.linear(conditioning_act)[:, None, :], self.chunks, axis=-1)
@@ -230,19 +230,19 @@ class JointAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         self.scale = head_dim ** -0.5
         self.context_pre_only = context_pre_only
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.to_out = [nn.Linear(inner, dim)]  # to_out.1 is dropout
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
+        self.to_out = [Linear(inner, dim)]  # to_out.1 is dropout
         if qk_norm:
             self.norm_q = RMSNorm(head_dim)
             self.norm_k = RMSNorm(head_dim)
         if joint:
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
+            self.add_q_proj = Linear(dim, inner)
+            self.add_k_proj = Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
             if not context_pre_only:
-                self.to_add_out = nn.Linear(inner, dim)
+                self.to_add_out = Linear(inner, dim)
             if qk_norm:
                 self.norm_added_q = RMSNorm(head_dim)
                 self.norm_added_k = RMSNorm(head_dim)
@@ -336,7 +336,7 @@ class SD3Transformer2DModel(nn.Module):
         inner = cfg.inner_dim
         self.pos_embed = PatchEmbed(cfg)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(inner, cfg.pooled_projection_dim)
-        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        self.context_embedder = Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
         dual = set(cfg.dual_attention_layers)
         self.transformer_blocks = [
             JointTransformerBlock(inner, cfg.num_attention_heads, cfg.attention_head_dim,
@@ -344,7 +344,7 @@ class SD3Transformer2DModel(nn.Module):
                                   use_dual_attention=i in dual)
             for i in range(cfg.num_layers)]
         self.norm_out = AdaLayerNorm(inner, 2)
-        self.proj_out = nn.Linear(inner, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+        self.proj_out = Linear(inner, cfg.patch_size * cfg.patch_size * cfg.out_channels)
 
     @property
     def max_latent_size(self) -> Optional[int]:

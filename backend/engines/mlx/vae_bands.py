@@ -36,7 +36,7 @@ import mlx.core as mx
 
 from backend import interrupt
 
-from backend.engines.mlx import cpu_kernels, layers, winograd
+from backend.engines.mlx import cpu_conv, cpu_kernels, cpu_rowwise, layers, winograd
 
 BAND_BYTES = 4 << 20  # the output rows evaluated at once
 WINOGRAD_TILE = 4  # convolutions by F(4x4, 3x3); 2 for F(2x2, 3x3), 0 for MLX's (in small calls)
@@ -146,6 +146,8 @@ class Rows:
 
 def _band_moments(band: mx.array, groups: int) -> tuple:
     """(count, group means, centred group sums of squares) of one band."""
+    if layers.cpu_inference():
+        return cpu_rowwise.group_moments(band, groups)
     b, r, w, c = band.shape
     flat = band.reshape(b, r * w, c)
     count = r * w * (c // groups)
@@ -166,6 +168,8 @@ def _norm_act(norm, act, x: Rows) -> RowSource:
     scale_g = mx.rsqrt(var + norm.eps)[..., None] * gamma
     scale = scale_g.reshape(b, 1, 1, -1)
     shift = (beta - mean[..., None] * scale_g).reshape(b, 1, 1, -1)
+    if act is layers.silu and layers.cpu_inference():
+        return lambda first, end: cpu_rowwise.affine_silu(x.take(first, end), scale, shift)
     if act is layers.silu and _fast_cpu():
         return lambda first, end: cpu_kernels.affine_silu(x.take(first, end), scale, shift)
 
@@ -195,7 +199,10 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     probe = source(0, 1)
     batch, width, itemsize = probe.shape[0], probe.shape[2], probe.itemsize
     band_rows = _rows_for(batch * width * max(c_in, c_out) * itemsize, _band_bytes())
-    tile = _winograd_tile()
+    shifted = layers.cpu_inference() and cpu_conv.applies(c_in, c_out)
+    tile = 0 if shifted else _winograd_tile()
+    if shifted:
+        taps = cpu_conv.taps(weight)
     if tile:
         u = winograd.transform_weight(weight, tile)
         band_rows = -(-band_rows // tile) * tile
@@ -207,7 +214,13 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
         first = max(r0 - 1, 0)
         inp = source(first, min(r1 + 1, height))
         addends = bias + ([residual(r0, r1)] if residual is not None else [])
-        if tile:
+        if shifted:
+            padded = mx.pad(inp.astype(mx.float32), [(0, 0), (int(r0 == 0), int(r1 == height)), (1, 1), (0, 0)])
+            out = cpu_conv.conv3x3(padded, taps)
+            for addend in addends:
+                out = out + addend
+            out = out.astype(inp.dtype)
+        elif tile:
             out = _winograd_band(inp, u, tile, r0, r1, height, addends)
         else:
             out = _direct_band(inp, weight, r0, r1, height, conv_rows)
