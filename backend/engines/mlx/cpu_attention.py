@@ -4,8 +4,8 @@ MLX's CPU backend runs each elementwise op and reduction on one thread, scalar f
 softmax of an SD 1.5 self-attention at 512x512 (2 x 8 heads x 4096 x 4096 scores) costs it ~1.3 s of the
 call's 1.6 s even with cpu_kernels' exp. Here the work is cut into blocks of query rows (one head, a few MB
 of scores each, so they stay in cache), and one worker thread per core takes its share of the blocks:
-scores by a matrix product, minus the row maximum, numpy's SIMD exp in place, and the value product
-whose extra column of ones also gives each row's softmax denominator (cpu_pool's workers, one per core;
+scores by a matrix product, minus the row maximum, the exp in place, and the value product whose extra
+column of ones also gives each row's softmax denominator (cpu_pool's workers, one per core;
 the products by oneMKL where it is the loaded BLAS, else numpy's).
 On a 2-core Xeon (AVX-512) this is 0.38 s for the call above, torch's 0.24 s (tools/bench_attention.py).
 
@@ -54,14 +54,23 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     n_workers = min(len(blocks), cpu_pool.workers())
     shares = [blocks[i::n_workers] for i in range(n_workers)]
 
+    # The softmax denominators: from a column of ones added to the values, the value product's widths padded to a
+    # multiple of 16 (its kernels' tile: 40 -> 48 columns costs less than 41); for widths already a multiple of 16
+    # a separate row-sum product costs less than the 17th column (measured, README "Speed on Linux").
+    ones_column = d_v % 16 != 0
+    width = -(-(d_v + 1) // 16) * 16 if ones_column else d_v
+
     def run(share):
         scores = np.empty((rows, n_kv), np.float32)
-        values = np.empty((n_kv, d_v + 1), np.float32)
-        products = np.empty((rows, d_v + 1), np.float32)
+        values = np.zeros((n_kv, width), np.float32)
+        products = np.empty((rows, width), np.float32)
+        ones, sums = np.ones((n_kv, 1), np.float32), np.empty((rows, 1), np.float32)
+        if ones_column:
+            values[:, d_v] = 1.0
         head = None
         for b, h, r in share:
-            if head != (b, h):  # this head's values with a column of ones: the product's last column is the denominator
-                values[:, :d_v], values[:, d_v] = vn[b, h], 1.0
+            if head != (b, h):
+                values[:, :d_v] = vn[b, h]
                 head = (b, h)
             n = min(rows, n_q - r)
             s, o = scores[:n], products[:n]
@@ -71,7 +80,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
             s -= s.max(axis=1, keepdims=True)
             exp(s, s)
             matmul(s, values, o)
-            np.divide(o[:, :d_v], o[:, d_v:], out=out[b, r:r + n, h])
+            denominators = o[:, d_v:d_v + 1] if ones_column else sums[:n]
+            if not ones_column:
+                matmul(s, ones, denominators)
+            np.divide(o[:, :d_v], denominators, out=out[b, r:r + n, h])
 
     matmul = blas.sgemm() or _numpy_matmul
     exp = blas.vector_math("Exp") or _numpy_exp
