@@ -35,16 +35,23 @@ def taps(weight: mx.array) -> np.ndarray:
 
 def conv3x3(padded: mx.array, tap_matrices: np.ndarray) -> mx.array:
     """The 'valid' 3x3 convolution of a zero-padded fp32 (B, R + 2, W + 2, C_in) input: (B, R, W, C_out)."""
-    sgemm = blas.sgemm()
     mx.eval(padded)
     x = np.asarray(padded)
-    batch, rows, width, c_in = x.shape[0], x.shape[1] - 2, x.shape[2] - 2, x.shape[3]
-    c_out = tap_matrices.shape[2]
-    out = np.empty((batch, rows, width + 2, c_out), np.float32)
-    m = rows * (width + 2) - 2  # the last row's two wrap-around columns would read past the input
+    batch, rows, width = x.shape[0], x.shape[1] - 2, x.shape[2] - 2
+    out = np.zeros((batch, rows, width + 2, tap_matrices.shape[2]), np.float32)
+    accumulate_into(x, tap_matrices, out)
+    return mx.array(out[:, :, :width])
+
+
+def accumulate_into(padded: np.ndarray, tap_matrices: np.ndarray, out: np.ndarray) -> None:
+    """out (B, R, W + 2, C_out) += the 3x3 'valid' convolution of padded (B, R + 2, W + 2, C_in), all fp32
+    numpy; out's last two columns of each row receive wrap-around values, to be ignored."""
+    sgemm = blas.sgemm()
+    batch, width, c_in = padded.shape[0], padded.shape[2] - 2, padded.shape[3]
+    rows, c_out = out.shape[1], out.shape[3]
+    m = rows * (width + 2) - 2
     for b in range(batch):
-        flat_in, flat_out = x[b].reshape(-1, c_in), out[b].reshape(-1, c_out)[:m]
+        flat_in, flat_out = padded[b].reshape(-1, c_in), out[b].reshape(-1, c_out)[:m]
         for k in range(9):
             start = (k // 3) * (width + 2) + k % 3
-            sgemm(flat_in[start:start + m], tap_matrices[k], flat_out, accumulate=k > 0)
-    return mx.array(out[:, :, :width])
+            sgemm(flat_in[start:start + m], tap_matrices[k], flat_out, accumulate=True)

@@ -212,6 +212,30 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
     return _result(out, x.shape, x.dtype)
 
 
+def affine_silu_into(x: mx.array, scale: mx.array, shift: mx.array, dest: np.ndarray) -> None:
+    """SiLU(x * scale + shift) for NHWC x, per-image per-channel scale and shift (B, 1, 1, C), written into the
+    fp32 numpy view `dest` of x's shape (the interior of a zero-padded buffer: vae_bands' fused convolution)."""
+    keep, (xn, sc, sh) = cpu_pool.as_numpy(x, scale, shift)
+    batch, rows, channels = x.shape[0], x.shape[1], x.shape[-1]
+    sc, sh = sc.reshape(batch, 1, channels), sh.reshape(batch, 1, channels)
+    block = cpu_pool.block_rows(x.shape[2] * channels, 1 << 17)
+
+    def work(share):
+        with np.errstate(over="ignore"):
+            for img in range(batch):
+                for r0, r1 in share:
+                    y = dest[img, r0:r1]
+                    np.multiply(xn[img, r0:r1], sc[img], out=y)
+                    y += sh[img]
+                    t = np.negative(y)
+                    np.exp(t, out=t)
+                    t += 1
+                    y /= t
+
+    cpu_pool.run(work, cpu_pool.row_shares(rows, block))
+    del keep
+
+
 def affine_silu(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
     """SiLU(x * scale + shift) for channels-last x (B, ..., C) and per-image, per-channel fp32 scale and shift
     (B, 1, ..., C): a GroupNorm whose statistics are known (vae_bands' bands), applied and activated."""

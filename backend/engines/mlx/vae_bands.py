@@ -33,12 +33,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from backend import interrupt
 
-from backend.engines.mlx import cpu_conv, cpu_kernels, cpu_rowwise, layers, winograd
+from backend.engines.mlx import cpu_conv, cpu_kernels, cpu_pool, cpu_rowwise, layers, winograd
 
-BAND_BYTES = 4 << 20  # the output rows evaluated at once
+BAND_BYTES = 32 << 20  # the output rows evaluated at once
 WINOGRAD_TILE = 4  # convolutions by F(4x4, 3x3); 2 for F(2x2, 3x3), 0 for MLX's (in small calls)
 UNFOLD_BYTES = 6 << 20  # a convolution call's unfolded input (rows x width x 9 x channels)
 # Elsewhere than on the fast CPU path (a GPU): bands only above this many output pixels (batch included), of
@@ -169,7 +170,10 @@ def _norm_act(norm, act, x: Rows) -> RowSource:
     scale = scale_g.reshape(b, 1, 1, -1)
     shift = (beta - mean[..., None] * scale_g).reshape(b, 1, 1, -1)
     if act is layers.silu and layers.cpu_inference():
-        return lambda first, end: cpu_rowwise.affine_silu(x.take(first, end), scale, shift)
+        def normalized(first, end):
+            return cpu_rowwise.affine_silu(x.take(first, end), scale, shift)
+        normalized.into = lambda first, end, dest: cpu_rowwise.affine_silu_into(x.take(first, end), scale, shift, dest)
+        return normalized
     if act is layers.silu and _fast_cpu():
         return lambda first, end: cpu_kernels.affine_silu(x.take(first, end), scale, shift)
 
@@ -184,6 +188,14 @@ def _upsampled(x: Rows) -> RowSource:
     def rows(first, end):
         src = layers.upsample_nearest(x.take(first // 2, (end + 1) // 2))
         return src[:, first % 2:first % 2 + end - first]
+
+    def into(first, end, dest):
+        src = x.take(first // 2, (end + 1) // 2).astype(mx.float32)
+        mx.eval(src)
+        picked = np.asarray(src)[:, np.arange(first, end) // 2 - first // 2]  # the rows, each twice
+        b, r, w, c = picked.shape
+        dest.reshape(b, r, w, 2, c)[...] = picked[:, :, :, None, :]  # and each column twice
+    rows.into = into
     return rows
 
 
@@ -212,6 +224,14 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     for r0 in range(0, height, band_rows):
         r1 = min(height, r0 + band_rows)
         first = max(r0 - 1, 0)
+        if shifted and hasattr(source, "into"):
+            out = _fused_shifted_band(source, taps, bias, residual, r0, r1, height, batch, width, c_in, scale)
+            bands.append(out.astype(probe.dtype))
+            moments.append(_band_moments(bands[-1], groups) if groups else None)
+            mx.eval(bands[-1], moments[-1])
+            interrupt.checkpoint()
+            done_before(r1 - 1)
+            continue
         inp = source(first, min(r1 + 1, height))
         addends = bias + ([residual(r0, r1)] if residual is not None else [])
         if shifted:
@@ -235,6 +255,43 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
         moments.append(band_moments)
         done_before(r1 - 1)
     return Rows(bands, moments if groups else None)
+
+
+def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, height: int, batch: int, width: int,
+                        c_in: int, scale: float) -> mx.array:
+    """Output rows [r0, r1) by cpu_conv's shifted products, in numpy from end to end: the source writes its rows
+    (normalized and activated, or upsampled) straight into the zero-padded input, the output starts as bias +
+    residual and the nine products accumulate onto it: one copy back to MLX instead of MLX passes for the pad,
+    the bias, the residual and each copy."""
+    first, end = max(r0 - 1, 0), min(r1 + 1, height)
+    top = int(r0 == 0)
+    padded = np.empty((batch, r1 - r0 + 2, width + 2, c_in), np.float32)
+    padded[:, :, 0] = padded[:, :, -1] = 0
+    if top:
+        padded[:, 0] = 0
+    if r1 == height:
+        padded[:, -1] = 0
+    source.into(first, end, padded[:, top:top + end - first, 1:width + 1])
+    out = np.empty((batch, r1 - r0, width + 2, taps.shape[2]), np.float32)
+    start = out[:, :, :width]
+    terms = [a.astype(mx.float32) for a in bias + ([residual(r0, r1)] if residual is not None else [])]
+    mx.eval(*terms)
+    terms = [np.asarray(t) for t in terms]  # the bias (C,) broadcast, the residual rows (B, R, W, C)
+
+    def initialize(share):
+        for a, b in share:
+            rows = start[:, a:b]
+            if not terms:
+                rows[...] = 0
+            for i, term in enumerate(terms):
+                part = term if term.ndim == 1 else term[:, a:b]
+                np.copyto(rows, part) if i == 0 else np.add(rows, part, out=rows)
+
+    cpu_pool.run(initialize, cpu_pool.row_shares(r1 - r0, max(1, (r1 - r0) // (2 * cpu_pool.workers()))))
+    cpu_conv.accumulate_into(padded, taps, out)
+    if scale != 1.0:
+        start /= np.float32(scale)
+    return mx.array(start)
 
 
 def _winograd_band(inp: mx.array, u: mx.array, tile: int, r0: int, r1: int, height: int,
