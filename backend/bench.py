@@ -38,6 +38,7 @@ def _median_time(fn, repeats: int, warmup: bool = True) -> tuple[float, list]:
 # -- workers (run in their own process) ------------------------------------------------------------
 def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) -> dict:
     import backend  # noqa: F401
+    from backend import allocator
     import mlx.core as mx
     import mlx.nn as nn
     from backend.engines.mlx import cpu_kernels
@@ -96,6 +97,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
         vae = build(AutoencoderKL(VAEConfig.from_dict(_cfg(model, "vae"))))
         mx.clear_cache()  # random init made fp32 temporaries that loading a checkpoint does not
+        allocator.release()
         peak.reset()
 
         def run():

@@ -40,6 +40,7 @@ def _timed(fn, repeats: int):
 def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
     import backend  # noqa: F401  (OpenBLAS before MLX)
     import mlx.core as mx
+    from backend import allocator
     from backend.engines.mlx import cpu_kernels
     from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
     from backend.engines.mlx.quantize import quantize_module, uniform_recipe
@@ -52,6 +53,7 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
     if quantization:
         quantize_module(model, "transformer", uniform_recipe(int(quantization[1:])))
     mx.clear_cache()
+    allocator.release()
     latent = size // 8
     x = mx.random.normal((1, latent, latent, 16)).astype(dtype)
     context = mx.random.normal((1, TOKENS, 4096)).astype(dtype)
@@ -129,6 +131,7 @@ def _diffusionkit_modules():
 def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -> dict:
     import backend  # noqa: F401  (the same BLAS for both MLX engines)
     import mlx.core as mx
+    from backend import allocator
     from backend.measure import ProcessPeak
     config, mmdit = _diffusionkit_modules()
     dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
@@ -142,6 +145,7 @@ def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -
     t = mx.array([750.0], dtype=dtype)
     model.cache_modulation_params(mx.random.normal((1, 2048)).astype(dtype), t)  # done once per generation
     mx.clear_cache()
+    allocator.release()
     peak = ProcessPeak()
     peak.reset()
     sec, times = _timed(lambda: mx.eval(model(x, context, t)), repeats)

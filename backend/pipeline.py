@@ -380,6 +380,7 @@ def load_pipeline(model: str, engine: str = "auto", precision: str = "auto", qua
                       disk=c.disk_bytes) for c in choices]
     pipe = pipes[0]
     pipe.refiner = pipes[1] if refiner else None
+    allocator.release()  # the file copies and fp32 originals freed while loading (quantized, cast) go back now
     pipe.load_seconds = time.perf_counter() - start
     return pipe
 

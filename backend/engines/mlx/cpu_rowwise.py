@@ -124,29 +124,31 @@ def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
 
 
 def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:
-    """LayerNorm over the last axis (torch's, biased variance), statistics in fp32."""
+    """LayerNorm over the last axis of (B, ..., C) x (torch's, biased variance), statistics in fp32; weight and
+    bias (C,), or (B, 1, C) per image (SD3's modulation: LN(x) (1 + scale) + shift)."""
     keep, views = cpu_pool.as_numpy(x, *[a for a in (weight, bias) if a is not None])
-    xn = _rows(views[0])
+    batch, channels = x.shape[0], x.shape[-1]
+    per_image = views[0].reshape(batch, -1, channels)
     rest = iter(views[1:])
-    w = next(rest) if weight is not None else None
-    b = next(rest) if bias is not None else None
-    out = np.empty(xn.shape, np.float32)
-    block = cpu_pool.block_rows(xn.shape[1], 1 << 19)  # few, large blocks: its numpy calls are many and short
-    inv_n = np.float32(1.0 / xn.shape[1])
-    averaging = np.full((xn.shape[1], 1), inv_n, np.float32)  # row means as a product: 4x numpy's mean here
+    w = next(rest).reshape(-1, channels) if weight is not None else None
+    b = next(rest).reshape(-1, channels) if bias is not None else None
+    out = np.empty(per_image.shape, np.float32)
+    block = cpu_pool.block_rows(channels, 1 << 19)  # few, large blocks: its numpy calls are many and short
+    averaging = np.full((channels, 1), 1.0 / channels, np.float32)  # row means as a product: 4x numpy's mean
 
     def work(share):
-        for r0, r1 in share:
-            d = out[r0:r1]
-            np.subtract(xn[r0:r1], xn[r0:r1] @ averaging, out=d)
-            var = np.einsum("ij,ij->i", d, d)[:, None] * inv_n
-            d *= 1 / np.sqrt(var + np.float32(eps))
-            if w is not None:
-                d *= w
-            if b is not None:
-                d += b
+        for img in range(batch):
+            for r0, r1 in share:
+                d, rows = out[img, r0:r1], per_image[img, r0:r1]
+                np.subtract(rows, rows @ averaging, out=d)
+                var = np.einsum("ij,ij->i", d, d)[:, None] * np.float32(1.0 / channels)
+                d *= 1 / np.sqrt(var + np.float32(eps))
+                if w is not None:
+                    d *= w[img % len(w)]
+                if b is not None:
+                    d += b[img % len(b)]
 
-    cpu_pool.run(work, cpu_pool.row_shares(xn.shape[0], block))
+    cpu_pool.run(work, cpu_pool.row_shares(per_image.shape[1], block))
     del keep
     return _result(out, x.shape, x.dtype)
 

@@ -176,6 +176,7 @@ class MLXStages(Stages):
             self._resident[name] = module
             self._loaded_bytes[name] = W.module_bytes(module)
             self._rewrap_loras()
+            allocator.release()  # what loading freed (file copies, fp32 originals of quantized layers)
         return module
 
     def _release(self, names) -> None:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from backend import files, interrupt
-from backend.engines.mlx import cpu_kernels, weights as W
+from backend.engines.mlx import cpu_kernels, cpu_rowwise, layers, weights as W
 from backend.engines.mlx.layers import FeedForward, Linear, TimestepEmbedding, attention, silu, timestep_embedding
 
 _NORM_EPS = 1e-6  # every norm of the model: adaLN LayerNorms, norm2, norm_out, the q/k RMS norms
@@ -103,6 +103,15 @@ def _layer_norm(x: mx.array) -> mx.array:
 def _modulate(normed: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.array:
     """normed * (1 + scale) + shift, in fp32 (normed is fp32; scale, shift (B, 1, C)), cast to dtype."""
     return (normed * (1 + scale.astype(mx.float32)) + shift.astype(mx.float32)).astype(dtype)
+
+
+def _norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.array:
+    """_modulate(_layer_norm(x), ...): at CPU inference one numpy kernel on every core (cpu_rowwise.layer_norm
+    with per-image weights)."""
+    if layers.cpu_inference():
+        return cpu_rowwise.layer_norm(x, 1 + scale.astype(mx.float32), shift.astype(mx.float32),
+                                      _NORM_EPS).astype(dtype)
+    return _modulate(_layer_norm(x), scale, shift, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,13 +311,16 @@ class JointTransformerBlock(nn.Module):
         dtype = x.dtype
         mods = self.norm1(conditioning_act)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        normed = _layer_norm(x)
-        x_attn = _modulate(normed, scale_msa, shift_msa, dtype)
+        if self.use_dual_attention:  # the normalized image tokens serve both attentions
+            normed = _layer_norm(x)
+            x_attn = _modulate(normed, scale_msa, shift_msa, dtype)
+        else:
+            normed, x_attn = None, _norm_modulate(x, scale_msa, shift_msa, dtype)
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(conditioning_act)  # AdaLayerNormContinuous: scale first
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(conditioning_act)
-        c_attn = _modulate(_layer_norm(context), c_scale, c_shift, dtype)
+        c_attn = _norm_modulate(context, c_scale, c_shift, dtype)
 
         attn_out, context_out = self.attn(x_attn, c_attn)
         x = x + gate_msa * attn_out
@@ -316,13 +328,12 @@ class JointTransformerBlock(nn.Module):
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             x = x + gate_msa2 * self.attn2(_modulate(normed, scale_msa2, shift_msa2, dtype))
         del normed
-        x = x + gate_mlp * self.ff(_modulate(_layer_norm(x), scale_mlp, shift_mlp, dtype))
+        x = x + gate_mlp * self.ff(_norm_modulate(x, scale_mlp, shift_mlp, dtype))
         if self.context_pre_only:
             return None, x
 
         context = context + c_gate_msa * context_out
-        context = context + c_gate_mlp * self.ff_context(_modulate(_layer_norm(context), c_scale_mlp, c_shift_mlp,
-                                                                   dtype))
+        context = context + c_gate_mlp * self.ff_context(_norm_modulate(context, c_scale_mlp, c_shift_mlp, dtype))
         return context, x
 
 
@@ -385,7 +396,7 @@ class SD3Transformer2DModel(nn.Module):
             interrupt.checkpoint(x, *([] if context is None else [context]))
 
         scale, shift = self.norm_out(conditioning_act)
-        x = self.proj_out(_modulate(_layer_norm(x), scale, shift, dtype))
+        x = self.proj_out(_norm_modulate(x, scale, shift, dtype))
         p, c = cfg.patch_size, cfg.out_channels
         h, w = height // p, width // p
         return x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
