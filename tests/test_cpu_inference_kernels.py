@@ -34,10 +34,13 @@ def _heads_view(shape, seed):
     return x
 
 
-@pytest.mark.parametrize("use_mkl", [True, False])
-@pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 70, 16), (2, 3, 70, 16)), ((1, 2, 50, 8), (1, 2, 77, 8))])
-def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, shape_q, shape_kv):
-    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)  # several blocks per head, the last one ragged
+@pytest.mark.parametrize("use_mkl,in_blocks", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 70, 16), (2, 3, 70, 16)), ((1, 2, 50, 8), (1, 2, 77, 8)),
+                                              ((1, 2, 40, 40), (1, 2, 60, 40))])
+def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, shape_q, shape_kv):
+    if in_blocks:  # on the workers, several blocks per head, the last one ragged; else all at once (small calls)
+        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
+        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
     if not use_mkl:  # numpy's matmul and exp, as without oneMKL
         monkeypatch.setattr(blas, "sgemm", lambda: None)
         monkeypatch.setattr(blas, "vector_math", lambda name: None)
@@ -48,8 +51,11 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, shape_q, shap
                                rtol=0, atol=2e-6)
 
 
-def test_causal_attention_and_half_precision_inputs(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 512)
+@pytest.mark.parametrize("in_blocks", [True, False])
+def test_causal_attention_and_half_precision_inputs(monkeypatch, in_blocks):
+    if in_blocks:
+        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
+        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 512)
     q, k, v = (_heads_view((2, 4, 77, 16), s) for s in (4, 5, 6))
     causal = cpu_attention.attention(q, k, v, 0.25, causal=True)
     expected = _ref_attention(np.array(q), np.array(k), np.array(v), 0.25, causal=True)

@@ -20,6 +20,9 @@ import numpy as np
 from backend import blas
 from backend.engines.mlx import cpu_pool
 
+#: Calls with at most this many scores in all run at once in the calling thread (CLIP's 2 x 12 x 77 x 77: 3.7 ->
+#: <1 ms a layer).
+SMALL_SCORES = 1 << 18
 #: Scores one block holds (fp32): 8 MiB (measured best among 2-16 MiB here: 0.38 s against 0.40 at 4 MiB).
 BLOCK_SCORES = 1 << 21
 
@@ -49,6 +52,19 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     if causal and n_q != n_kv:
         raise ValueError(f"causal attention needs as many queries as keys, got {n_q} and {n_kv}")
     future = np.triu(np.full((n_q, n_kv), -np.inf, np.float32), 1) if causal else None
+    if batch * heads * n_q * n_kv <= SMALL_SCORES:  # CLIP's 77 tokens: batched numpy calls beat the workers' dispatch
+        s = np.matmul(qn, kn.swapaxes(-1, -2))
+        s *= np.float32(scale)
+        if future is not None:
+            s += future
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        o = np.matmul(s, vn)
+        o /= s.sum(axis=-1, keepdims=True)
+        out[...] = o.transpose(0, 2, 1, 3)
+        del keep
+        result = mx.array(out)
+        return (result if out_dtype == mx.float32 else result.astype(out_dtype)).transpose(0, 2, 1, 3)
     rows = min(n_q, block_rows(n_kv))
     blocks = [(b, h, r) for b in range(batch) for h in range(heads) for r in range(0, n_q, rows)]
     n_workers = min(len(blocks), cpu_pool.workers())
