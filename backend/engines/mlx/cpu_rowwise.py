@@ -133,7 +133,8 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
     w = next(rest).reshape(-1, channels) if weight is not None else None
     b = next(rest).reshape(-1, channels) if bias is not None else None
     out = np.empty(per_image.shape, np.float32)
-    block = cpu_pool.block_rows(channels, 1 << 19)  # few, large blocks: its numpy calls are many and short
+    # Few, large blocks (its numpy calls are many and short), but at least two per worker.
+    block = max(1, min(cpu_pool.block_rows(channels, 1 << 19), -(-per_image.shape[1] // (2 * cpu_pool.workers()))))
     averaging = np.full((channels, 1), 1.0 / channels, np.float32)  # row means as a product: 4x numpy's mean
 
     def work(share):
