@@ -69,8 +69,13 @@ def test_causal_attention_and_half_precision_inputs(monkeypatch, in_blocks):
         cpu_attention.attention(q, k[:, :, :10], v[:, :, :10], 0.25, causal=True)
 
 
-def test_layers_attention_takes_the_cpu_kernel_only_at_inference():
+def test_layers_attention_takes_the_cpu_kernel_only_at_inference(monkeypatch):
     q, k, v = (_heads_view((1, 2, 64, 8), s) for s in (7, 8, 9))
+    with cpu_kernels.eager_chunks():  # 8192 scores: too few for the numpy kernels, MLX's path
+        layers.AttentionStats.reset()
+        layers.attention(q, k, v, 0.35)
+        assert set(layers.AttentionStats.calls) == {"cpu"}
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
     layers.AttentionStats.reset()
     training = layers.attention(q, k, v, 0.35)
     assert set(layers.AttentionStats.calls) == {"cpu"}
@@ -127,9 +132,10 @@ def test_layer_norm_and_group_norm_match_float64(monkeypatch):
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), gn / (1 + np.exp(-gn)), rtol=0, atol=2e-2)
 
 
-def test_modules_give_the_same_output_at_inference_as_in_training():
+def test_modules_give_the_same_output_at_inference_as_in_training(monkeypatch):
     """GEGLU, the transformer block (LayerNorms, attention) and the resnet (GroupNorm + SiLU, Winograd
     convolutions at 32x32) through the numpy kernels against the MLX path used in training."""
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # these small calls would otherwise keep MLX's ops
     mx.random.seed(3)
     block = layers.BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
     resnet = layers.ResnetBlock2D(16, 32, temb_channels=8, groups=4, eps=1e-6)
@@ -175,12 +181,13 @@ def test_allocator_keeps_freed_memory_until_released():
     assert kept - _resident_bytes() > 200 << 20  # given back
 
 
-def test_vae_decode_at_inference_matches_the_training_path():
+def test_vae_decode_at_inference_matches_the_training_path(monkeypatch):
     """The decoder's row bands with the numpy kernels (norm + SiLU into the padded input, shifted products for the
     128-channel layers, moments on the workers) against the same bands with MLX's ops: batch 2, every up block."""
     from backend.bench import _cfg
     from backend.engines.mlx import cpu_conv
     from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
     cfg = dict(_cfg("sd-1.5", "vae"), block_out_channels=[32, 64, 128, 128], norm_num_groups=8)
     vae = AutoencoderKL(VAEConfig.from_dict(cfg))
     mx.eval(vae.parameters())

@@ -123,7 +123,7 @@ class CLIPAttention(nn.Module):
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        if layers.cpu_inference():
+        if layers.cpu_inference(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]):
             out = cpu_attention.attention(q, k, v, self.scale, causal=True)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")

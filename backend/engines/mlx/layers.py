@@ -68,7 +68,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     if not cpu_kernels.available():
         return device_attention(q, k, v, scale)
     batch, heads, n_q, _ = q.shape
-    if cpu_kernels.eager_chunks.active:
+    if cpu_inference(batch * heads * n_q * k.shape[2]):
         rows = min(n_q, cpu_attention.block_rows(k.shape[2]))
         AttentionStats.record("cpu_blocks", 4 * rows * k.shape[2])
         return cpu_attention.attention(q, k, v, scale)
@@ -139,10 +139,16 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.a
     return None
 
 
-def cpu_inference() -> bool:
-    """True where the numpy kernels on every core apply (cpu_attention, cpu_rowwise): inference (under
-    cpu_kernels.eager_chunks) on the CPU."""
-    return cpu_kernels.eager_chunks.active and cpu_kernels.available()
+#: The fewest elements (or attention scores) a call needs for the numpy kernels: below it their fixed cost (handing
+#: blocks to the workers, the copy back into MLX) outweighs the cores; the embedded 64 px model's step took 46 ms
+#: with them everywhere and 35 ms with MLX's ops.
+NUMPY_KERNEL_MIN = 1 << 17
+
+
+def cpu_inference(elements: int = NUMPY_KERNEL_MIN) -> bool:
+    """True where the numpy kernels on every core apply (cpu_attention, cpu_rowwise, cpu_conv): inference (under
+    cpu_kernels.eager_chunks) on the CPU, for a call over at least NUMPY_KERNEL_MIN `elements`."""
+    return elements >= NUMPY_KERNEL_MIN and cpu_kernels.eager_chunks.active and cpu_kernels.available()
 
 
 def silu(x: mx.array) -> mx.array:
@@ -197,7 +203,7 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(groups, channels, eps=eps, affine=True, pytorch_compatible=True)
 
     def __call__(self, x: mx.array, then_silu: bool = False) -> mx.array:
-        if cpu_inference():
+        if cpu_inference(x.size):
             return cpu_rowwise.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=then_silu)
         if then_silu:
             return silu(self(x))
@@ -243,7 +249,7 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm; at CPU inference, cpu_rowwise.layer_norm on every core."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_inference():
+        if cpu_inference(x.size):
             return cpu_rowwise.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
         return super().__call__(x)
 
@@ -307,7 +313,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_inference():
+        if cpu_inference(x.size):
             return cpu_rowwise.geglu(*_bias_free(self.proj, x))
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
         return hidden * gelu(gate)
@@ -321,7 +327,7 @@ class TanhGELU(nn.Module):
         self.proj = Linear(dim_in, dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_inference():
+        if cpu_inference(x.size):
             return cpu_rowwise.gelu_tanh(*_bias_free(self.proj, x))
         return gelu_tanh(self.proj(x))
 

@@ -108,7 +108,7 @@ def _modulate(normed: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.a
 def _norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.array:
     """_modulate(_layer_norm(x), ...): at CPU inference one numpy kernel on every core (cpu_rowwise.layer_norm
     with per-image weights)."""
-    if layers.cpu_inference():
+    if layers.cpu_inference(x.size):
         return cpu_rowwise.layer_norm(x, 1 + scale.astype(mx.float32), shift.astype(mx.float32),
                                       _NORM_EPS).astype(dtype)
     return _modulate(_layer_norm(x), scale, shift, dtype)

@@ -121,6 +121,12 @@ class Rows:
         mx.eval(bands, moments)
         return cls(bands, moments)
 
+    @property
+    def size(self) -> int:
+        """Elements of the whole activation."""
+        b, _, w, c = next(band for band in self.bands if band is not None).shape
+        return b * self.height * w * c
+
     def take(self, first: int, end: int) -> mx.array:
         """Rows [first, end) as one array (a view when they lie in one band)."""
         pieces = []
@@ -152,7 +158,7 @@ class Rows:
 
 def _band_moments(band: mx.array, groups: int) -> tuple:
     """(count, group means, centred group sums of squares) of one band."""
-    if layers.cpu_inference():
+    if layers.cpu_inference(band.size):
         return cpu_rowwise.group_moments(band, groups)
     b, r, w, c = band.shape
     flat = band.reshape(b, r * w, c)
@@ -174,7 +180,7 @@ def _norm_act(norm, act, x: Rows) -> RowSource:
     scale_g = mx.rsqrt(var + norm.eps)[..., None] * gamma
     scale = scale_g.reshape(b, 1, 1, -1)
     shift = (beta - mean[..., None] * scale_g).reshape(b, 1, 1, -1)
-    if act is layers.silu and layers.cpu_inference():
+    if act is layers.silu and layers.cpu_inference(x.size):
         def normalized(first, end):
             return cpu_rowwise.affine_silu(x.take(first, end), scale, shift)
         normalized.into = lambda first, end, dest: cpu_rowwise.affine_silu_into(x.take(first, end), scale, shift, dest)
@@ -216,7 +222,7 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     probe = source(0, 1)
     batch, width, itemsize = probe.shape[0], probe.shape[2], probe.itemsize
     band_rows = _rows_for(batch * width * max(c_in, c_out) * itemsize, _band_bytes())
-    shifted = layers.cpu_inference() and cpu_conv.applies(c_in, c_out)
+    shifted = layers.cpu_inference(batch * height * width * c_out) and cpu_conv.applies(c_in, c_out)
     tile = 0 if shifted else _winograd_tile()
     if shifted:
         taps = cpu_conv.taps(weight)
