@@ -4,8 +4,8 @@ MLX's CPU backend runs every elementwise op and reduction on one thread; numpy r
 ufuncs and matrix products, so the same work cut into cache-sized blocks runs on every core from Python
 threads. `run(work, shares)` calls work(share) for each share on the pool and waits; numpy's BLAS (and any
 other the process loaded) is held to one thread meanwhile, and oneMKL to one thread in each worker, so the
-workers do not oversubscribe the cores. MLX itself is not called from the workers: they read numpy views of evaluated MLX
-arrays and write numpy arrays that the caller turns back into MLX arrays.
+workers do not oversubscribe the cores. MLX itself is not called from the workers: they read numpy views of
+evaluated MLX arrays (`as_numpy`) and write numpy arrays that the caller turns back into MLX arrays (`to_mlx`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from backend import blas
@@ -43,22 +44,26 @@ def _setup():
 
 
 def run(work: Callable, shares: Sequence) -> None:
-    """work(share) for every share, one per worker at a time; the first exception is raised here."""
+    """work(share) for every share, one per worker at a time (a single share in the calling thread); the first
+    exception is raised here."""
     pool, blas_threads = _setup()
-    if len(shares) == 1:
-        with blas_threads.limit(limits=1, user_api="blas"):
-            work(shares[0])
-        return
     with blas_threads.limit(limits=1, user_api="blas"):
+        if len(shares) == 1:
+            work(shares[0])
+            return
         for done in [pool.submit(work, share) for share in shares]:
             done.result()
 
 
+def deal(items: list) -> list:
+    """`items` dealt round-robin to the workers: one list per worker (fewer when there are fewer items)."""
+    n = max(1, min(len(items), workers()))
+    return [items[i::n] for i in range(n)]
+
+
 def row_shares(rows: int, block: int) -> list:
-    """[start, stop) blocks of `block` rows covering `rows`, dealt round-robin to the workers: one list each."""
-    blocks = [(r, min(rows, r + block)) for r in range(0, rows, block)]
-    n = max(1, min(len(blocks), workers()))
-    return [blocks[i::n] for i in range(n)]
+    """[start, stop) blocks of `block` rows covering `rows`, dealt to the workers."""
+    return deal([(r, min(rows, r + block)) for r in range(0, rows, block)])
 
 
 def block_rows(row_elements: int, block_elements: int = 1 << 18) -> int:
@@ -68,7 +73,12 @@ def block_rows(row_elements: int, block_elements: int = 1 << 18) -> int:
 
 def as_numpy(*arrays):
     """fp32 numpy views of MLX arrays (cast and evaluated first where needed); keep the MLX arrays alive."""
-    import mlx.core as mx
     cast = [a if a.dtype == mx.float32 else a.astype(mx.float32) for a in arrays]
     mx.eval(*cast)
     return cast, [np.asarray(a) for a in cast]
+
+
+def to_mlx(out: np.ndarray, dtype, shape=None) -> mx.array:
+    """A kernel's fp32 numpy result as an MLX array (a copy) of `dtype`, reshaped to `shape` if given."""
+    result = mx.array(out if shape is None else out.reshape(shape))
+    return result if dtype == mx.float32 else result.astype(dtype)

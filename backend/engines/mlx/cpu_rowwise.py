@@ -30,11 +30,6 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def _result(out: np.ndarray, shape, dtype) -> mx.array:
-    result = mx.array(out.reshape(shape))
-    return result if dtype == mx.float32 else result.astype(dtype)
-
-
 def _gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray) -> None:
     """out = GELU(g) (exact, erf) without oneMKL: relu(g) - |g|/2 erfc(|g|/sqrt2) by a polynomial; a and t are
     scratch of g's shape."""
@@ -94,7 +89,7 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
     del keep
-    return _result(out, h.shape[:-1] + (inner,), h.dtype)
+    return cpu_pool.to_mlx(out, h.dtype, h.shape[:-1] + (inner,))
 
 
 def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
@@ -120,7 +115,7 @@ def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
     del keep
-    return _result(out, h.shape, h.dtype)
+    return cpu_pool.to_mlx(out, h.dtype, h.shape)
 
 
 def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:
@@ -151,7 +146,7 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
 
     cpu_pool.run(work, cpu_pool.row_shares(per_image.shape[1], block))
     del keep
-    return _result(out, x.shape, x.dtype)
+    return cpu_pool.to_mlx(out, x.dtype, x.shape)
 
 
 def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:
@@ -173,13 +168,15 @@ def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:
     return sums.sum(axis=0)
 
 
-def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: bool, block: int) -> np.ndarray:
-    """x * scale + shift, then SiLU if asked, for (B, rows, C) x and (B, C) scale and shift."""
-    batch, rows, channels = per_image.shape
-    out = np.empty(per_image.shape, np.float32)
+def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: bool, block: int,
+            out: Optional[np.ndarray] = None) -> np.ndarray:
+    """x * scale + shift, then SiLU if asked, for (B, rows, ..., C) x and (B, C) scale and shift, into `out`
+    (a new array, or a view of x's shape such as a padded buffer's interior)."""
+    batch, rows = per_image.shape[:2]
+    out = np.empty(per_image.shape, np.float32) if out is None else out
 
     def work(share):
-        e = np.empty((block, channels), np.float32)
+        e = np.empty((block,) + per_image.shape[2:], np.float32)
         with np.errstate(over="ignore"):  # exp(-y) = inf for very negative y: y / inf = -0, SiLU's limit
             for img in range(batch):
                 for r0, r1 in share:
@@ -197,6 +194,13 @@ def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: b
     return out
 
 
+def _group_sums(per_image: np.ndarray, groups: int, block: int) -> tuple:
+    """(count per group, (B, G) fp64 sums of x, (B, G) fp64 sums of x^2) of (B, rows, C)."""
+    batch, rows, channels = per_image.shape
+    sums = _channel_sums(per_image, block).reshape(batch, 2, groups, channels // groups).sum(axis=3)
+    return rows * (channels // groups), sums[:, 0], sums[:, 1]
+
+
 def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool = False) -> mx.array:
     """torch's GroupNorm of channels-last x (B, ..., C), then SiLU if asked. Statistics per (image, group) in fp64
     from per-block channel sums of x and x^2 (one pass); then the affine map and the SiLU per block."""
@@ -204,38 +208,24 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
     batch, channels = x.shape[0], x.shape[-1]
     per_image = xn.reshape(batch, -1, channels)
     block = cpu_pool.block_rows(channels, 1 << 17)
-    sums = _channel_sums(per_image, block)
-    total = sums.reshape(batch, 2, groups, channels // groups).sum(axis=3) / (per_image.shape[1] * channels // groups)
-    mean, var = total[:, 0], np.maximum(total[:, 1] - total[:, 0] ** 2, 0)
+    count, total, squares = _group_sums(per_image, groups, block)
+    mean = total / count
+    var = np.maximum(squares / count - mean ** 2, 0)
     inv_std = np.repeat(1 / np.sqrt(var + eps), channels // groups, axis=1)  # (batch, channels)
     scale = (inv_std * w).astype(np.float32)
     shift = (b - np.repeat(mean, channels // groups, axis=1) * inv_std * w).astype(np.float32)
     out = _affine(per_image, scale, shift, silu, block)
     del keep
-    return _result(out, x.shape, x.dtype)
+    return cpu_pool.to_mlx(out, x.dtype, x.shape)
 
 
 def affine_silu_into(x: mx.array, scale: mx.array, shift: mx.array, dest: np.ndarray) -> None:
     """SiLU(x * scale + shift) for NHWC x, per-image per-channel scale and shift (B, 1, 1, C), written into the
     fp32 numpy view `dest` of x's shape (the interior of a zero-padded buffer: vae_bands' fused convolution)."""
     keep, (xn, sc, sh) = cpu_pool.as_numpy(x, scale, shift)
-    batch, rows, channels = x.shape[0], x.shape[1], x.shape[-1]
-    sc, sh = sc.reshape(batch, 1, channels), sh.reshape(batch, 1, channels)
-    block = cpu_pool.block_rows(x.shape[2] * channels, 1 << 17)
-
-    def work(share):
-        with np.errstate(over="ignore"):
-            for img in range(batch):
-                for r0, r1 in share:
-                    y = dest[img, r0:r1]
-                    np.multiply(xn[img, r0:r1], sc[img], out=y)
-                    y += sh[img]
-                    t = np.negative(y)
-                    np.exp(t, out=t)
-                    t += 1
-                    y /= t
-
-    cpu_pool.run(work, cpu_pool.row_shares(rows, block))
+    batch, channels = x.shape[0], x.shape[-1]
+    _affine(xn, sc.reshape(batch, channels), sh.reshape(batch, channels), True,
+            cpu_pool.block_rows(x.shape[2] * channels, 1 << 17), out=dest)
     del keep
 
 
@@ -247,7 +237,7 @@ def affine_silu(x: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
     out = _affine(xn.reshape(batch, -1, channels), sc.reshape(batch, channels), sh.reshape(batch, channels), True,
                   cpu_pool.block_rows(channels, 1 << 17))
     del keep
-    return _result(out, x.shape, x.dtype)
+    return cpu_pool.to_mlx(out, x.dtype, x.shape)
 
 
 def group_moments(x: mx.array, groups: int) -> tuple:
@@ -256,10 +246,8 @@ def group_moments(x: mx.array, groups: int) -> tuple:
     keep, (xn,) = cpu_pool.as_numpy(x)
     batch, channels = x.shape[0], x.shape[-1]
     per_image = xn.reshape(batch, -1, channels)
-    sums = _channel_sums(per_image, cpu_pool.block_rows(channels, 1 << 17))
+    count, total, squares = _group_sums(per_image, groups, cpu_pool.block_rows(channels, 1 << 17))
     del keep
-    count = per_image.shape[1] * (channels // groups)
-    total = sums.reshape(batch, 2, groups, channels // groups).sum(axis=3)
-    mean = total[:, 0] / count
-    m2 = np.maximum(total[:, 1] - count * mean ** 2, 0)
+    mean = total / count
+    m2 = np.maximum(squares - count * mean ** 2, 0)
     return count, mx.array(mean.astype(np.float32)), mx.array(m2.astype(np.float32))
