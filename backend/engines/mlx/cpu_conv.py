@@ -7,7 +7,7 @@ oneMKL (beta = 1): the direct convolution's multiplications, with no unfolded co
 convolution writes one 9x its input first) and no transforms (Winograd's, single-threaded elementwise passes in
 MLX). Each output row also gets two columns computed from the wrap-around, dropped at the end (2 / W extra).
 
-Measured here (one image, 2 cores, oneMKL): 128->128 channels at 512x512 0.29 s against 0.43 s for Winograd
+Measured here (one image, 2 cores, oneMKL): 128->128 channels at 512x512 0.34 s against 0.43 s for Winograd
 F(4x4) and 0.93 s for MLX's; 256->128 0.61 s against 0.72 s; from 256 channels on both sides Winograd's 4x fewer
 multiplications win (256->256 at 256x256: 0.28 against 0.25 s), so vae_bands uses this for layers with at most
 MAX_CHANNELS channels on one side. Needs oneMKL (blas.sgemm); fp32.
@@ -19,7 +19,8 @@ import numpy as np
 
 from backend import blas
 
-#: The widest layer (input or output channels) convolved this way; wider ones go to Winograd.
+#: Layers with at most this many channels on one side (input or output) are convolved this way; wider ones go to
+#: Winograd.
 MAX_CHANNELS = 128
 
 
@@ -31,16 +32,6 @@ def taps(weight: mx.array) -> np.ndarray:
     """(C_out, 3, 3, C_in) kernel -> (9, C_in, C_out) fp32, the product matrix of each tap (di, dj)."""
     w = weight.astype(mx.float32).transpose(1, 2, 3, 0)
     return np.ascontiguousarray(np.asarray(w)).reshape(9, weight.shape[3], weight.shape[0])
-
-
-def conv3x3(padded: mx.array, tap_matrices: np.ndarray) -> mx.array:
-    """The 'valid' 3x3 convolution of a zero-padded fp32 (B, R + 2, W + 2, C_in) input: (B, R, W, C_out)."""
-    mx.eval(padded)
-    x = np.asarray(padded)
-    batch, rows, width = x.shape[0], x.shape[1] - 2, x.shape[2] - 2
-    out = np.zeros((batch, rows, width + 2, tap_matrices.shape[2]), np.float32)
-    accumulate_into(x, tap_matrices, out)
-    return mx.array(out[:, :, :width])
 
 
 def accumulate_into(padded: np.ndarray, tap_matrices: np.ndarray, out: np.ndarray) -> None:

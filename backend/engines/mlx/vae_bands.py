@@ -234,31 +234,20 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     bands, moments = [], []
     for r0 in range(0, height, band_rows):
         r1 = min(height, r0 + band_rows)
-        first = max(r0 - 1, 0)
-        if shifted and hasattr(source, "into"):
-            out = _fused_shifted_band(source, taps, bias, residual, r0, r1, height, batch, width, c_in, scale)
-            bands.append(out.astype(probe.dtype))
-            moments.append(_band_moments(bands[-1], groups) if groups else None)
-            mx.eval(bands[-1], moments[-1])
-            interrupt.checkpoint()
-            done_before(r1 - 1)
-            continue
-        inp = source(first, min(r1 + 1, height))
-        addends = bias + ([residual(r0, r1)] if residual is not None else [])
         if shifted:
-            padded = mx.pad(inp.astype(mx.float32), [(0, 0), (int(r0 == 0), int(r1 == height)), (1, 1), (0, 0)])
-            out = cpu_conv.conv3x3(padded, taps)
-            for addend in addends:
-                out = out + addend
-            out = out.astype(inp.dtype)
-        elif tile:
-            out = _winograd_band(inp, u, tile, r0, r1, height, addends)
+            out = _fused_shifted_band(source, taps, bias, residual, r0, r1, height, batch, width, c_in, scale)
+            out = out.astype(probe.dtype)
         else:
-            out = _direct_band(inp, weight, r0, r1, height, conv_rows)
-            for addend in addends:
-                out = out + addend
-        if scale != 1.0:
-            out = out / scale
+            inp = source(max(r0 - 1, 0), min(r1 + 1, height))
+            addends = bias + ([residual(r0, r1)] if residual is not None else [])
+            if tile:
+                out = _winograd_band(inp, u, tile, r0, r1, height, addends)
+            else:
+                out = _direct_band(inp, weight, r0, r1, height, conv_rows)
+                for addend in addends:
+                    out = out + addend
+            if scale != 1.0:
+                out = out / scale
         band_moments = _band_moments(out, groups) if groups else None
         mx.eval(out, band_moments)
         interrupt.checkpoint()
@@ -266,6 +255,17 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
         moments.append(band_moments)
         done_before(r1 - 1)
     return Rows(bands, moments if groups else None)
+
+
+def _write_rows(source: RowSource, first: int, end: int, dest: np.ndarray) -> None:
+    """The source's rows [first, end) into the fp32 numpy view `dest`: by its own writer where it has one (`into`:
+    the normalized and activated rows, the upsampled ones), else its MLX rows copied."""
+    if hasattr(source, "into"):
+        source.into(first, end, dest)
+        return
+    rows = source(first, end).astype(mx.float32)
+    mx.eval(rows)
+    dest[...] = np.asarray(rows)
 
 
 def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, height: int, batch: int, width: int,
@@ -282,7 +282,7 @@ def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, he
         padded[:, 0] = 0
     if r1 == height:
         padded[:, -1] = 0
-    source.into(first, end, padded[:, top:top + end - first, 1:width + 1])
+    _write_rows(source, first, end, padded[:, top:top + end - first, 1:width + 1])
     out = np.empty((batch, r1 - r0, width + 2, taps.shape[2]), np.float32)
     start = out[:, :, :width]
     terms = [a.astype(mx.float32) for a in bias + ([residual(r0, r1)] if residual is not None else [])]
