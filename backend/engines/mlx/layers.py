@@ -145,10 +145,12 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.a
 NUMPY_KERNEL_MIN = 1 << 17
 
 
-def cpu_inference(elements: int = NUMPY_KERNEL_MIN) -> bool:
-    """True where the numpy kernels on every core apply (cpu_attention, cpu_rowwise, cpu_conv): inference (under
-    cpu_kernels.eager_chunks) on the CPU, for a call over at least NUMPY_KERNEL_MIN `elements`."""
-    return elements >= NUMPY_KERNEL_MIN and cpu_kernels.eager_chunks.active and cpu_kernels.available()
+def cpu_inference(elements: Optional[int] = None) -> bool:
+    """True where the CPU inference paths apply (cpu_attention, cpu_rowwise, cpu_conv, Winograd): inference (under
+    cpu_kernels.eager_chunks) on the CPU, for a call over at least NUMPY_KERNEL_MIN `elements` (None: a caller
+    with a size condition of its own)."""
+    return ((elements is None or elements >= NUMPY_KERNEL_MIN) and cpu_kernels.eager_chunks.active
+            and cpu_kernels.available())
 
 
 def silu(x: mx.array) -> mx.array:
@@ -232,10 +234,10 @@ class Conv2d(nn.Conv2d):
 
     def _winograd_applies(self, x: mx.array) -> bool:
         _, h, w, _ = x.shape
-        return (cpu_kernels.eager_chunks.active and x.dtype == mx.float32 and self.weight.dtype == mx.float32
+        return (cpu_inference() and x.dtype == mx.float32 and self.weight.dtype == mx.float32
                 and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
                 and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
-                and h % 4 == 0 and w % 4 == 0 and h * w >= self.WINOGRAD_MIN_PIXELS and cpu_kernels.available())
+                and h % 4 == 0 and w % 4 == 0 and h * w >= self.WINOGRAD_MIN_PIXELS)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self._winograd_applies(x):
