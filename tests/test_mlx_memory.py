@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from backend.engines.mlx import cpu_kernels, layers, vae_bands, weights as W
 from backend.engines.mlx.engine import MLXStages
@@ -21,6 +21,7 @@ from backend.engines.mlx.vae import AutoencoderKL
 from backend.pipeline import load_pipeline
 from backend.types import GenerationRequest
 from tests.arrays import relative_error
+from tests.tiny_models import cast_vae, perturbed_vae
 
 MIB = 1 << 20
 PROMPT = "a red circle at the top"
@@ -219,17 +220,9 @@ def test_no_attention_call_holds_more_than_256_mib_of_scores_at_1024_sdxl(monkey
 
 
 # -- the VAE in bands on any device ----------------------------------------------------------------------------
-VAE_CONFIG = dict(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-
-
 @pytest.fixture(scope="module")
 def vae():
-    mx.random.seed(0)
-    model = AutoencoderKL(VAE_CONFIG)
-    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape), model.parameters()))
-    mx.eval(model.parameters())
-    return model
+    return perturbed_vae()
 
 
 @pytest.fixture
@@ -251,19 +244,13 @@ def device_bands(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
 def test_large_images_decode_in_bands_on_any_device(vae, device_bands, dtype):
-    model = vae if dtype == mx.float32 else tree_map_module(vae, dtype)
+    model = vae if dtype == mx.float32 else cast_vae(vae, dtype)
     z = mx.random.normal((1, 12, 10, 4), key=mx.random.key(1)).astype(dtype)  # 24x20 = 480 pixels out: banded
     out = model.decode(z)
     assert device_bands == [(1, 12, 10, 4)]
     graph = model.decoder.graph(model.post_quant_conv(z))
     tolerance = 1e-5 if dtype == mx.float32 else 2e-2
     assert relative_error(np.array(out.astype(mx.float32)), np.array(graph.astype(mx.float32))) < tolerance
-
-
-def tree_map_module(module, dtype):
-    copy = AutoencoderKL(VAE_CONFIG)
-    copy.update(tree_map(lambda p: p.astype(dtype), module.parameters()))
-    return copy
 
 
 def test_small_images_decode_in_one_graph_off_the_cpu_path(vae, device_bands):

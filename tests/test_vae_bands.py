@@ -2,28 +2,21 @@
 import math
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
 from tests.arrays import relative_error
+from tests.tiny_models import cast_vae, perturbed_vae
 from backend.engines.mlx import cpu_kernels, vae_bands, winograd
-from backend.engines.mlx.vae import AutoencoderKL
 
-CONFIG = dict(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the band decoder is the CPU path")
 
 
 @pytest.fixture(scope="module")
 def vae():
-    mx.random.seed(0)
-    model = AutoencoderKL(CONFIG)
-    # Non-trivial norm affines and biases, so that every term of the layers shows.
-    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape), model.parameters()))
-    mx.eval(model.parameters())
-    return model
+    return perturbed_vae()
 
 
 @pytest.fixture
@@ -62,9 +55,7 @@ def test_default_bands_match_the_graph(vae):
 @pytest.mark.parametrize("tile", [4, 0])
 def test_fp16_bands_stay_fp16(vae, tiny_bands, monkeypatch, tile):
     monkeypatch.setattr(vae_bands, "WINOGRAD_TILE", tile)
-    half = AutoencoderKL(CONFIG)
-    half.update(vae.parameters())
-    half.set_dtype(mx.float16)
+    half = cast_vae(vae, mx.float16)
     z = mx.random.normal((1, 6, 6, 4), key=mx.random.key(3)).astype(mx.float16)
     banded = half.decoder(z)
     assert banded.dtype == mx.float16

@@ -5,7 +5,8 @@ tests run through diffusers. Families: sd1 (epsilon, conv proj), sd2 (v-predicti
 upcast attention, gelu), sdxl (two encoders, text_time micro-conditioning), lcm (time_cond_proj_dim), the
 second stage sdxl-refiner (text_encoder_2 only, aesthetic score), and SD3: sd3 (MMDiT, no T5, shift 3), sd3-t5
 (with a tiny T5), sd35 (qk_norm, dual attention, dynamic shifting). Inpainting: sd1-inpaint (sd1 with a 9-channel
-UNet: latents, mask, masked-image latents; StableDiffusionInpaintPipeline).
+UNet: latents, mask, masked-image latents; StableDiffusionInpaintPipeline). And, without a folder, a small MLX VAE
+with perturbed random weights for the band and memory tests (`perturbed_vae`, `cast_vae`).
 """
 from __future__ import annotations
 
@@ -215,3 +216,31 @@ def fake_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(rev)
     return repo / "snapshots" / rev
+
+
+# -- MLX modules with random weights, no folder ------------------------------------------------------------------
+#: A two-level VAE, small enough for the band and memory tests.
+SMALL_VAE = dict(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def perturbed_vae(config: dict = SMALL_VAE, seed: int = 0):
+    """An MLX AutoencoderKL of `config` with every parameter moved off its initial value by 0.1 N(0, 1) noise:
+    non-trivial norm affines and biases, so that every term of the layers shows."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from backend.engines.mlx.vae import AutoencoderKL
+    mx.random.seed(seed)
+    model = AutoencoderKL(config)
+    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def cast_vae(model, dtype, config: dict = SMALL_VAE):
+    """A copy of `model` (an AutoencoderKL of `config`) with its parameters in `dtype`."""
+    from mlx.utils import tree_map
+    from backend.engines.mlx.vae import AutoencoderKL
+    copy = AutoencoderKL(config)
+    copy.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    return copy
