@@ -83,6 +83,8 @@ def test_layers_attention_takes_the_cpu_kernel_only_at_inference(monkeypatch):
     with cpu_kernels.eager_chunks():
         inference = layers.attention(q, k, v, 0.35)
     assert set(layers.AttentionStats.calls) == {"cpu_blocks"}
+    assert layers.AttentionStats.largest_scores == 4 * 2 * 64 * 64  # a small call holds all its scores at once
+    assert cpu_attention.held_scores(16, 4096, 4096) == cpu_pool.workers() * 512 * 4096  # else a block per worker
     np.testing.assert_allclose(np.array(inference), np.array(training), rtol=0, atol=1e-6)
 
 

@@ -40,6 +40,15 @@ def block_rows(keys: int) -> int:
     return max(16, BLOCK_SCORES // max(1, keys))
 
 
+def held_scores(batch_heads: int, n_q: int, n_kv: int) -> int:
+    """The most scores (elements, fp32) a call holds at once: all of them for a small call, else one block per
+    worker (as cpu_kernels.attention_chunk_scores says for the training path)."""
+    if batch_heads * n_q * n_kv <= SMALL_SCORES:
+        return batch_heads * n_q * n_kv
+    rows = min(n_q, block_rows(n_kv))
+    return min(batch_heads * -(-n_q // rows), cpu_pool.workers()) * rows * n_kv
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values, computed in fp32 and
     returned in q's dtype as a (B, H, N, d_v) array (a transposed view of a (B, N, H, d_v) buffer, the layout

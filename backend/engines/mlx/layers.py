@@ -69,8 +69,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         return device_attention(q, k, v, scale)
     batch, heads, n_q, _ = q.shape
     if cpu_inference(batch * heads * n_q * k.shape[2]):
-        rows = min(n_q, cpu_attention.block_rows(k.shape[2]))
-        AttentionStats.record("cpu_blocks", 4 * rows * k.shape[2])
+        AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(batch * heads, n_q, k.shape[2]))
         return cpu_attention.attention(q, k, v, scale)
     AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, k.shape[2]))
     return cpu_kernels.attention(q, k, v, scale).astype(q.dtype)
