@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend import allocator, blas
-from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, layers
+from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, cpu_winograd, layers
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels need MLX's CPU compiler")
 
@@ -162,8 +162,41 @@ def test_winograd_convolution_follows_its_weight():
         np.testing.assert_allclose(np.array(first), np.array(direct), rtol=0, atol=2e-5)
         conv.weight = conv.weight * 2  # a new weight (a LoRA fused, weights reloaded)
         np.testing.assert_allclose(np.array(conv(x)), 2 * np.array(direct) - np.array(conv.bias), rtol=0, atol=4e-5)
-        assert not conv._winograd_applies(x[:, :30, :30])  # sides not multiples of 4
-        assert not conv._winograd_applies(x[:, :16, :16])  # below 32x32: MLX's direct convolution
+        ragged = x[:, :30, :21]  # sides not multiples of 4: the last tiles read zeros, their extra outputs dropped
+        assert conv._winograd_applies(ragged)
+        np.testing.assert_allclose(np.array(conv(ragged)), np.array(nn.Conv2d.__call__(conv, ragged)), rtol=0, atol=4e-5)
+        assert not conv._winograd_applies(x[:, :8, :8])  # below 16x16: MLX's direct convolution
+
+
+def _reference_conv(x: np.ndarray, weight: np.ndarray, rows: int, halo: bool) -> np.ndarray:
+    """The 3x3 convolution in float64: zero padding on every side (or only the columns, with `halo` rows)."""
+    padded = np.pad(x.astype(np.float64), [(0, 0), (0, 0) if halo else (1, 1), (1, 1), (0, 0)])
+    width = x.shape[2]
+    return sum(np.einsum("bhwc,oc->bhwo", padded[:, i:i + rows, j:j + width], weight[:, i, j].astype(np.float64))
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("batch,rows,width,c_in,c_out,halo", [
+    (1, 7, 10, 5, 6, False),   # ragged tiles on both sides
+    (2, 8, 8, 3, 4, False),
+    (1, 9, 13, 4, 3, True),    # a band: its first and last input rows are the halo
+    (1, 4, 4, 2, 2, True),     # one tile
+    (3, 13, 5, 16, 8, False),  # more units than workers
+])
+def test_numpy_winograd_matches_a_float64_convolution(monkeypatch, batch, rows, width, c_in, c_out, halo):
+    monkeypatch.setattr(cpu_winograd, "UNIT_BYTES", 1)  # one row of tiles per unit: every unit boundary exercised
+    rng = np.random.default_rng(rows * width)
+    x = rng.standard_normal((batch, rows + 2 if halo else rows, width, c_in)).astype(np.float32)
+    weight = rng.standard_normal((c_out, 3, 3, c_in)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    residual = rng.standard_normal((batch, rows, width, c_out)).astype(np.float32)
+    expected = _reference_conv(x, weight, rows, halo)
+    for with_terms in (False, True):
+        out = np.full((batch, rows, width, c_out), np.nan, np.float32)
+        cpu_winograd.conv3x3(x, cpu_winograd.kernel_transform(weight), out, *((bias, residual) if with_terms else ()),
+                             halo=halo)
+        reference = expected + (bias + residual if with_terms else 0)
+        assert np.abs(out - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
 def _resident_bytes() -> int:

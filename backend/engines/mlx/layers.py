@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_rowwise, winograd
+from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_rowwise, cpu_winograd
 
 
 # The most bytes of attention scores (batch x heads x queries x keys) one unfused call may materialise. MLX's own
@@ -222,28 +222,26 @@ class GroupNorm(nn.GroupNorm):
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d; on the CPU at inference (under cpu_kernels.eager_chunks), a 3x3, stride-1, padding-1 fp32
-    convolution over images of at least WINOGRAD_MIN_PIXELS (sides multiples of 4) runs as Winograd F(4x4, 3x3)
-    (winograd.py), with the bias added as the tiles are put in place. Measured on a 2-core Xeon (oneMKL), batch 2:
-    320->320 channels at 64x64 108 -> 39 ms, 640->640 at 32x32 78 -> 35 ms; at 16x16 and below MLX's direct
-    convolution is faster and is kept. The kernel's transform is computed per call (2-45 ms for 320-1280
-    channels): kept, it added 4x every such kernel's size (1.18 GiB for SD 1.5's UNet at fp32, peak 4.87 against
-    3.82 GiB) for no measurable gain (`python -m backend bench --parts unet`: 7.27 s kept, 7.29 s per call)."""
+    convolution over images of at least WINOGRAD_MIN_PIXELS runs as Winograd F(4x4, 3x3) on every core
+    (cpu_winograd.py), the bias added as the tiles are put in place. Measured on a 2-core Xeon (oneMKL), batch 2
+    (tools: /tmp ad-hoc, README "Speed on Linux"): 320->320 channels at 64x64 68 -> 28 ms (torch 46), 640->640 at
+    32x32 58 -> 29 ms (torch 46), 1280->1280 at 16x16 60 -> 45 ms (torch 53); at 8x8 MLX's direct convolution
+    (16 ms) is kept, the kernel's transform would cost more than it saves. The kernel's transform is computed per
+    call: kept, it would add 4x every such kernel's size (1.18 GiB for SD 1.5's UNet at fp32)."""
 
-    WINOGRAD_MIN_PIXELS = 32 * 32
+    WINOGRAD_MIN_PIXELS = 16 * 16
 
     def _winograd_applies(self, x: mx.array) -> bool:
         _, h, w, _ = x.shape
         return (cpu_inference() and x.dtype == mx.float32 and self.weight.dtype == mx.float32
                 and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
                 and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
-                and h % 4 == 0 and w % 4 == 0 and h * w >= self.WINOGRAD_MIN_PIXELS)
+                and h * w >= self.WINOGRAD_MIN_PIXELS)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self._winograd_applies(x):
             return super().__call__(x)
-        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-        addends = (self.bias,) if "bias" in self else ()
-        return winograd.conv3x3(padded, winograd.transform_weight(self.weight, 4), 4, addends)
+        return cpu_winograd.convolve(x, self.weight, self.get("bias"))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -40,7 +40,7 @@ import numpy as np
 
 from backend import interrupt
 
-from backend.engines.mlx import cpu_conv, cpu_kernels, cpu_pool, cpu_rowwise, layers, winograd
+from backend.engines.mlx import cpu_conv, cpu_kernels, cpu_pool, cpu_rowwise, cpu_winograd, layers, winograd
 
 # The output rows evaluated at once. Larger bands make larger products: SD 1.5's decode at 512x512 took 12.2 s with
 # 4 MiB bands (peak 0.98 GiB), 10.2 s with 16 MiB (1.16 GiB), 10.0 s with 32 MiB (1.41 GiB), before the fused path.
@@ -222,11 +222,15 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
     probe = source(0, 1)
     batch, width, itemsize = probe.shape[0], probe.shape[2], probe.itemsize
     band_rows = _rows_for(batch * width * max(c_in, c_out) * itemsize, _band_bytes())
-    shifted = layers.cpu_inference(batch * height * width * c_out) and cpu_conv.applies(c_in, c_out)
+    in_numpy = layers.cpu_inference(batch * height * width * c_out)
+    shifted = in_numpy and cpu_conv.applies(c_in, c_out)
     tile = 0 if shifted else _winograd_tile()
     if shifted:
         taps = cpu_conv.taps(weight)
-    if tile:
+    elif in_numpy:
+        u = cpu_winograd.kernel_transform(cpu_pool.as_numpy(weight)[1][0])
+        band_rows = -(-band_rows // cpu_winograd.TILE) * cpu_winograd.TILE
+    elif tile:
         u = winograd.transform_weight(weight, tile)
         band_rows = -(-band_rows // tile) * tile
     conv_rows = _rows_for(batch * width * 9 * c_in * itemsize, _unfold_bytes())
@@ -236,6 +240,9 @@ def conv3x3(conv, source: RowSource, height: int, groups: Optional[int] = None,
         r1 = min(height, r0 + band_rows)
         if shifted:
             out = _fused_shifted_band(source, taps, bias, residual, r0, r1, height, batch, width, c_in, scale)
+            out = out.astype(probe.dtype)
+        elif in_numpy:
+            out = _fused_winograd_band(source, u, bias, residual, r0, r1, height, batch, width, c_in, scale)
             out = out.astype(probe.dtype)
         else:
             inp = source(max(r0 - 1, 0), min(r1 + 1, height))
@@ -268,34 +275,51 @@ def _write_rows(source: RowSource, first: int, end: int, dest: np.ndarray) -> No
     dest[...] = np.asarray(rows)
 
 
+def _input_band(source: RowSource, r0: int, r1: int, height: int, batch: int, width: int, c_in: int,
+                pad_columns: bool) -> np.ndarray:
+    """The input rows output rows [r0, r1) read, [r0 - 1, r1 + 1), as a new fp32 numpy array, with zero rows beyond
+    the image's top and bottom (and a zero column on each side if `pad_columns`), written by the source."""
+    first, end = max(r0 - 1, 0), min(r1 + 1, height)
+    top, side = int(r0 == 0), int(pad_columns)
+    band = np.empty((batch, r1 - r0 + 2, width + 2 * side, c_in), np.float32)
+    if side:
+        band[:, :, 0] = band[:, :, -1] = 0
+    if top:
+        band[:, 0] = 0
+    if r1 == height:
+        band[:, -1] = 0
+    _write_rows(source, first, end, band[:, top:top + end - first, side:side + width])
+    return band
+
+
+def _numpy_terms(bias: list, residual, r0: int, r1: int) -> tuple:
+    """(bias (C,) or None, residual rows (B, R, W, C) or None) as fp32 numpy views (their MLX arrays kept alive by
+    the views' owners: the returned tuple's last item)."""
+    arrays = [a.astype(mx.float32) for a in bias + ([residual(r0, r1)] if residual is not None else [])]
+    mx.eval(*arrays)
+    views = [np.asarray(a) for a in arrays]
+    return (views[0] if bias else None, views[-1] if residual is not None else None, arrays)
+
+
 def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, height: int, batch: int, width: int,
                         c_in: int, scale: float) -> mx.array:
     """Output rows [r0, r1) by cpu_conv's shifted products, in numpy from end to end: the source writes its rows
     (normalized and activated, or upsampled) straight into the zero-padded input, the output starts as bias +
     residual and the nine products accumulate onto it: one copy back to MLX instead of MLX passes for the pad,
     the bias, the residual and each copy."""
-    first, end = max(r0 - 1, 0), min(r1 + 1, height)
-    top = int(r0 == 0)
-    padded = np.empty((batch, r1 - r0 + 2, width + 2, c_in), np.float32)
-    padded[:, :, 0] = padded[:, :, -1] = 0
-    if top:
-        padded[:, 0] = 0
-    if r1 == height:
-        padded[:, -1] = 0
-    _write_rows(source, first, end, padded[:, top:top + end - first, 1:width + 1])
+    padded = _input_band(source, r0, r1, height, batch, width, c_in, pad_columns=True)
     out = np.empty((batch, r1 - r0, width + 2, taps.shape[2]), np.float32)
     start = out[:, :, :width]
-    terms = [a.astype(mx.float32) for a in bias + ([residual(r0, r1)] if residual is not None else [])]
-    mx.eval(*terms)
-    terms = [np.asarray(t) for t in terms]  # the bias (C,) broadcast, the residual rows (B, R, W, C)
+    b, res, _keep = _numpy_terms(bias, residual, r0, r1)
+    terms = [t for t in (b, res) if t is not None]
 
     def initialize(share):
-        for a, b in share:
-            rows = start[:, a:b]
+        for lo, hi in share:
+            rows = start[:, lo:hi]
             if not terms:
                 rows[...] = 0
             for i, term in enumerate(terms):
-                part = term if term.ndim == 1 else term[:, a:b]
+                part = term if term.ndim == 1 else term[:, lo:hi]
                 np.copyto(rows, part) if i == 0 else np.add(rows, part, out=rows)
 
     cpu_pool.run(initialize, cpu_pool.row_shares(r1 - r0, max(1, (r1 - r0) // (2 * cpu_pool.workers()))))
@@ -303,6 +327,19 @@ def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, he
     if scale != 1.0:
         start /= np.float32(scale)
     return mx.array(start)
+
+
+def _fused_winograd_band(source, u: np.ndarray, bias: list, residual, r0: int, r1: int, height: int, batch: int,
+                         width: int, c_in: int, scale: float) -> mx.array:
+    """Output rows [r0, r1) by cpu_winograd, in numpy from end to end as `_fused_shifted_band` (the input rows
+    with their halo, unpadded columns; the bias and residual added as the tiles are put in place)."""
+    band = _input_band(source, r0, r1, height, batch, width, c_in, pad_columns=False)
+    b, res, _keep = _numpy_terms(bias, residual, r0, r1)
+    out = np.empty((batch, r1 - r0, width, u.shape[0]), np.float32)
+    cpu_winograd.conv3x3(band, u, out, b, res, halo=True)
+    if scale != 1.0:
+        out /= np.float32(scale)
+    return mx.array(out)
 
 
 def _winograd_band(inp: mx.array, u: mx.array, tile: int, r0: int, r1: int, height: int,
