@@ -37,7 +37,10 @@ def _heads_view(shape, seed):
 @pytest.mark.parametrize("use_mkl,in_blocks", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 70, 16), (2, 3, 70, 16)), ((1, 2, 50, 8), (1, 2, 77, 8)),
                                               ((1, 2, 40, 40), (1, 2, 60, 40))])
-def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, shape_q, shape_kv):
+# scores within SAFE_LOGIT (no shift), and beyond it (the shift: unshifted, exp would overflow); larger scores carry
+# larger fp32 rounding
+@pytest.mark.parametrize("scale,atol", [(0.3, 2e-6), (10.0, 5e-5)])
+def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, shape_q, shape_kv, scale, atol):
     if in_blocks:  # on the workers, several blocks per head, the last one ragged; else all at once (small calls)
         monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
@@ -45,10 +48,10 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, sh
         monkeypatch.setattr(blas, "sgemm", lambda: None)
         monkeypatch.setattr(blas, "vector_math", lambda name: None)
     q, k, v = _heads_view(shape_q, 1), _heads_view(shape_kv, 2), _heads_view(shape_kv, 3)
-    out = cpu_attention.attention(q, k, v, 0.3)
+    out = cpu_attention.attention(q, k, v, scale)
     assert out.shape == shape_q[:3] + (shape_kv[3],) and out.dtype == mx.float32
-    np.testing.assert_allclose(np.array(out), _ref_attention(np.array(q), np.array(k), np.array(v), 0.3),
-                               rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.array(out), _ref_attention(np.array(q), np.array(k), np.array(v), scale),
+                               rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("in_blocks", [True, False])
