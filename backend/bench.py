@@ -203,14 +203,14 @@ def _torch_available() -> bool:
 
 
 def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path, threads=None,
-              sd3_sizes=(512, 1024), sd3_quantizations=(None,)) -> dict:
+              sd3_sizes=(512, 1024), sd3_quantizations=(None,), sd3_batch: int = 2, sd3_engines=None) -> dict:
     from backend import blas, bench_sd3
     rows = []
     for model in models:
         if model == "sd3-medium":  # its own table: a transformer step against diffusers and DiffusionKit
-            engines = bench_sd3.ENGINES if with_torch else ("mlx", "diffusionkit")
+            engines = [e for e in (sd3_engines or bench_sd3.ENGINES) if with_torch or e != "diffusers"]
             print("\n" + bench_sd3.HEADER, flush=True)
-            for row in bench_sd3.rows(sd3_sizes, precisions, sd3_quantizations, repeats, engines, threads):
+            for row in bench_sd3.rows(sd3_sizes, precisions, sd3_quantizations, repeats, engines, threads, sd3_batch):
                 rows.append(row)
                 print(bench_sd3.row_md(row), flush=True)
             continue
@@ -274,7 +274,8 @@ def cmd_bench(a) -> int:
     from backend import blas
     print(f"CPU: {cpu_model()}; BLAS: {blas.describe()}")
     report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
-                       a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations])
+                       a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations], a.sd3_batch,
+                       a.sd3_engines)
     print(f"\nCPUs: {report['cpu_count']}; JSON: {a.out}")
     for name, t in report["targets"].items():
         print(f"target {name}: {t}")
@@ -287,6 +288,10 @@ def add_command(sub) -> None:
     b.add_argument("--sd3-sizes", nargs="+", type=int, default=[512, 1024], help="image sizes of the SD3 rows")
     b.add_argument("--sd3-quantizations", nargs="+", default=["none", "q8"], choices=["none", "q8", "q6", "q4"],
                    help="MLX weight quantizations of the SD3 rows (the other engines run unquantized rows only)")
+    b.add_argument("--sd3-batch", type=int, default=2,
+                   help="batch of the SD3 rows: 2 is a guided step (the default), 1 a step without guidance")
+    b.add_argument("--sd3-engines", nargs="+", choices=["mlx", "diffusers", "diffusionkit"],
+                   help="engines of the SD3 rows (default: all three; DiffusionKit's 1024 px step takes minutes)")
     b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
     b.add_argument("--parts", nargs="+", default=["text_encoder", "unet", "vae_decode", "pipeline"],
                    choices=["text_encoder", "unet", "vae_decode", "pipeline"])

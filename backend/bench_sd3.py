@@ -1,8 +1,8 @@
 """The SD3 rows of `python -m backend bench`: one transformer step at SD3 Medium size, three engines.
 
-The SD3 Medium transformer (configs/reference/sd3-medium, the real config) with random weights, batch 1
-(guidance off, MobileDiffuser's setting; with guidance every engine does twice the work), 77 CLIP + 77
-T5-slot tokens (the context Apple's and MobileDiffuser's Core ML packages and DiffusionKit use), timed
+The SD3 Medium transformer (configs/reference/sd3-medium, the real config) with random weights, batch 2 by
+default (a guided step: the conditional and unconditional halves in one call; `--sd3-batch 1` is a step without
+guidance, MobileDiffuser's setting), 77 CLIP + 77 T5-slot tokens (the context Apple's and MobileDiffuser's Core ML packages and DiffusionKit use), timed
 in a fresh worker process per engine so each peak memory is its own:
 
 - mlx: this project's MLX transformer (backend/engines/mlx/mmdit.py), as the engine runs it;
@@ -37,7 +37,7 @@ def _timed(fn, repeats: int):
     return _median_time(fn, repeats)
 
 
-def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
     import backend  # noqa: F401  (OpenBLAS before MLX)
     import mlx.core as mx
     from backend import allocator
@@ -55,10 +55,10 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
     mx.clear_cache()
     allocator.release()
     latent = size // 8
-    x = mx.random.normal((1, latent, latent, 16)).astype(dtype)
-    context = mx.random.normal((1, TOKENS, 4096)).astype(dtype)
-    pooled = mx.random.normal((1, 2048)).astype(dtype)
-    t = mx.array([750.0])
+    x = mx.random.normal((batch, latent, latent, 16)).astype(dtype)
+    context = mx.random.normal((batch, TOKENS, 4096)).astype(dtype)
+    pooled = mx.random.normal((batch, 2048)).astype(dtype)
+    t = mx.array([750.0] * batch)
     peak = ProcessPeak()
     peak.reset()
 
@@ -69,7 +69,7 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int) -> dict:
     return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "weight_bytes": module_bytes(model)}
 
 
-def diffusers_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+def diffusers_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
     from backend.measure import ProcessPeak
@@ -77,10 +77,10 @@ def diffusers_worker(size: int, precision: str, quantization, repeats: int) -> d
     torch.set_grad_enabled(False)
     model = SD3Transformer2DModel.from_config(_config()).to(dtype).eval()
     latent = size // 8
-    x = torch.randn(1, 16, latent, latent, dtype=dtype)
-    context = torch.randn(1, TOKENS, 4096, dtype=dtype)
-    pooled = torch.randn(1, 2048, dtype=dtype)
-    t = torch.tensor([750.0])
+    x = torch.randn(batch, 16, latent, latent, dtype=dtype)
+    context = torch.randn(batch, TOKENS, 4096, dtype=dtype)
+    pooled = torch.randn(batch, 2048, dtype=dtype)
+    t = torch.tensor([750.0] * batch)
     peak = ProcessPeak()
     peak.reset()
     sec, times = _timed(lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=context,
@@ -128,7 +128,7 @@ def _diffusionkit_modules():
     return loaded["config"], loaded["mmdit"]
 
 
-def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -> dict:
+def diffusionkit_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
     import backend  # noqa: F401  (the same BLAS for both MLX engines)
     import mlx.core as mx
     from backend import allocator
@@ -140,10 +140,10 @@ def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     latent = size // 8
-    x = mx.random.normal((1, latent, latent, 16)).astype(dtype)
-    context = mx.random.normal((1, TOKENS, 1, 4096)).astype(dtype)
-    t = mx.array([750.0], dtype=dtype)
-    model.cache_modulation_params(mx.random.normal((1, 2048)).astype(dtype), t)  # done once per generation
+    x = mx.random.normal((batch, latent, latent, 16)).astype(dtype)
+    context = mx.random.normal((batch, TOKENS, 1, 4096)).astype(dtype)
+    t = mx.array([750.0], dtype=dtype)  # its blocks look their cached modulation up by this one value
+    model.cache_modulation_params(mx.random.normal((batch, 2048)).astype(dtype), t)  # done once per generation
     mx.clear_cache()
     allocator.release()
     peak = ProcessPeak()
@@ -155,10 +155,10 @@ def diffusionkit_worker(size: int, precision: str, quantization, repeats: int) -
 WORKERS = {"mlx": mlx_worker, "diffusers": diffusers_worker, "diffusionkit": diffusionkit_worker}
 
 
-def spawn(engine: str, size: int, precision: str, quantization, repeats: int, threads=None) -> dict:
+def spawn(engine: str, size: int, precision: str, quantization, repeats: int, threads=None, batch: int = 2) -> dict:
     import subprocess
     cmd = [sys.executable, "-m", "backend.bench_sd3", engine, str(size), precision, quantization or "none",
-           str(repeats)]
+           str(repeats), str(batch)]
     env = dict(os.environ)
     if threads:
         env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
@@ -168,17 +168,17 @@ def spawn(engine: str, size: int, precision: str, quantization, repeats: int, th
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None):
+def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None, batch: int = 2):
     """Yield one result row per size x precision x quantization, every engine measured side by side."""
     for size in sizes:
         for precision in precisions:
             for quantization in quantizations:
                 row = {"model": "sd3-medium", "size": size, "precision": precision, "part": "transformer",
-                       "quantization": quantization or "none", "tokens": TOKENS}
+                       "quantization": quantization or "none", "tokens": TOKENS, "batch": batch}
                 for engine in engines:
                     if quantization and engine != "mlx":  # the peers have no quantized path to compare
                         continue
-                    row[engine] = spawn(engine, size, precision, quantization, repeats, threads)
+                    row[engine] = spawn(engine, size, precision, quantization, repeats, threads, batch)
                 yield row
 
 
@@ -191,7 +191,7 @@ def row_md(row: dict) -> str:
     ratio = lambda other: f"{m['seconds'] / other['seconds']:.2f}x" \
         if "seconds" in m and other and "seconds" in other else "-"  # noqa: E731
     label = row["precision"] + ("" if row["quantization"] == "none" else f" + {row['quantization']}")
-    return (f"| sd3-medium {row['size']}px | transformer step, batch 1 | {label} | {cell(m, 'seconds', unit=' s')} "
+    return (f"| sd3-medium {row['size']}px | transformer step, batch {row.get('batch', 1)} | {label} | {cell(m, 'seconds', unit=' s')} "
             f"| {cell(d, 'seconds', unit=' s')} | {ratio(d)} | {cell(k, 'seconds', unit=' s')} | {ratio(k)} "
             f"| {cell(m, 'peak_rss', 2**30, ' GiB')} | {cell(d, 'peak_rss', 2**30, ' GiB')} "
             f"| {cell(k, 'peak_rss', 2**30, ' GiB')} |")
@@ -202,6 +202,7 @@ HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | Diffu
 
 
 if __name__ == "__main__":
-    engine, size, precision, quantization, repeats = sys.argv[1:6]
-    result = WORKERS[engine](int(size), precision, None if quantization == "none" else quantization, int(repeats))
+    engine, size, precision, quantization, repeats, batch = sys.argv[1:7]
+    result = WORKERS[engine](int(size), precision, None if quantization == "none" else quantization, int(repeats),
+                             int(batch))
     print(json.dumps(result))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend import allocator, blas
-from backend.engines.mlx import cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, cpu_winograd, layers
+from backend.engines.mlx import clip, cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, cpu_winograd, layers
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels need MLX's CPU compiler")
 
@@ -97,7 +97,7 @@ def _gelu64(x):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("use_mkl", [True, False])
-def test_geglu_and_tanh_gelu_match_float64(monkeypatch, with_bias, use_mkl):
+def test_geglu_tanh_gelu_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mkl):
     monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 7)  # 7-row blocks: ragged, many
     if not use_mkl:
         monkeypatch.setattr(blas, "vector_math", lambda name: None)  # the erf polynomial, as without oneMKL
@@ -113,6 +113,8 @@ def test_geglu_and_tanh_gelu_match_float64(monkeypatch, with_bias, use_mkl):
     tanh_ref = 0.5 * hb * (1 + np.tanh(math.sqrt(2 / math.pi) * (hb + 0.044715 * hb ** 3)))
     got = cpu_rowwise.gelu_tanh(mx.array(h), None if bias is None else mx.array(bias))
     np.testing.assert_allclose(np.array(got), tanh_ref, rtol=1e-6, atol=2e-6)
+    got = cpu_rowwise.quick_gelu(mx.array(h), None if bias is None else mx.array(bias))  # CLIP's: x sigmoid(1.702 x)
+    np.testing.assert_allclose(np.array(got), hb / (1 + np.exp(-1.702 * hb)), rtol=1e-6, atol=2e-6)
 
 
 def test_layer_norm_and_group_norm_match_float64(monkeypatch):
@@ -138,18 +140,21 @@ def test_layer_norm_and_group_norm_match_float64(monkeypatch):
 
 
 def test_modules_give_the_same_output_at_inference_as_in_training(monkeypatch):
-    """GEGLU, the transformer block (LayerNorms, attention) and the resnet (GroupNorm + SiLU, Winograd
-    convolutions at 32x32) through the numpy kernels against the MLX path used in training."""
+    """GEGLU, the transformer block (LayerNorms, attention), the resnet (GroupNorm + SiLU, Winograd convolutions at
+    32x32) and CLIP's encoder layer (causal attention, quick GELU) through the numpy kernels against the MLX path
+    used in training."""
     monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # these small calls would otherwise keep MLX's ops
     mx.random.seed(3)
     block = layers.BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
     resnet = layers.ResnetBlock2D(16, 32, temb_channels=8, groups=4, eps=1e-6)
-    mx.eval(block.parameters(), resnet.parameters())
+    text_layer = clip.CLIPEncoderLayer(clip.CLIPTextConfig(hidden_size=32, intermediate_size=64,
+                                                          num_attention_heads=4))
+    mx.eval(block.parameters(), resnet.parameters(), text_layer.parameters())
     tokens, context = mx.random.normal((2, 40, 32)), mx.random.normal((2, 7, 24))
     image, temb = mx.random.normal((2, 32, 32, 16)), mx.random.normal((2, 8))
-    plain = (block(tokens, context), resnet(image, temb))
+    plain = (block(tokens, context), resnet(image, temb), text_layer(tokens))
     with cpu_kernels.eager_chunks():
-        fast = (block(tokens, context), resnet(image, temb))
+        fast = (block(tokens, context), resnet(image, temb), text_layer(tokens))
     for a, b in zip(fast, plain):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=5e-5)
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from backend import files
-from backend.engines.mlx import cpu_attention, layers, weights as weight_io
+from backend.engines.mlx import cpu_attention, cpu_rowwise, layers, weights as weight_io
 from backend.engines.mlx.layers import Linear
 
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773: pool at the highest id instead
@@ -138,6 +138,8 @@ class CLIPMLP(nn.Module):
         self.activation = _ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.activation is _quick_gelu and layers.cpu_inference(x.shape[0] * x.shape[1] * self.fc1.weight.shape[0]):
+            return self.fc2(cpu_rowwise.quick_gelu(*layers.bias_free(self.fc1, x)))
         return self.fc2(self.activation(self.fc1(x)))
 
 

@@ -1,5 +1,5 @@
-"""Row-wise inference kernels for the CPU in numpy, on every core: GEGLU and tanh-GELU (each with its projection's
-bias folded in), LayerNorm, and GroupNorm with an optional SiLU.
+"""Row-wise inference kernels for the CPU in numpy, on every core: GEGLU, tanh-GELU and CLIP's quick GELU (each with
+its projection's bias folded in), LayerNorm, and GroupNorm with an optional SiLU.
 
 MLX's CPU backend computes these one op at a time on one thread (its reductions scalar): an SD 1.5 UNet step at
 512x512 spent 0.6 s in GEGLU's GELU and 0.55 s in its norms where torch spends 0.1 s on all of them. Here rows
@@ -24,6 +24,7 @@ _ERF_P = np.float32(0.3275911 / math.sqrt(2.0))
 _ERF_COEFFS = tuple(np.float32(0.5 * c) for c in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
 _GELU_TANH_K = np.float32(-2 * math.sqrt(2 / math.pi))  # tanh-GELU = x / (1 + exp(K (x + A x^3)))
 _GELU_TANH_A = np.float32(0.044715)
+_QUICK_GELU_K = np.float32(-1.702)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -92,8 +93,8 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     return cpu_pool.to_mlx(out, h.dtype, h.shape[:-1] + (inner,))
 
 
-def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
-    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3)))."""
+def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into) -> mx.array:
+    """x / (1 + exp(E(x))) for x = h + bias, where exponent_into(x, e) writes E(x) into e: x sigmoid(-E(x))."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
     out = np.empty(hn.shape, np.float32)
@@ -105,10 +106,7 @@ def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
             for r0, r1 in share:
                 x, e = out[r0:r1], t[:r1 - r0]
                 np.add(hn[r0:r1], b, out=x) if b is not None else np.copyto(x, hn[r0:r1])
-                np.multiply(x, x, out=e)
-                e *= _GELU_TANH_K * _GELU_TANH_A
-                e += _GELU_TANH_K
-                e *= x
+                exponent_into(x, e)
                 np.exp(e, out=e)  # numpy's, here faster than oneMKL's (whose overflow path is slow)
                 e += 1
                 x /= e
@@ -116,6 +114,27 @@ def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
     del keep
     return cpu_pool.to_mlx(out, h.dtype, h.shape)
+
+
+def _gelu_tanh_exponent(x: np.ndarray, e: np.ndarray) -> None:
+    np.multiply(x, x, out=e)
+    e *= _GELU_TANH_K * _GELU_TANH_A
+    e += _GELU_TANH_K
+    e *= x
+
+
+def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3)))."""
+    return _sigmoid_gated(h, bias, _gelu_tanh_exponent)
+
+
+def _quick_gelu_exponent(x: np.ndarray, e: np.ndarray) -> None:
+    np.multiply(x, _QUICK_GELU_K, out=e)
+
+
+def quick_gelu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+    """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x))."""
+    return _sigmoid_gated(h, bias, _quick_gelu_exponent)
 
 
 def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:

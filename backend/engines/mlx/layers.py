@@ -253,7 +253,7 @@ class LayerNorm(nn.LayerNorm):
         return super().__call__(x)
 
 
-def _bias_free(linear, x: mx.array):
+def bias_free(linear, x: mx.array):
     """(x W^T, bias) for a plain nn.Linear, so a CPU kernel can add the bias in its own pass; else (linear(x), None)."""
     if type(linear) in (Linear, nn.Linear) and "bias" in linear:
         return x @ linear.weight.T, linear.bias
@@ -313,7 +313,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
-            return cpu_rowwise.geglu(*_bias_free(self.proj, x))
+            return cpu_rowwise.geglu(*bias_free(self.proj, x))
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
         return hidden * gelu(gate)
 
@@ -327,7 +327,7 @@ class TanhGELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
-            return cpu_rowwise.gelu_tanh(*_bias_free(self.proj, x))
+            return cpu_rowwise.gelu_tanh(*bias_free(self.proj, x))
         return gelu_tanh(self.proj(x))
 
 
