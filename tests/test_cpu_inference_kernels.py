@@ -54,6 +54,29 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, sh
                                rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("use_mkl,in_blocks", [(True, True), (False, True), (True, False)])
+def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, in_blocks):
+    """SD3's joint attention: image and context tokens as separate parts of q, k and v, as if concatenated."""
+    if in_blocks:  # blocks that end at the parts' boundary and blocks within each part
+        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
+        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 2048)
+    if not use_mkl:
+        monkeypatch.setattr(blas, "sgemm", lambda: None)
+        monkeypatch.setattr(blas, "vector_math", lambda name: None)
+    image = [_heads_view((2, 3, 45, 16), s) for s in (11, 12, 13)]
+    context = [_heads_view((2, 3, 9, 16), s) for s in (14, 15, 16)]
+    parts = [[image[i], context[i]] for i in range(3)]
+    expected = _ref_attention(*(np.concatenate([np.array(p) for p in pair], axis=2) for pair in parts), 0.3)
+    np.testing.assert_allclose(np.array(cpu_attention.attention(*parts, 0.3)), expected, rtol=0, atol=2e-6)
+    # image queries only (SD3's last block), keys and values of both parts
+    np.testing.assert_allclose(np.array(cpu_attention.attention([image[0]], parts[1], parts[2], 0.3)),
+                               expected[:, :, :45], rtol=0, atol=2e-6)
+    with cpu_kernels.eager_chunks():  # layers.attention: the same parts, read in place or joined
+        monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
+        np.testing.assert_allclose(np.array(layers.attention(*parts, 0.3)), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.array(layers.attention(*parts, 0.3)), expected, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("in_blocks", [True, False])
 def test_causal_attention_and_half_precision_inputs(monkeypatch, in_blocks):
     if in_blocks:

@@ -157,9 +157,15 @@ def _traced_attention_calls(monkeypatch, run) -> list:
     (nothing is computed: the weights stay unevaluated random values, the attention a zero placeholder)."""
     calls = []
 
+    def joined_shape(x) -> tuple:  # an input given as parts along the token axis (SD3): the joined shape
+        parts = x if isinstance(x, (list, tuple)) else [x]
+        return (*parts[0].shape[:2], sum(p.shape[2] for p in parts), parts[0].shape[3])
+
     def record(q, k, v, scale):
-        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), max(q.itemsize, k.itemsize, v.itemsize)))
-        return mx.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype)
+        first = [x[0] if isinstance(x, (list, tuple)) else x for x in (q, k, v)]
+        shapes = [joined_shape(x) for x in (q, k, v)]
+        calls.append((*shapes, max(a.itemsize for a in first)))
+        return mx.zeros((*shapes[0][:3], shapes[2][-1]), dtype=first[0].dtype)
 
     monkeypatch.setattr(layers, "attention", record)
     from backend.engines.mlx import mmdit

@@ -55,26 +55,36 @@ def held_scores(batch_heads: int, n_q: int, n_kv: int) -> int:
     return min(batch_heads * -(-n_q // rows), cpu_pool.workers()) * rows * n_kv
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+def _parts(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def attention(q, k, v, scale: float, causal: bool = False) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values, computed in fp32 and
     returned in q's dtype as a (B, H, N, d_v) array (a transposed view of a (B, N, H, d_v) buffer, the layout
-    the callers' output projection wants). `causal` (N = M, CLIP's text encoder): query i sees keys 0..i."""
-    out_dtype = q.dtype
-    keep, (qn, kn, vn) = cpu_pool.as_numpy(q, k, v)  # views of MLX's buffers, any strides
-    batch, heads, n_q, _ = qn.shape
-    n_kv, d_v = kn.shape[2], vn.shape[3]
+    the callers' output projection wants). `causal` (N = M, CLIP's text encoder): query i sees keys 0..i.
+
+    q, k and v may each be a list of parts along the token axis (SD3's image and context tokens), read where
+    they lie instead of concatenated first."""
+    q_parts, k_parts, v_parts = _parts(q), _parts(k), _parts(v)
+    out_dtype = q_parts[0].dtype
+    keep, views = cpu_pool.as_numpy(*q_parts, *k_parts, *v_parts)  # views of MLX's buffers, any strides
+    qn, kn, vn = views[:len(q_parts)], views[len(q_parts):-len(v_parts)], views[-len(v_parts):]
+    batch, heads = qn[0].shape[:2]
+    n_q, n_kv, d_v = sum(p.shape[2] for p in qn), sum(p.shape[2] for p in kn), vn[0].shape[3]
     out = np.empty((batch, n_q, heads, d_v), np.float32)
     if causal and n_q != n_kv:
         raise ValueError(f"causal attention needs as many queries as keys, got {n_q} and {n_kv}")
     future = np.triu(np.full((n_q, n_kv), -np.inf, np.float32), 1) if causal else None
     if batch * heads * n_q * n_kv <= SMALL_SCORES:  # CLIP's 77 tokens: batched numpy calls beat the workers' dispatch
-        s = np.matmul(qn, kn.swapaxes(-1, -2))
+        qa, ka, va = (p[0] if len(p) == 1 else np.concatenate(p, axis=2) for p in (qn, kn, vn))
+        s = np.matmul(qa, ka.swapaxes(-1, -2))
         s *= np.float32(scale)
         if future is not None:
             s += future
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        o = np.matmul(s, vn)
+        o = np.matmul(s, va)
         o /= s.sum(axis=-1, keepdims=True)
         out[...] = o.transpose(0, 2, 1, 3)
     else:
@@ -83,12 +93,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     return cpu_pool.to_mlx(out, out_dtype).transpose(0, 2, 1, 3)
 
 
-def _in_blocks(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, scale: float, future, out: np.ndarray) -> None:
-    """The attention of (B, H, N, d) numpy views into out (B, N, H, d_v), blocks of query rows on the workers."""
-    batch, heads, n_q, _ = qn.shape
-    n_kv, d_v = kn.shape[2], vn.shape[3]
+def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarray) -> None:
+    """The attention of (B, H, N_i, d) numpy views (parts along the token axis) into out (B, N, H, d_v), blocks of
+    query rows (within one part) on the workers."""
+    batch, heads = qn[0].shape[:2]
+    n_q, n_kv, d_v = out.shape[1], sum(p.shape[2] for p in kn), out.shape[3]
+    key_starts = np.cumsum([0] + [p.shape[2] for p in kn])
     rows = min(n_q, block_rows(n_kv))
-    shares = cpu_pool.deal([(b, h, r) for b in range(batch) for h in range(heads) for r in range(0, n_q, rows)])
+    blocks, start = [], 0  # (part, first row in the part, first row in the output)
+    for i, part in enumerate(qn):
+        blocks += [(i, r, start + r) for r in range(0, part.shape[2], rows)]
+        start += part.shape[2]
+    # Whole heads to each worker (a head's blocks differ in size where it has parts: dealt round-robin, one worker
+    # could get every image block and the other every context block).
+    shares = cpu_pool.split([(b, h, block) for b in range(batch) for h in range(heads) for block in blocks])
 
     # The softmax denominators: from a column of ones added to the values, the value product's widths padded to a
     # multiple of 16 (its kernels' tile: 40 -> 48 columns costs less than 41); for widths already a multiple of 16
@@ -104,16 +122,18 @@ def _in_blocks(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, scale: float, fut
         if ones_column:
             values[:, d_v] = 1.0
         head = None
-        for b, h, r in share:
+        for b, h, (part, r, row) in share:
             if head != (b, h):
-                values[:, :d_v] = vn[b, h]
+                for key_part, first in zip(vn, key_starts):
+                    values[first:first + key_part.shape[2], :d_v] = key_part[b, h]
+                key_norm = max(np.sqrt(np.einsum("ij,ij->i", k[b, h], k[b, h]).max()) for k in kn)
                 head = (b, h)
-                key_norm = np.sqrt(np.einsum("ij,ij->i", kn[b, h], kn[b, h]).max())
-            n = min(rows, n_q - r)
-            s, o, q = scores[:n], products[:n], qn[b, h, r:r + n]
-            matmul(q, kn[b, h], s, scale, b_transposed=True)
+            n = min(rows, qn[part].shape[2] - r)
+            s, o, q = scores[:n], products[:n], qn[part][b, h, r:r + n]
+            for key_part, first in zip(kn, key_starts):
+                matmul(q, key_part[b, h], s[:, first:first + key_part.shape[2]], scale, b_transposed=True)
             if future is not None:
-                s += future[r:r + n]
+                s += future[row:row + n]
             if abs(scale) * np.sqrt(np.einsum("ij,ij->i", q, q).max()) * key_norm > SAFE_LOGIT:
                 s -= s.max(axis=1, keepdims=True)
             exp(s, s)
@@ -121,7 +141,7 @@ def _in_blocks(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, scale: float, fut
             denominators = o[:, d_v:d_v + 1] if ones_column else sums[:n]
             if not ones_column:
                 matmul(s, ones, denominators)
-            np.divide(o[:, :d_v], denominators, out=out[b, r:r + n, h])
+            np.divide(o[:, :d_v], denominators, out=out[b, row:row + n, h])
 
     matmul = blas.sgemm() or _numpy_matmul
     exp = blas.vector_math("Exp") or _numpy_exp

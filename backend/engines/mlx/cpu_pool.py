@@ -61,6 +61,13 @@ def deal(items: list) -> list:
     return [items[i::n] for i in range(n)]
 
 
+def split(items: list) -> list:
+    """`items` cut into one contiguous run per worker (fewer when there are fewer items), as equal as can be: for
+    work whose items come in repeating groups (a head's blocks) that `deal` would hand out unevenly."""
+    n = max(1, min(len(items), workers()))
+    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+
+
 def row_shares(rows: int, block: int) -> list:
     """[start, stop) blocks of `block` rows covering `rows`, dealt to the workers."""
     return deal([(r, min(rows, r + block)) for r in range(0, rows, block)])

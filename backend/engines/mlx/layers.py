@@ -56,22 +56,34 @@ def chunk_rows(batch: int, heads: int, queries: int, keys: int, itemsize: int, b
     return max(1, min(queries, budget // max(1, per_row)))
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values.
+def _joined(x):
+    """An attention input given as parts along the token axis, as one array."""
+    if not isinstance(x, (list, tuple)):
+        return x
+    return x[0] if len(x) == 1 else mx.concatenate(list(x), axis=2)
 
-    CPU, inference (under cpu_kernels.eager_chunks): cpu_attention, numpy kernels on every core. CPU otherwise
-    (training): cpu_kernels.attention, in fp32 (also for fp16 inputs, whose result is cast back), over
-    cache-sized chunks of query rows; MLX's fused kernel on the CPU is a plain matmul-softmax-matmul whose
-    scalar exp costs ~3x the cpu_kernels version (tools/bench_attention.py). Elsewhere (a GPU):
-    `device_attention`.
+
+def attention(q, k, v, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values; each may be a list of parts
+    along the token axis (SD3's image and context tokens), joined unless the kernel reads them where they lie.
+
+    CPU, inference (under cpu_kernels.eager_chunks): cpu_attention, numpy kernels on every core, reading the
+    parts in place. CPU otherwise (training): cpu_kernels.attention, in fp32 (also for fp16 inputs, whose result
+    is cast back), over cache-sized chunks of query rows; MLX's fused kernel on the CPU is a plain
+    matmul-softmax-matmul whose scalar exp costs ~3x the cpu_kernels version (tools/bench_attention.py).
+    Elsewhere (a GPU): `device_attention`.
     """
     if not cpu_kernels.available():
-        return device_attention(q, k, v, scale)
-    batch, heads, n_q, _ = q.shape
-    if cpu_inference(batch * heads * n_q * k.shape[2]):
-        AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(batch * heads, n_q, k.shape[2]))
+        return device_attention(_joined(q), _joined(k), _joined(v), scale)
+    first_q = q[0] if isinstance(q, (list, tuple)) else q
+    batch, heads = first_q.shape[:2]
+    n_q = sum(p.shape[2] for p in q) if isinstance(q, (list, tuple)) else q.shape[2]
+    n_kv = sum(p.shape[2] for p in k) if isinstance(k, (list, tuple)) else k.shape[2]
+    if cpu_inference(batch * heads * n_q * n_kv):
+        AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(batch * heads, n_q, n_kv))
         return cpu_attention.attention(q, k, v, scale)
-    AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, k.shape[2]))
+    q, k, v = _joined(q), _joined(k), _joined(v)
+    AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, n_kv))
     return cpu_kernels.attention(q, k, v, scale).astype(q.dtype)
 
 

@@ -265,18 +265,20 @@ class JointAttention(nn.Module):
     def __call__(self, x: mx.array, context: Optional[mx.array] = None):
         """Image output (B, N, C), or with `context` (image output, context output or None)."""
         b, n, _ = x.shape
-        q = self._project(self.to_q, x, "norm_q")
-        k = self._project(self.to_k, x, "norm_k")
-        v = self._project(self.to_v, x, None)
+        q = [self._project(self.to_q, x, "norm_q")]
+        k = [self._project(self.to_k, x, "norm_k")]
+        v = [self._project(self.to_v, x, None)]
         with_context = context is not None
         context_queries = with_context and not self.context_pre_only
         if with_context:
-            # Image tokens first, then context tokens, as diffusers concatenates them.
-            k = mx.concatenate([k, self._project(self.add_k_proj, context, "norm_added_k")], axis=1)
-            v = mx.concatenate([v, self._project(self.add_v_proj, context, None)], axis=1)
+            # Image tokens first, then context tokens, as diffusers concatenates them (layers.attention joins the
+            # parts, or its CPU kernel reads them in place).
+            k.append(self._project(self.add_k_proj, context, "norm_added_k"))
+            v.append(self._project(self.add_v_proj, context, None))
             if context_queries:
-                q = mx.concatenate([q, self._project(self.add_q_proj, context, "norm_added_q")], axis=1)
-        out = attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), self.scale)
+                q.append(self._project(self.add_q_proj, context, "norm_added_q"))
+        heads_first = [[p.transpose(0, 2, 1, 3) for p in parts] for parts in (q, k, v)]
+        out = attention(*heads_first, self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(b, out.shape[2], -1).astype(x.dtype)
         image = self.to_out[0](out[:, :n])
         if not with_context:
