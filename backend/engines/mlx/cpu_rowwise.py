@@ -61,8 +61,9 @@ def _gelu_by_erf_into(g: np.ndarray, out: np.ndarray, erf) -> None:
     out *= g
 
 
-def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
-    """diffusers' GEGLU after its projection: hidden * GELU(gate), (hidden, gate) = split(h + bias) on the last axis."""
+def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
+    """diffusers' GEGLU after its projection: hidden * GELU(gate), (hidden, gate) = split(h + bias) on the last axis.
+    With `rows`, the fp32 numpy result as (rows, inner), for a product that follows in numpy (`project`)."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn = _rows(views[0])
     inner = hn.shape[1] // 2
@@ -90,10 +91,10 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
     del keep
-    return cpu_pool.to_mlx(out, h.dtype, h.shape[:-1] + (inner,))
+    return out if rows else cpu_pool.to_mlx(out, h.dtype, h.shape[:-1] + (inner,))
 
 
-def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into) -> mx.array:
+def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into, rows: bool = False):
     """x / (1 + exp(E(x))) for x = h + bias, where exponent_into(x, e) writes E(x) into e: x sigmoid(-E(x))."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
@@ -113,7 +114,7 @@ def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into) -> mx.a
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block))
     del keep
-    return cpu_pool.to_mlx(out, h.dtype, h.shape)
+    return out if rows else cpu_pool.to_mlx(out, h.dtype, h.shape)
 
 
 def _gelu_tanh_exponent(x: np.ndarray, e: np.ndarray) -> None:
@@ -123,18 +124,43 @@ def _gelu_tanh_exponent(x: np.ndarray, e: np.ndarray) -> None:
     e *= x
 
 
-def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
-    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3)))."""
-    return _sigmoid_gated(h, bias, _gelu_tanh_exponent)
+def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
+    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3))); `rows` as in geglu."""
+    return _sigmoid_gated(h, bias, _gelu_tanh_exponent, rows)
 
 
 def _quick_gelu_exponent(x: np.ndarray, e: np.ndarray) -> None:
     np.multiply(x, _QUICK_GELU_K, out=e)
 
 
-def quick_gelu(h: mx.array, bias: Optional[mx.array] = None) -> mx.array:
-    """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x))."""
-    return _sigmoid_gated(h, bias, _quick_gelu_exponent)
+def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
+    """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); `rows` as in geglu."""
+    return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows)
+
+
+def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tuple, dtype) -> mx.array:
+    """x W^T + bias for fp32 numpy rows x (M, K) (an activation kernel's `rows` result) and a Linear's (N, K)
+    weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the block's width, is not copied back
+    into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is. The output starts as the bias,
+    written on the workers, and oneMKL's product (all its threads) accumulates onto it."""
+    keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]))
+    out = np.empty((x.shape[0], views[0].shape[0]), np.float32)
+
+    def start(share):
+        for r0, r1 in share:
+            if bias is None:
+                out[r0:r1] = 0
+            else:
+                out[r0:r1] = views[1]
+
+    cpu_pool.run(start, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())))
+    sgemm = blas.sgemm()
+    if sgemm is not None:
+        sgemm(x, views[0], out, b_transposed=True, accumulate=True)
+    else:
+        out += x @ views[0].T
+    del keep
+    return cpu_pool.to_mlx(out, dtype, shape)
 
 
 def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:

@@ -323,6 +323,10 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
 
+    def numpy_rows(self, x: mx.array):
+        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`); else None."""
+        return cpu_rowwise.geglu(*bias_free(self.proj, x), rows=True) if cpu_inference(x.size) else None
+
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
             return cpu_rowwise.geglu(*bias_free(self.proj, x))
@@ -337,6 +341,10 @@ class TanhGELU(nn.Module):
         super().__init__()
         self.proj = Linear(dim_in, dim_out)
 
+    def numpy_rows(self, x: mx.array):
+        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`); else None."""
+        return cpu_rowwise.gelu_tanh(*bias_free(self.proj, x), rows=True) if cpu_inference(x.size) else None
+
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
             return cpu_rowwise.gelu_tanh(*bias_free(self.proj, x))
@@ -348,7 +356,8 @@ _FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": TanhGELU}
 
 class FeedForward(nn.Module):
     """diffusers' `FeedForward`: net.0 (the activation's projection: GEGLU by default, or SD3's
-    "gelu-approximate"), net.2 (Linear)."""
+    "gelu-approximate"), net.2 (Linear). At CPU inference the activation stays in numpy for net.2's product
+    (cpu_rowwise.project) when net.2 is a plain Linear (not quantized, no LoRA)."""
 
     def __init__(self, dim: int, mult: int = 4, activation_fn: str = "geglu"):
         super().__init__()
@@ -357,6 +366,12 @@ class FeedForward(nn.Module):
                     Linear(inner, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
+        activation, out = self.net[0], self.net[2]
+        if type(out) is Linear and cpu_inference():  # the activation stays in numpy for the output product
+            rows = activation.numpy_rows(x)
+            if rows is not None:
+                return cpu_rowwise.project(rows, out.weight, out.get("bias"), x.shape[:-1] + (out.weight.shape[0],),
+                                           x.dtype)
         for layer in self.net:
             x = layer(x)
         return x
