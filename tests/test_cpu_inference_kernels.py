@@ -199,6 +199,22 @@ def test_winograd_convolution_follows_its_weight():
         assert not conv._winograd_applies(x[:, :8, :8])  # below 16x16: MLX's direct convolution
 
 
+def test_convolution_adds_a_per_image_bias_and_a_residual_in_place_of_mlx_adds():
+    """A resnet's time embedding (per image) and skip connection, folded into the Winograd convolution, against a
+    plain convolution followed by MLX's adds; a convolution that is not layers.Conv2d adds them after."""
+    conv = layers.Conv2d(8, 12, 3, padding=1)
+    x, image_bias, residual = mx.random.normal((2, 32, 32, 8)), mx.random.normal((2, 12)), mx.random.normal((2, 32, 32, 12))
+    mx.eval(conv.parameters(), x, image_bias, residual)
+    expected = np.array(nn.Conv2d.__call__(conv, x) + image_bias[:, None, None, :] + residual)
+    plain = nn.Conv2d(8, 12, 3, padding=1)
+    plain.update(conv.parameters())
+    with cpu_kernels.eager_chunks():
+        assert conv._winograd_applies(x)
+        for c in (conv, plain):
+            np.testing.assert_allclose(np.array(layers.convolve(c, x, image_bias, residual)), expected,
+                                       rtol=0, atol=4e-5)
+
+
 def _reference_conv(x: np.ndarray, weight: np.ndarray, rows: int, halo: bool) -> np.ndarray:
     """The 3x3 convolution in float64: zero padding on every side (or only the columns, with `halo` rows)."""
     padded = np.pad(x.astype(np.float64), [(0, 0), (0, 0) if halo else (1, 1), (1, 1), (0, 0)])

@@ -53,8 +53,9 @@ def kernel_transform(weight: np.ndarray) -> np.ndarray:
 
 def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.ndarray] = None,
             residual: Optional[np.ndarray] = None, halo: bool = False) -> None:
-    """out (B, R, W, C_out) = the 3x3, stride-1, padding-1 convolution of x [+ bias (C_out,)] [+ residual (B, R, W,
-    C_out)], all fp32 numpy (x and residual may be views with strided rows); u from kernel_transform.
+    """out (B, R, W, C_out) = the 3x3, stride-1, padding-1 convolution of x [+ bias (C_out,), or (B, C_out) per
+    image] [+ residual (B, R, W, C_out)], all fp32 numpy (x and residual may be views with strided rows); u from
+    kernel_transform.
 
     x is (B, R, W, C_in), zero-padded by one on every side; with `halo`, x is (B, R + 2, W, C_in): its first and
     last rows are the rows above and below the output's (a band of a larger image), only the columns padded.
@@ -111,7 +112,7 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
             matmul(OUTPUT_TRANSFORM, m[:, start:start + (t1 - t0) * tiles_per_row].reshape(36, -1),
                    y.reshape(TILE * TILE, -1))
             if bias is not None:
-                y += bias
+                y += bias if bias.ndim == 1 else bias[b]
             y = y.reshape(TILE * TILE, t1 - t0, tiles_per_row, c_out)
             for p in range(TILE):
                 end_t = min(t1, (rows - 1 - p) // TILE + 1)  # tile rows whose output row 4t + p < R
@@ -132,11 +133,17 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
     cpu_pool.run(transform_outputs, cpu_pool.deal(units))
 
 
-def convolve(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
-    """The 3x3, stride-1, padding-1 convolution of NHWC x by an (C_out, 3, 3, C_in) kernel [+ bias], computed in
+def convolve(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,
+             residual: Optional[mx.array] = None) -> mx.array:
+    """The 3x3, stride-1, padding-1 convolution of NHWC x by an (C_out, 3, 3, C_in) kernel [+ bias: (C_out,), or
+    (B, C_out) per image (a resnet's time embedding folded in)] [+ residual, NHWC like the output], computed in
     fp32 and returned in x's dtype."""
-    keep, views = cpu_pool.as_numpy(x, weight, *([] if bias is None else [bias]))
+    extras = [a for a in (bias, residual) if a is not None]
+    keep, views = cpu_pool.as_numpy(x, weight, *extras)
+    rest = iter(views[2:])
+    bias_n = next(rest) if bias is not None else None
+    residual_n = next(rest) if residual is not None else None
     out = np.empty(x.shape[:3] + (weight.shape[0],), np.float32)
-    conv3x3(views[0], kernel_transform(views[1]), out, views[2] if bias is not None else None)
+    conv3x3(views[0], kernel_transform(views[1]), out, bias_n, residual_n)
     del keep
     return cpu_pool.to_mlx(out, x.dtype)

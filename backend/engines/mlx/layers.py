@@ -250,10 +250,29 @@ class Conv2d(nn.Conv2d):
                 and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
                 and h * w >= self.WINOGRAD_MIN_PIXELS)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self._winograd_applies(x):
-            return super().__call__(x)
-        return cpu_winograd.convolve(x, self.weight, self.get("bias"))
+    def __call__(self, x: mx.array, image_bias: Optional[mx.array] = None, residual: Optional[mx.array] = None):
+        """conv(x) [+ image_bias (B, C_out), added per image] [+ residual]: on the Winograd path both are added as
+        the tiles are put in place (a resnet's time embedding and skip connection), else by MLX after."""
+        if self._winograd_applies(x):
+            bias = self.get("bias")
+            if image_bias is not None:
+                bias = image_bias if bias is None else image_bias + bias
+            return cpu_winograd.convolve(x, self.weight, bias, residual)
+        return _added(super().__call__(x), image_bias, residual)
+
+
+def _added(out: mx.array, image_bias: Optional[mx.array], residual: Optional[mx.array]) -> mx.array:
+    if image_bias is not None:
+        out = out + image_bias[:, None, None, :]
+    return out if residual is None else out + residual
+
+
+def convolve(conv, x: mx.array, image_bias: Optional[mx.array] = None, residual: Optional[mx.array] = None):
+    """conv(x) [+ image_bias (B, C_out) per image] [+ residual], folded into the convolution where `conv` is this
+    module's Conv2d (a quantized or LoRA-wrapped one adds them after)."""
+    if isinstance(conv, Conv2d):
+        return conv(x, image_bias, residual)
+    return _added(conv(x), image_bias, residual)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -448,19 +467,18 @@ class ResnetBlock2D(nn.Module):
         return norm(x, then_silu=True) if self.act is silu else self.act(norm(x))
 
     def __call__(self, x: mx.array, temb: Optional[mx.array] = None) -> mx.array:
-        h = self.conv1(self._norm_act(self.norm1, x))
-        t = self.time_emb_proj(self.act(temb))[:, None, None, :] if temb is not None else None
-        if t is not None and not self.scale_shift:
-            h = h + t
-        if t is not None and self.scale_shift:
-            scale, shift = mx.split(t, 2, axis=-1)
-            h = self.conv2(self.act(self.norm2(h) * (1 + scale) + shift))
-        else:
-            h = self.conv2(self._norm_act(self.norm2, h))
+        t = self.time_emb_proj(self.act(temb)) if temb is not None else None  # (B, C_out or 2 C_out)
+        h = convolve(self.conv1, self._norm_act(self.norm1, x), None if self.scale_shift else t)
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
-        out = x + h
-        return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+        if t is not None and self.scale_shift:
+            scale, shift = mx.split(t[:, None, None, :], 2, axis=-1)
+            h = self.act(self.norm2(h) * (1 + scale) + shift)
+        else:
+            h = self._norm_act(self.norm2, h)
+        if self.output_scale_factor != 1.0:
+            return (x + self.conv2(h)) / self.output_scale_factor
+        return convolve(self.conv2, h, residual=x)
 
 
 class Downsample2D(nn.Module):
