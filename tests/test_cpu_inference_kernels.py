@@ -264,19 +264,20 @@ def test_allocator_keeps_freed_memory_until_released():
 
 
 def test_vae_decode_at_inference_matches_the_training_path(monkeypatch):
-    """The decoder's row bands with the numpy kernels (norm + SiLU into the padded input, shifted products for the
-    128-channel layers, moments on the workers) against the same bands with MLX's ops: batch 2, every up block."""
+    """The decoder's row bands with the numpy kernels (norm + SiLU into the input band, shifted products for the
+    32-channel layers and the first and last, numpy Winograd for the others, moments on the workers) against the
+    same bands with MLX's ops: batch 2, every up block."""
     from backend.bench import _cfg
     from backend.engines.mlx import cpu_conv
     from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
     monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
     cfg = dict(_cfg("sd-1.5", "vae"), block_out_channels=[32, 64, 128, 128], norm_num_groups=8)
+    assert cpu_conv.applies(32, 64) == (blas.sgemm() is not None) and not cpu_conv.applies(64, 128)
     vae = AutoencoderKL(VAEConfig.from_dict(cfg))
     mx.eval(vae.parameters())
     z = mx.random.normal((2, 16, 16, 4), key=mx.random.key(4))
     plain = vae.decode(z)
     mx.eval(plain)
-    assert cpu_conv.applies(128, 128) == (blas.sgemm() is not None)
     with cpu_kernels.eager_chunks():
         fast = vae.decode(z)
     scale = float(np.abs(np.array(plain)).max())

@@ -7,10 +7,11 @@ oneMKL (beta = 1): the direct convolution's multiplications, with no unfolded co
 convolution writes one 9x its input first) and no transforms (Winograd's, single-threaded elementwise passes in
 MLX). Each output row also gets two columns computed from the wrap-around, dropped at the end (2 / W extra).
 
-Measured here (one image, 2 cores, oneMKL): 128->128 channels at 512x512 0.34 s against 0.43 s for Winograd
-F(4x4) and 0.93 s for MLX's; 256->128 0.61 s against 0.72 s; from 256 channels on both sides Winograd's 4x fewer
-multiplications win (256->256 at 256x256: 0.28 against 0.25 s), so vae_bands uses this for layers with at most
-MAX_CHANNELS channels on one side. Needs oneMKL (blas.sgemm); fp32.
+Measured here (one row band of one image, 2 cores, oneMKL): it wins where one side has few channels, the VAE's
+first and last layers (4 -> 512 at 64x64 3.2 ms against 6.8 ms for cpu_winograd's F(4x4); 128 -> 3 at 1024 wide
+3.8 against 6.7 ms; 128 -> 32 8.6 against 17.8 ms), and Winograd's 4x fewer multiplications win from 128 channels
+on both sides (128 -> 128, 64 rows of 512: 26 against 36 ms; 256 -> 128: 42 against 71 ms). So vae_bands uses this
+for layers with at most MAX_CHANNELS channels on one side. Needs oneMKL (blas.sgemm); fp32.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from backend import blas
 
 #: Layers with at most this many channels on one side (input or output) are convolved this way; wider ones go to
 #: Winograd.
-MAX_CHANNELS = 128
+MAX_CHANNELS = 32
 
 
 def applies(c_in: int, c_out: int) -> bool:
