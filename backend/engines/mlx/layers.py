@@ -236,7 +236,7 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d; on the CPU at inference (under cpu_kernels.eager_chunks), a 3x3, stride-1, padding-1 fp32
     convolution over images of at least WINOGRAD_MIN_PIXELS runs as Winograd F(4x4, 3x3) on every core
     (cpu_winograd.py), the bias added as the tiles are put in place. Measured on a 2-core Xeon (oneMKL), batch 2
-    (tools: /tmp ad-hoc, README "Speed on Linux"): 320->320 channels at 64x64 68 -> 28 ms (torch 46), 640->640 at
+    (README "Speed on Linux"): 320->320 channels at 64x64 68 -> 28 ms (torch 46), 640->640 at
     32x32 58 -> 29 ms (torch 46), 1280->1280 at 16x16 60 -> 45 ms (torch 53); at 8x8 MLX's direct convolution
     (16 ms) is kept, the kernel's transform would cost more than it saves. The kernel's transform is computed per
     call: kept, it would add 4x every such kernel's size (1.18 GiB for SD 1.5's UNet at fp32)."""
