@@ -182,8 +182,13 @@ def test_modules_give_the_same_output_at_inference_as_in_training(monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=5e-5)
 
 
-def test_winograd_convolution_follows_its_weight():
+def test_winograd_convolution_follows_its_weight(monkeypatch):
     conv = layers.Conv2d(8, 12, 3, padding=1)
+    small = mx.random.normal((1, 32, 32, 8))
+    mx.eval(conv.parameters(), small)
+    with cpu_kernels.eager_chunks():  # under NUMPY_KERNEL_MIN output elements: MLX's convolution (the embedded model)
+        assert not conv._winograd_applies(small)
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
     x = mx.random.normal((1, 32, 32, 8))
     mx.eval(conv.parameters(), x)
     direct = nn.Conv2d.__call__(conv, x)
@@ -199,9 +204,10 @@ def test_winograd_convolution_follows_its_weight():
         assert not conv._winograd_applies(x[:, :8, :8])  # below 16x16: MLX's direct convolution
 
 
-def test_convolution_adds_a_per_image_bias_and_a_residual_in_place_of_mlx_adds():
+def test_convolution_adds_a_per_image_bias_and_a_residual_in_place_of_mlx_adds(monkeypatch):
     """A resnet's time embedding (per image) and skip connection, folded into the Winograd convolution, against a
     plain convolution followed by MLX's adds; a convolution that is not layers.Conv2d adds them after."""
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
     conv = layers.Conv2d(8, 12, 3, padding=1)
     x, image_bias, residual = mx.random.normal((2, 32, 32, 8)), mx.random.normal((2, 12)), mx.random.normal((2, 32, 32, 12))
     mx.eval(conv.parameters(), x, image_bias, residual)
