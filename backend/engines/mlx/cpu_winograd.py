@@ -24,7 +24,7 @@ from backend.engines.mlx import cpu_pool, winograd
 
 TILE = 4  # output rows and columns per tile
 _SPAN = TILE + 2  # input rows and columns per tile
-_B_T, _G, _A_T = (np.array(m, np.float64) for m in winograd._TRANSFORMS[TILE])
+_B_T, _G, _A_T = (np.array(m, np.float64) for m in winograd.matrices(TILE))
 INPUT_TRANSFORM = np.kron(_B_T, _B_T).astype(np.float32)  # (36, 36): tile value 6i+j -> transformed value
 KERNEL_TRANSFORM = np.kron(_G, _G).astype(np.float32)  # (36, 9): tap 3i+j -> transformed value
 OUTPUT_TRANSFORM = np.kron(_A_T, _A_T).astype(np.float32)  # (16, 36): product -> output 4p+q of the tile

@@ -29,6 +29,11 @@ _TRANSFORMS = {
 TILES = tuple(_TRANSFORMS)
 
 
+def matrices(m: int) -> tuple:
+    """(B^T, G, A^T) of F(m x m, 3x3), as nested lists (cpu_winograd builds its numpy transforms from them)."""
+    return _TRANSFORMS[m]
+
+
 @functools.lru_cache(maxsize=None)
 def _weighted_sum(coefficients: tuple):
     """One compiled kernel: sum of c * x over its inputs (+-1 as adds and subtracts)."""
