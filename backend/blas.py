@@ -284,6 +284,22 @@ def sgemm():
     return _sgemm
 
 
+def _numpy_product(a, b, out, alpha: float = 1.0, b_transposed: bool = False, accumulate: bool = False) -> None:
+    import numpy as np  # here, not at the top: this module runs before anything else loads a BLAS
+    b = b.T if b_transposed else b
+    a = a * np.float32(alpha) if alpha != 1.0 else a
+    if accumulate:
+        out += a @ b
+    else:
+        np.matmul(a, b, out=out)
+
+
+def product():
+    """`sgemm()` where oneMKL is loaded, else numpy's matmul behind the same signature (f(a, b, out, alpha,
+    b_transposed, accumulate)): for the CPU kernels that run either way."""
+    return sgemm() or _numpy_product
+
+
 def one_thread_here() -> None:
     """oneMKL runs the calling thread's products on one thread (a worker of a pool with one thread per core)."""
     if loaded and "mkl" in loaded:

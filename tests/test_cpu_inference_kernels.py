@@ -288,3 +288,15 @@ def test_vae_decode_at_inference_matches_the_training_path(monkeypatch):
         fast = vae.decode(z)
     scale = float(np.abs(np.array(plain)).max())
     np.testing.assert_allclose(np.array(fast), np.array(plain), rtol=0, atol=3e-5 * scale)
+
+
+@pytest.mark.parametrize("alpha,accumulate", [(1.0, False), (0.5, False), (1.0, True), (0.5, True)])
+def test_blas_product_without_onemkl_matches_a_float64_product(monkeypatch, alpha, accumulate):
+    """blas.product(): numpy's matmul behind sgemm's signature where oneMKL is not loaded (the kernels' fallback)."""
+    monkeypatch.setattr(blas, "sgemm", lambda: None)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal((6, 5)).astype(np.float32)
+    out = np.ones((7, 6), np.float32)
+    blas.product()(a, b, out, alpha, b_transposed=True, accumulate=accumulate)
+    expected = alpha * (a.astype(np.float64) @ b.T.astype(np.float64)) + (1 if accumulate else 0)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)

@@ -33,10 +33,6 @@ BLOCK_SCORES = 1 << 21
 SAFE_LOGIT = 60.0
 
 
-def _numpy_matmul(a, b, out, alpha: float = 1.0, b_transposed: bool = False) -> None:
-    np.matmul(a * np.float32(alpha) if alpha != 1.0 else a, b.T if b_transposed else b, out=out)
-
-
 def _numpy_exp(x, out) -> None:
     np.exp(x, out=out)
 
@@ -138,6 +134,6 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
             matmul(s, values, o)
             np.divide(o[:, :d_v], o[:, d_v:d_v + 1], out=out[b, row:row + n, h])
 
-    matmul = blas.sgemm() or _numpy_matmul
+    matmul = blas.product()
     exp = blas.vector_math("Exp") or _numpy_exp
     cpu_pool.run(run, shares)

@@ -154,11 +154,7 @@ def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tu
                 out[r0:r1] = views[1]
 
     cpu_pool.run(start, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())))
-    sgemm = blas.sgemm()
-    if sgemm is not None:
-        sgemm(x, views[0], out, b_transposed=True, accumulate=True)
-    else:
-        out += x @ views[0].T
+    blas.product()(x, views[0], out, b_transposed=True, accumulate=True)
     del keep
     return cpu_pool.to_mlx(out, dtype, shape)
 

@@ -9,8 +9,9 @@ input transform by rows of tiles, the 36 (tiles, C_in) x (C_in, C_out) products 
 core each), output transform by rows of tiles. The kernel's transform, kron(G, G) times each output channel's
 (9, C_in) taps, is made per call (`kernel_transform`; kept, it would hold 4x each kernel's size).
 
-The products are oneMKL's sgemm where it is the loaded BLAS, else numpy's. fp32 only; for inference (the inputs
-are read as numpy views of evaluated MLX arrays). layers.Conv2d (the UNet) and vae_bands (the VAE) call it.
+The products are blas.product()'s: oneMKL's sgemm where it is the loaded BLAS, else numpy's. fp32 only; for
+inference (the inputs are read as numpy views of evaluated MLX arrays). layers.Conv2d (the UNet) and vae_bands (the
+VAE) call it.
 """
 from __future__ import annotations
 
@@ -30,10 +31,6 @@ KERNEL_TRANSFORM = np.kron(_G, _G).astype(np.float32)  # (36, 9): tap 3i+j -> tr
 OUTPUT_TRANSFORM = np.kron(_A_T, _A_T).astype(np.float32)  # (16, 36): product -> output 4p+q of the tile
 #: Bytes of gathered tiles one unit of work transforms at once (cache-sized).
 UNIT_BYTES = 2 << 20
-
-
-def _matmul(a, b, out, b_transposed: bool = False) -> None:
-    np.matmul(a, b.T if b_transposed else b, out=out)
 
 
 def kernel_transform(weight: np.ndarray) -> np.ndarray:
@@ -67,7 +64,7 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
     n_tiles = batch * tile_rows * tiles_per_row
     v = np.empty((36, n_tiles, c_in), np.float32)
     m = np.empty((36, n_tiles, c_out), np.float32)
-    matmul = blas.sgemm() or _matmul
+    matmul = blas.product()
     # Units of whole rows of tiles of one image, the gathered tiles of one about UNIT_BYTES, at least two per worker.
     per_unit = max(1, min(UNIT_BYTES // (36 * tiles_per_row * max(c_in, c_out) * 4),
                           -(-batch * tile_rows // (2 * cpu_pool.workers()))))

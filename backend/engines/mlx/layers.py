@@ -247,8 +247,8 @@ class Conv2d(nn.Conv2d):
 
     def _winograd_applies(self, x: mx.array) -> bool:
         b, h, w, _ = x.shape
-        return (cpu_inference(b * h * w * self.weight.shape[0]) and x.dtype == mx.float32 and self.weight.dtype == mx.float32
-                and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
+        return (cpu_inference(b * h * w * self.weight.shape[0]) and x.dtype == mx.float32
+                and self.weight.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
                 and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
                 and h * w >= self.WINOGRAD_MIN_PIXELS)
 

@@ -295,12 +295,10 @@ def _input_band(source: RowSource, r0: int, r1: int, height: int, batch: int, wi
 
 
 def _numpy_terms(bias: list, residual, r0: int, r1: int) -> tuple:
-    """(bias (C,) or None, residual rows (B, R, W, C) or None) as fp32 numpy views (their MLX arrays kept alive by
-    the views' owners: the returned tuple's last item)."""
-    arrays = [a.astype(mx.float32) for a in bias + ([residual(r0, r1)] if residual is not None else [])]
-    mx.eval(*arrays)
-    views = [np.asarray(a) for a in arrays]
-    return (views[0] if bias else None, views[-1] if residual is not None else None, arrays)
+    """(bias (C,) or None, residual rows (B, R, W, C) or None) as fp32 numpy views (cpu_pool.as_numpy), and the
+    MLX arrays to keep alive while they are read."""
+    keep, views = cpu_pool.as_numpy(*bias, *([residual(r0, r1)] if residual is not None else []))
+    return (views[0] if bias else None, views[-1] if residual is not None else None, keep)
 
 
 def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, height: int, batch: int, width: int,
