@@ -300,3 +300,32 @@ def test_blas_product_without_onemkl_matches_a_float64_product(monkeypatch, alph
     blas.product()(a, b, out, alpha, b_transposed=True, accumulate=accumulate)
     expected = alpha * (a.astype(np.float64) @ b.T.astype(np.float64)) + (1 if accumulate else 0)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+def test_products_and_projections_with_gated_residuals_against_float64(monkeypatch):
+    """cpu_rowwise.products (several Linears side by side, a bias missing), project from (B, n, K) rows of any
+    stride with a per-image gated residual (blocks of rows crossing the images' boundary) or a plain one, and the
+    per-head RMS norm in place."""
+    monkeypatch.setattr(cpu_pool, "block_rows", lambda row_elements, block_elements=0: 7)  # blocks across images
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 10, 12)).astype(np.float32)
+    w1, w2, b1 = (rng.standard_normal(s).astype(np.float32) for s in ((6, 12), (4, 12), (6,)))
+    rows = cpu_rowwise.products(mx.array(x), [(mx.array(w1), mx.array(b1)), (mx.array(w2), None)])
+    flat = x.reshape(-1, 12).astype(np.float64)
+    np.testing.assert_allclose(rows, np.concatenate([flat @ w1.T + b1, flat @ w2.T], axis=1), rtol=0, atol=1e-5)
+
+    wide = rng.standard_normal((2, 10, 16)).astype(np.float32)[:, :, 2:14]  # rows of stride 16, not 12
+    w, b = rng.standard_normal((5, 12)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    r, gate = rng.standard_normal((2, 10, 5)).astype(np.float32), rng.standard_normal((2, 1, 5)).astype(np.float32)
+    y = wide.astype(np.float64) @ w.T + b
+    gated = cpu_rowwise.project(wide, mx.array(w), mx.array(b), (2, 10, 5), mx.float32, (mx.array(r), mx.array(gate)))
+    np.testing.assert_allclose(np.array(gated), r + gate * y, rtol=0, atol=1e-5)
+    plain = cpu_rowwise.project(wide, mx.array(w), None, (2, 10, 5), mx.float16, (mx.array(r), None))
+    assert plain.dtype == mx.float16
+    np.testing.assert_allclose(np.array(plain.astype(mx.float32)), r + y - b, rtol=0, atol=2e-2)
+
+    heads = rng.standard_normal((9, 3, 8)).astype(np.float32)
+    weight = rng.standard_normal(8).astype(np.float32)
+    expected = heads / np.sqrt((heads.astype(np.float64) ** 2).mean(axis=2, keepdims=True) + 1e-6) * weight
+    cpu_rowwise.rms_norm_heads(heads, mx.array(weight), 1e-6)
+    np.testing.assert_allclose(heads, expected, rtol=0, atol=1e-5)

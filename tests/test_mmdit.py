@@ -236,6 +236,28 @@ def test_eager_blocks_equal_the_lazy_forward(models):
     np.testing.assert_allclose(eager, lazy, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_numpy_blocks_at_cpu_inference_match_diffusers(models, monkeypatch, name):
+    """The CPU inference path of every size (NUMPY_KERNEL_MIN lowered): q, k, v products, the q/k RMS norms,
+    attention, output projections and gated residuals in numpy (JointAttention._numpy_call, FeedForward's
+    project), on every block kind: full, dual attention, the last (context_pre_only) one."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels need MLX's CPU compiler")
+    from backend.engines.mlx import cpu_rowwise
+    torch_model, mlx_model = models(name)
+    args = inputs(torch_model, height=16, width=24)
+    calls = []
+    products = cpu_rowwise.products
+    monkeypatch.setattr(cpu_rowwise, "products", lambda x, linears: calls.append(len(linears)) or products(x, linears))
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
+    with cpu_kernels.eager_chunks():
+        mine = run_mlx(mlx_model, args)
+    cfg = mlx_model.config  # image and context streams of every block, the image of every attn2
+    assert len([n for n in calls if n > 1]) == 2 * cfg.num_layers + len(cfg.dual_attention_layers)  # q, k, v
+    assert len([n for n in calls if n == 1]) == 2 * cfg.num_layers - 1  # each feed-forward's first product
+    assert relative_error(mine, run_torch(torch_model, args)) < 1e-4
+
+
 def test_timestep_scalar_broadcasts(models):
     torch_model, mlx_model = models("sd3")
     args = inputs(torch_model, height=16, width=16)

@@ -79,9 +79,10 @@ def block_rows(row_elements: int, block_elements: int = 1 << 18) -> int:
 
 
 def as_numpy(*arrays):
-    """fp32 numpy views of MLX arrays (cast and evaluated first where needed); keep the MLX arrays alive."""
-    cast = [a if a.dtype == mx.float32 else a.astype(mx.float32) for a in arrays]
-    mx.eval(*cast)
+    """fp32 numpy views of MLX arrays (cast and evaluated first where needed; fp32 numpy arrays pass as they are);
+    keep the MLX arrays alive."""
+    cast = [a if a.dtype in (mx.float32, np.float32) else a.astype(mx.float32) for a in arrays]
+    mx.eval(*[a for a in cast if isinstance(a, mx.array)])
     return cast, [np.asarray(a) for a in cast]
 
 

@@ -138,30 +138,99 @@ def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False)
     return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows)
 
 
-def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tuple, dtype) -> mx.array:
-    """x W^T + bias for fp32 numpy rows x (M, K) (an activation kernel's `rows` result) and a Linear's (N, K)
-    weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the block's width, is not copied back
-    into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is. The output starts as the bias,
-    written on the workers, and oneMKL's product (all its threads) accumulates onto it."""
-    keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]))
-    out = np.empty((x.shape[0], views[0].shape[0]), np.float32)
-
-    def start(share):
+def _fill_rows(out: np.ndarray, value: Optional[np.ndarray]) -> None:
+    """out[:] = value (a row broadcast over out's rows, or 0), on the workers."""
+    def work(share):
         for r0, r1 in share:
-            if bias is None:
-                out[r0:r1] = 0
-            else:
-                out[r0:r1] = views[1]
+            out[r0:r1] = 0 if value is None else value
 
-    cpu_pool.run(start, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())))
-    blas.product()(x, views[0], out, b_transposed=True, accumulate=True)
+    cpu_pool.run(work, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())))
+
+
+def products(x: mx.array, linears: list) -> np.ndarray:
+    """x W_i^T + b_i for each (weight, bias or None) in `linears`, side by side in one fp32 numpy (rows, sum N_i)
+    array, for a kernel that reads its parts in numpy (SD3's q, k and v for cpu_attention, an activation kernel):
+    the biases written on the workers and oneMKL's products (all its threads) accumulating onto them, with no bias
+    pass in MLX. x: an MLX array or fp32 numpy rows (..., K)."""
+    weights = [w for w, _ in linears]
+    biases = [b for _, b in linears if b is not None]
+    keep, views = cpu_pool.as_numpy(x, *weights, *biases)
+    rows = _rows(views[0])
+    w_views, b_views = iter(views[1:1 + len(weights)]), iter(views[1 + len(weights):])
+    widths = [w.shape[0] for w in weights]
+    out = np.empty((rows.shape[0], sum(widths)), np.float32)
+    if biases:
+        _fill_rows(out, np.concatenate([next(b_views) if b is not None else np.zeros(n, np.float32)
+                                        for (_, b), n in zip(linears, widths)]))
+    matmul, first = blas.product(), 0
+    for w, n in zip(w_views, widths):
+        matmul(rows, w, out[:, first:first + n], b_transposed=True, accumulate=bool(biases))
+        first += n
+    del keep
+    return out
+
+
+def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tuple, dtype,
+            residual: Optional[tuple] = None) -> mx.array:
+    """x W^T + bias for fp32 numpy rows x (M, K), or (B, n, K) with rows of any stride (an attention kernel's
+    output), and a Linear's (N, K) weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the
+    block's width, is not copied back into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is.
+    The output starts as the bias, written on the workers, and oneMKL's product (all its threads) accumulates onto
+    it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or None (a plain
+    residual), applied on the workers (MLX would take two passes on one thread)."""
+    extra = [] if residual is None else [a for a in residual if a is not None]
+    keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]), *extra)
+    w, rest = views[0], iter(views[1:])
+    b = next(rest) if bias is not None else None
+    r = next(rest).reshape(-1, w.shape[0]) if residual is not None else None
+    gate = next(rest).reshape(-1, w.shape[0]) if residual is not None and residual[1] is not None else None
+    images = x.shape[0] if x.ndim == 3 else 1
+    out = np.empty((x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0], w.shape[0]), np.float32)
+    _fill_rows(out, b)
+    matmul = blas.product()
+    for part, dest in zip(x if x.ndim == 3 else [x], np.split(out, images)):
+        matmul(part, w, dest, b_transposed=True, accumulate=True)
+    if r is not None:
+        per_image = out.shape[0] // (gate.shape[0] if gate is not None else 1)
+
+        def add(share):
+            for r0, r1 in share:
+                if gate is not None:
+                    for img in range(r0 // per_image, (r1 - 1) // per_image + 1):
+                        lo, hi = max(r0, img * per_image), min(r1, (img + 1) * per_image)
+                        out[lo:hi] *= gate[img]
+                out[r0:r1] += r[r0:r1]
+
+        cpu_pool.run(add, cpu_pool.row_shares(out.shape[0], cpu_pool.block_rows(out.shape[1])))
     del keep
     return cpu_pool.to_mlx(out, dtype, shape)
 
 
-def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float) -> mx.array:
+def rms_norm_heads(per_head: np.ndarray, weight: mx.array, eps: float) -> None:
+    """diffusers' RMSNorm over the last axis of an fp32 numpy view (M, heads, d), in place (SD3.5's q/k norms): x
+    times rsqrt(mean(x^2) + eps), times the (d,) weight."""
+    keep, (w,) = cpu_pool.as_numpy(weight)
+    d = per_head.shape[2]
+
+    def work(share):
+        for r0, r1 in share:
+            h = per_head[r0:r1]
+            inv = np.einsum("rhd,rhd->rh", h, h)
+            inv *= np.float32(1 / d)
+            inv += np.float32(eps)
+            np.sqrt(inv, out=inv)
+            np.reciprocal(inv, out=inv)
+            h *= inv[:, :, None]
+            h *= w
+
+    cpu_pool.run(work, cpu_pool.row_shares(per_head.shape[0], cpu_pool.block_rows(per_head[0].size)))
+    del keep
+
+
+def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float, rows: bool = False):
     """LayerNorm over the last axis of (B, ..., C) x (torch's, biased variance), statistics in fp32; weight and
-    bias (C,), or (B, 1, C) per image (SD3's modulation: LN(x) (1 + scale) + shift)."""
+    bias (C,), or (B, 1, C) per image (SD3's modulation: LN(x) (1 + scale) + shift). With `rows`, the fp32 numpy
+    result as (rows, C), for products that follow in numpy (`products`)."""
     keep, views = cpu_pool.as_numpy(x, *[a for a in (weight, bias) if a is not None])
     batch, channels = x.shape[0], x.shape[-1]
     per_image = views[0].reshape(batch, -1, channels)
@@ -187,7 +256,7 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
 
     cpu_pool.run(work, cpu_pool.row_shares(per_image.shape[1], block))
     del keep
-    return cpu_pool.to_mlx(out, x.dtype, x.shape)
+    return _rows(out) if rows else cpu_pool.to_mlx(out, x.dtype, x.shape)
 
 
 def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def _joined(x):
     return x[0] if len(x) == 1 else mx.concatenate(list(x), axis=2)
 
 
-def attention(q, k, v, scale: float) -> mx.array:
+def attention(q, k, v, scale: float, rows: bool = False):
     """softmax(q k^T * scale) v for (B, H, N, d) queries and (B, H, M, d) keys/values; each may be a list of parts
     along the token axis (SD3's image and context tokens), joined unless the kernel reads them where they lie.
 
@@ -72,7 +72,14 @@ def attention(q, k, v, scale: float) -> mx.array:
     is cast back), over cache-sized chunks of query rows; MLX's fused kernel on the CPU is a plain
     matmul-softmax-matmul whose scalar exp costs ~3x the cpu_kernels version (tools/bench_attention.py).
     Elsewhere (a GPU): `device_attention`.
+
+    `rows` (CPU inference only: the caller checks `cpu_inference()`): q, k, v may be fp32 numpy parts, and the
+    result is cpu_attention's fp32 numpy (B, N, H, d_v) buffer, for an output projection in numpy.
     """
+    if rows:
+        AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(
+            q[0].shape[0] * q[0].shape[1], sum(p.shape[2] for p in q), sum(p.shape[2] for p in k)))
+        return cpu_attention.attention(q, k, v, scale, rows=True)
     if not cpu_kernels.available():
         return device_attention(_joined(q), _joined(k), _joined(v), scale)
     first_q = q[0] if isinstance(q, (list, tuple)) else q
@@ -293,6 +300,17 @@ def bias_free(linear, x: mx.array):
     return linear(x), None
 
 
+def plain_linear(linear) -> bool:
+    """An unquantized Linear without LoRA: the CPU kernels may read its weight and bias themselves."""
+    return type(linear) in (Linear, nn.Linear)
+
+
+def bias_free_rows(linear, x):
+    """bias_free for a plain Linear with the product in numpy (cpu_rowwise.products: fp32 rows, x an MLX array or
+    fp32 numpy rows)."""
+    return cpu_rowwise.products(x, [(linear.weight, None)]), linear.get("bias")
+
+
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
     return GroupNorm(groups, channels, eps)
 
@@ -344,9 +362,9 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
 
-    def numpy_rows(self, x: mx.array):
-        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`); else None."""
-        return cpu_rowwise.geglu(*bias_free(self.proj, x), rows=True) if cpu_inference(x.size) else None
+    def numpy_rows(self, x):
+        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`) of MLX or numpy rows x."""
+        return cpu_rowwise.geglu(*bias_free_rows(self.proj, x), rows=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
@@ -362,9 +380,9 @@ class TanhGELU(nn.Module):
         super().__init__()
         self.proj = Linear(dim_in, dim_out)
 
-    def numpy_rows(self, x: mx.array):
-        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`); else None."""
-        return cpu_rowwise.gelu_tanh(*bias_free(self.proj, x), rows=True) if cpu_inference(x.size) else None
+    def numpy_rows(self, x):
+        """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`) of MLX or numpy rows x."""
+        return cpu_rowwise.gelu_tanh(*bias_free_rows(self.proj, x), rows=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
@@ -377,8 +395,9 @@ _FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": TanhGELU}
 
 class FeedForward(nn.Module):
     """diffusers' `FeedForward`: net.0 (the activation's projection: GEGLU by default, or SD3's
-    "gelu-approximate"), net.2 (Linear). At CPU inference the activation stays in numpy for net.2's product
-    (cpu_rowwise.project) when net.2 is a plain Linear (not quantized, no LoRA)."""
+    "gelu-approximate"), net.2 (Linear). At CPU inference with plain Linears (not quantized, no LoRA: `takes_rows`)
+    the products and the activation run in numpy (cpu_rowwise.products, the activation kernel, project), from
+    MLX or numpy input rows."""
 
     def __init__(self, dim: int, mult: int = 4, activation_fn: str = "geglu"):
         super().__init__()
@@ -386,16 +405,27 @@ class FeedForward(nn.Module):
         self.net = [_FEED_FORWARD_ACTIVATIONS[activation_fn](dim, inner), nn.Identity(),  # net.1 is dropout
                     Linear(inner, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        activation, out = self.net[0], self.net[2]
-        if type(out) is Linear and cpu_inference():  # the activation stays in numpy for the output product
-            rows = activation.numpy_rows(x)
-            if rows is not None:
-                return cpu_rowwise.project(rows, out.weight, out.get("bias"), x.shape[:-1] + (out.weight.shape[0],),
-                                           x.dtype)
+    def takes_rows(self, x) -> bool:
+        """Whether __call__ runs in numpy here, so that x may come as fp32 numpy rows (B, ..., C)."""
+        return cpu_inference(x.size) and plain_linear(self.net[0].proj) and plain_linear(self.net[2])
+
+    def __call__(self, x, residual: Optional[tuple] = None) -> mx.array:
+        """FF(x), or with `residual` (r, gate) r + gate * FF(x) (gate (B, 1, C), or None for r + FF(x)); x may be
+        fp32 numpy rows where `takes_rows`."""
+        if self.takes_rows(x):
+            out = self.net[2]
+            dtype = residual[0].dtype if residual is not None else x.dtype if isinstance(x, mx.array) else mx.float32
+            return cpu_rowwise.project(self.net[0].numpy_rows(x), out.weight, out.get("bias"),
+                                       x.shape[:-1] + (out.weight.shape[0],), dtype, residual)
         for layer in self.net:
             x = layer(x)
-        return x
+        return x if residual is None else gated_residual(residual, x)
+
+
+def gated_residual(residual: tuple, y: mx.array) -> mx.array:
+    """r + gate * y for residual (r, gate), or r + y where gate is None."""
+    r, gate = residual
+    return r + (y if gate is None else gate * y)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -415,7 +445,7 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
         x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        return self.ff(self.norm3(x), residual=(x, None))
 
 
 class Transformer2DModel(nn.Module):

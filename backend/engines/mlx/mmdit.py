@@ -105,12 +105,12 @@ def _modulate(normed: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.a
     return (normed * (1 + scale.astype(mx.float32)) + shift.astype(mx.float32)).astype(dtype)
 
 
-def _norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, dtype) -> mx.array:
+def _norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, dtype, rows: bool = False):
     """_modulate(_layer_norm(x), ...): at CPU inference one numpy kernel on every core (cpu_rowwise.layer_norm
-    with per-image weights)."""
+    with per-image weights), with `rows` its fp32 numpy result (B, L, C) for products that follow in numpy."""
     if layers.cpu_inference(x.size):
-        return cpu_rowwise.layer_norm(x, 1 + scale.astype(mx.float32), shift.astype(mx.float32),
-                                      _NORM_EPS).astype(dtype)
+        out = cpu_rowwise.layer_norm(x, 1 + scale.astype(mx.float32), shift.astype(mx.float32), _NORM_EPS, rows)
+        return out.reshape(x.shape) if rows else out.astype(dtype)
     return _modulate(_layer_norm(x), scale, shift, dtype)
 
 
@@ -262,8 +262,12 @@ class JointAttention(nn.Module):
         y = proj(x).reshape(b, n, self.heads, self.head_dim)
         return self[norm](y) if norm and norm in self else y
 
-    def __call__(self, x: mx.array, context: Optional[mx.array] = None):
-        """Image output (B, N, C), or with `context` (image output, context output or None)."""
+    def __call__(self, x: mx.array, context: Optional[mx.array] = None, residuals: Optional[tuple] = None):
+        """Image output (B, N, C), or with `context` (image output, context output or None). With `residuals`
+        ((r, gate) for the image and, with context, (r, gate) or None for the context; gate (B, 1, C)): r + gate *
+        output in place of each output (the block's gated residuals)."""
+        if residuals is not None and self.numpy_path(x):
+            return self._numpy_call(x, context, residuals)
         b, n, _ = x.shape
         q = [self._project(self.to_q, x, "norm_q")]
         k = [self._project(self.to_k, x, "norm_k")]
@@ -281,9 +285,52 @@ class JointAttention(nn.Module):
         out = attention(*heads_first, self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(b, out.shape[2], -1).astype(x.dtype)
         image = self.to_out[0](out[:, :n])
-        if not with_context:
+        context_out = self.to_add_out(out[:, n:]) if context_queries else None
+        if residuals is not None:
+            image = layers.gated_residual(residuals[0], image)
+            if context_out is not None and residuals[1] is not None:
+                context_out = layers.gated_residual(residuals[1], context_out)
+        return (image, context_out) if with_context else image
+
+    def numpy_path(self, x: mx.array) -> bool:
+        """CPU inference with plain Linear projections (not quantized, no LoRA): with residuals, __call__ runs in
+        numpy (`_numpy_call`) and takes x and context as MLX arrays or fp32 numpy rows (B, L, C)."""
+        linears = [self[name] for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                                           "to_add_out") if name in self] + [self.to_out[0]]
+        return layers.cpu_inference(x.size) and all(layers.plain_linear(m) for m in linears)
+
+    def _numpy_call(self, x: mx.array, context: Optional[mx.array], residuals: tuple):
+        """__call__ with residuals at CPU inference, from the q, k, v products to the gated residuals in numpy
+        (cpu_rowwise.products, cpu_attention, cpu_rowwise.project): no bias or residual pass in MLX, no copy of
+        q, k, v or the attention output back into MLX."""
+        b, n, _ = x.shape
+        parts = {"q": [], "k": [], "v": []}
+        streams = [(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))]
+        context_queries = context is not None and not self.context_pre_only
+        if context is not None:
+            names = ("add_q_proj", "add_k_proj", "add_v_proj") if context_queries else ("add_k_proj", "add_v_proj")
+            streams.append((context, names, ("norm_added_q", "norm_added_k")))
+        for tokens, names, norms in streams:
+            rows = cpu_rowwise.products(tokens, [(self[m].weight, self[m].get("bias")) for m in names])
+            per_head = rows.reshape(-1, len(names), self.heads, self.head_dim)
+            roles = "qkv"[3 - len(names):]  # the last block's context: keys and values only
+            for i, role in enumerate(roles):
+                norm = dict(zip("qk", norms)).get(role)
+                if norm in self:
+                    cpu_rowwise.rms_norm_heads(per_head[:, i], self[norm].weight, self[norm].eps)
+                parts[role].append(per_head[:, i].reshape(b, -1, self.heads, self.head_dim).transpose(0, 2, 1, 3))
+        out = attention(parts["q"], parts["k"], parts["v"], self.scale, rows=True)  # (B, N, heads, head_dim)
+        out = out.reshape(b, out.shape[1], -1)
+        image_residual = residuals[0]
+        image = cpu_rowwise.project(out[:, :n], self.to_out[0].weight, self.to_out[0].get("bias"),
+                                    image_residual[0].shape, image_residual[0].dtype, image_residual)
+        if context is None:
             return image
-        return image, (self.to_add_out(out[:, n:]) if context_queries else None)
+        if not context_queries:
+            return image, None
+        context_residual = residuals[1]
+        return image, cpu_rowwise.project(out[:, n:], self.to_add_out.weight, self.to_add_out.get("bias"),
+                                          context_residual[0].shape, context_residual[0].dtype, context_residual)
 
 
 class JointTransformerBlock(nn.Module):
@@ -316,27 +363,27 @@ class JointTransformerBlock(nn.Module):
         if self.use_dual_attention:  # the normalized image tokens serve both attentions
             normed = _layer_norm(x)
             x_attn = _modulate(normed, scale_msa, shift_msa, dtype)
-        else:
-            normed, x_attn = None, _norm_modulate(x, scale_msa, shift_msa, dtype)
+        else:  # numpy rows where the attention runs in numpy
+            normed, x_attn = None, _norm_modulate(x, scale_msa, shift_msa, dtype, self.attn.numpy_path(x))
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(conditioning_act)  # AdaLayerNormContinuous: scale first
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(conditioning_act)
-        c_attn = _norm_modulate(context, c_scale, c_shift, dtype)
+        c_attn = _norm_modulate(context, c_scale, c_shift, dtype, self.attn.numpy_path(x))
 
-        attn_out, context_out = self.attn(x_attn, c_attn)
-        x = x + gate_msa * attn_out
+        x, context_attn = self.attn(x_attn, c_attn, residuals=(
+            (x, gate_msa), None if self.context_pre_only else (context, c_gate_msa)))
         if self.use_dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
-            x = x + gate_msa2 * self.attn2(_modulate(normed, scale_msa2, shift_msa2, dtype))
+            x = self.attn2(_modulate(normed, scale_msa2, shift_msa2, dtype), residuals=((x, gate_msa2),))
         del normed
-        x = x + gate_mlp * self.ff(_norm_modulate(x, scale_mlp, shift_mlp, dtype))
+        x = self.ff(_norm_modulate(x, scale_mlp, shift_mlp, dtype, self.ff.takes_rows(x)), residual=(x, gate_mlp))
         if self.context_pre_only:
             return None, x
 
-        context = context + c_gate_msa * context_out
-        context = context + c_gate_mlp * self.ff_context(_norm_modulate(context, c_scale_mlp, c_shift_mlp, dtype))
-        return context, x
+        context = context_attn
+        normed_context = _norm_modulate(context, c_scale_mlp, c_shift_mlp, dtype, self.ff_context.takes_rows(context))
+        return self.ff_context(normed_context, residual=(context, c_gate_mlp)), x
 
 
 class SD3Transformer2DModel(nn.Module):
