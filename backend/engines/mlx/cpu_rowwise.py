@@ -138,11 +138,11 @@ def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False)
     return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows)
 
 
-def _fill_rows(out: np.ndarray, value: Optional[np.ndarray]) -> None:
-    """out[:] = value (a row broadcast over out's rows, or 0), on the workers."""
+def _fill_rows(out: np.ndarray, value: np.ndarray) -> None:
+    """out[:] = value (a row broadcast over out's rows), on the workers."""
     def work(share):
         for r0, r1 in share:
-            out[r0:r1] = 0 if value is None else value
+            out[r0:r1] = value
 
     cpu_pool.run(work, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())))
 
@@ -175,8 +175,8 @@ def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tu
     """x W^T + bias for fp32 numpy rows x (M, K), or (B, n, K) with rows of any stride (an attention kernel's
     output), and a Linear's (N, K) weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the
     block's width, is not copied back into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is.
-    The output starts as the bias, written on the workers, and oneMKL's product (all its threads) accumulates onto
-    it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or None (a plain
+    The output starts as the bias (if any), written on the workers, and oneMKL's product (all its threads)
+    accumulates onto it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or None (a plain
     residual), applied on the workers (MLX would take two passes on one thread)."""
     extra = [] if residual is None else [a for a in residual if a is not None]
     keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]), *extra)
@@ -186,10 +186,11 @@ def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tu
     gate = next(rest).reshape(-1, w.shape[0]) if residual is not None and residual[1] is not None else None
     images = x.shape[0] if x.ndim == 3 else 1
     out = np.empty((x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0], w.shape[0]), np.float32)
-    _fill_rows(out, b)
+    if b is not None:
+        _fill_rows(out, b)
     matmul = blas.product()
     for part, dest in zip(x if x.ndim == 3 else [x], np.split(out, images)):
-        matmul(part, w, dest, b_transposed=True, accumulate=True)
+        matmul(part, w, dest, b_transposed=True, accumulate=b is not None)
     if r is not None:
         per_image = out.shape[0] // (gate.shape[0] if gate is not None else 1)
 

@@ -8,6 +8,9 @@ the config alone, and `load_sd3_transformer`. Attribute names mirror diffusers' 
 The joint attention runs once over image and context tokens together (layers.attention: the
 chunked fp32 kernel on the CPU, MLX's fused kernel on a GPU). Layer norms, the q/k RMS norms and
 softmax are computed in fp32 for any weight dtype; the feed-forward uses the tanh-GELU kernel.
+At CPU inference with plain Linears, each block runs in numpy between its residual sums (the
+modulated rows, the q, k, v products, attention, the output projections with their gated residuals,
+the feed-forward: JointAttention._numpy_call, FeedForward), the residual streams staying MLX arrays.
 """
 from __future__ import annotations
 
