@@ -304,9 +304,9 @@ def test_blas_product_without_onemkl_matches_a_float64_product(monkeypatch, alph
 
 def test_products_and_projections_with_gated_residuals_against_float64(monkeypatch):
     """cpu_rowwise.products (several Linears side by side, a bias missing), project from (B, n, K) rows of any
-    stride with a per-image gated residual (blocks of rows crossing the images' boundary) or a plain one, and the
+    stride with a per-image gated residual (blocks of 7 rows: 10-row images end mid-block) or a plain one, and the
     per-head RMS norm in place."""
-    monkeypatch.setattr(cpu_pool, "block_rows", lambda row_elements, block_elements=0: 7)  # blocks across images
+    monkeypatch.setattr(cpu_pool, "block_rows", lambda row_elements, block_elements=0: 7)  # not a divisor of an image's 10 rows
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 10, 12)).astype(np.float32)
     w1, w2, b1 = (rng.standard_normal(s).astype(np.float32) for s in ((6, 12), (4, 12), (6,)))

@@ -51,7 +51,8 @@ def held_scores(batch_heads: int, n_q: int, n_kv: int) -> int:
     return min(batch_heads * -(-n_q // rows), cpu_pool.workers()) * rows * n_kv
 
 
-def _parts(x) -> list:
+def token_parts(x) -> list:
+    """An attention input as its list of parts along the token axis (one part where it is one array)."""
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
@@ -63,7 +64,7 @@ def attention(q, k, v, scale: float, causal: bool = False, rows: bool = False):
     q, k and v may each be a list of parts along the token axis (SD3's image and context tokens), read where
     they lie instead of concatenated first; each part an MLX array or an fp32 numpy array. With `rows`, the fp32
     numpy (B, N, H, d_v) buffer itself, for a product that follows in numpy (cpu_rowwise.project)."""
-    q_parts, k_parts, v_parts = _parts(q), _parts(k), _parts(v)
+    q_parts, k_parts, v_parts = token_parts(q), token_parts(k), token_parts(v)
     out_dtype = q_parts[0].dtype
     keep, views = cpu_pool.as_numpy(*q_parts, *k_parts, *v_parts)  # views of MLX's buffers, any strides
     qn, kn, vn = views[:len(q_parts)], views[len(q_parts):-len(v_parts)], views[-len(v_parts):]

@@ -192,17 +192,18 @@ def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tu
     for part, dest in zip(x if x.ndim == 3 else [x], np.split(out, images)):
         matmul(part, w, dest, b_transposed=True, accumulate=b is not None)
     if r is not None:
-        per_image = out.shape[0] // (gate.shape[0] if gate is not None else 1)
+        gates = gate.shape[0] if gate is not None else 1
+        per_gate, block = out.shape[0] // gates, cpu_pool.block_rows(out.shape[1])
+        blocks = [(g, r0, min(r0 + block, (g + 1) * per_gate))  # within one image's rows: one gate each
+                  for g in range(gates) for r0 in range(g * per_gate, (g + 1) * per_gate, block)]
 
         def add(share):
-            for r0, r1 in share:
+            for g, r0, r1 in share:
                 if gate is not None:
-                    for img in range(r0 // per_image, (r1 - 1) // per_image + 1):
-                        lo, hi = max(r0, img * per_image), min(r1, (img + 1) * per_image)
-                        out[lo:hi] *= gate[img]
+                    out[r0:r1] *= gate[g]
                 out[r0:r1] += r[r0:r1]
 
-        cpu_pool.run(add, cpu_pool.row_shares(out.shape[0], cpu_pool.block_rows(out.shape[1])))
+        cpu_pool.run(add, cpu_pool.deal(blocks))
     del keep
     return cpu_pool.to_mlx(out, dtype, shape)
 
@@ -231,7 +232,7 @@ def rms_norm_heads(per_head: np.ndarray, weight: mx.array, eps: float) -> None:
 def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array], eps: float, rows: bool = False):
     """LayerNorm over the last axis of (B, ..., C) x (torch's, biased variance), statistics in fp32; weight and
     bias (C,), or (B, 1, C) per image (SD3's modulation: LN(x) (1 + scale) + shift). With `rows`, the fp32 numpy
-    result as (rows, C), for products that follow in numpy (`products`)."""
+    result in x's shape, for products that follow in numpy (`products`)."""
     keep, views = cpu_pool.as_numpy(x, *[a for a in (weight, bias) if a is not None])
     batch, channels = x.shape[0], x.shape[-1]
     per_image = views[0].reshape(batch, -1, channels)
@@ -257,7 +258,7 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
 
     cpu_pool.run(work, cpu_pool.row_shares(per_image.shape[1], block))
     del keep
-    return _rows(out) if rows else cpu_pool.to_mlx(out, x.dtype, x.shape)
+    return out.reshape(x.shape) if rows else cpu_pool.to_mlx(out, x.dtype, x.shape)
 
 
 def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:

@@ -58,9 +58,8 @@ def chunk_rows(batch: int, heads: int, queries: int, keys: int, itemsize: int, b
 
 def _joined(x):
     """An attention input given as parts along the token axis, as one array."""
-    if not isinstance(x, (list, tuple)):
-        return x
-    return x[0] if len(x) == 1 else mx.concatenate(list(x), axis=2)
+    parts = cpu_attention.token_parts(x)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
 
 def attention(q, k, v, scale: float, rows: bool = False):
@@ -76,19 +75,14 @@ def attention(q, k, v, scale: float, rows: bool = False):
     `rows` (CPU inference only: the caller checks `cpu_inference()`): q, k, v may be fp32 numpy parts, and the
     result is cpu_attention's fp32 numpy (B, N, H, d_v) buffer, for an output projection in numpy.
     """
-    if rows:
-        AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(
-            q[0].shape[0] * q[0].shape[1], sum(p.shape[2] for p in q), sum(p.shape[2] for p in k)))
-        return cpu_attention.attention(q, k, v, scale, rows=True)
-    if not cpu_kernels.available():
+    if not rows and not cpu_kernels.available():
         return device_attention(_joined(q), _joined(k), _joined(v), scale)
-    first_q = q[0] if isinstance(q, (list, tuple)) else q
-    batch, heads = first_q.shape[:2]
-    n_q = sum(p.shape[2] for p in q) if isinstance(q, (list, tuple)) else q.shape[2]
-    n_kv = sum(p.shape[2] for p in k) if isinstance(k, (list, tuple)) else k.shape[2]
-    if cpu_inference(batch * heads * n_q * n_kv):
+    q_parts, k_parts = cpu_attention.token_parts(q), cpu_attention.token_parts(k)
+    batch, heads = q_parts[0].shape[:2]
+    n_q, n_kv = sum(p.shape[2] for p in q_parts), sum(p.shape[2] for p in k_parts)
+    if rows or cpu_inference(batch * heads * n_q * n_kv):
         AttentionStats.record("cpu_blocks", 4 * cpu_attention.held_scores(batch * heads, n_q, n_kv))
-        return cpu_attention.attention(q, k, v, scale)
+        return cpu_attention.attention(q, k, v, scale, rows=rows)
     q, k, v = _joined(q), _joined(k), _joined(v)
     AttentionStats.record("cpu", 4 * cpu_kernels.attention_chunk_scores(batch * heads, n_q, n_kv))
     return cpu_kernels.attention(q, k, v, scale).astype(q.dtype)
@@ -295,7 +289,7 @@ class LayerNorm(nn.LayerNorm):
 
 def bias_free(linear, x: mx.array):
     """(x W^T, bias) for a plain nn.Linear, so a CPU kernel can add the bias in its own pass; else (linear(x), None)."""
-    if type(linear) in (Linear, nn.Linear) and "bias" in linear:
+    if plain_linear(linear) and "bias" in linear:
         return x @ linear.weight.T, linear.bias
     return linear(x), None
 

@@ -113,7 +113,7 @@ def _norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, dtype, rows: b
     with per-image weights), with `rows` its fp32 numpy result (B, L, C) for products that follow in numpy."""
     if layers.cpu_inference(x.size):
         out = cpu_rowwise.layer_norm(x, 1 + scale.astype(mx.float32), shift.astype(mx.float32), _NORM_EPS, rows)
-        return out.reshape(x.shape) if rows else out.astype(dtype)
+        return out if rows else out.astype(dtype)
     return _modulate(_layer_norm(x), scale, shift, dtype)
 
 
@@ -308,17 +308,17 @@ class JointAttention(nn.Module):
         q, k, v or the attention output back into MLX."""
         b, n, _ = x.shape
         parts = {"q": [], "k": [], "v": []}
-        streams = [(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))]
+        streams = [(x, ("to_q", "to_k", "to_v"), {"q": "norm_q", "k": "norm_k"})]
         context_queries = context is not None and not self.context_pre_only
         if context is not None:
             names = ("add_q_proj", "add_k_proj", "add_v_proj") if context_queries else ("add_k_proj", "add_v_proj")
-            streams.append((context, names, ("norm_added_q", "norm_added_k")))
+            streams.append((context, names, {"q": "norm_added_q", "k": "norm_added_k"}))
         for tokens, names, norms in streams:
             rows = cpu_rowwise.products(tokens, [(self[m].weight, self[m].get("bias")) for m in names])
             per_head = rows.reshape(-1, len(names), self.heads, self.head_dim)
             roles = "qkv"[3 - len(names):]  # the last block's context: keys and values only
             for i, role in enumerate(roles):
-                norm = dict(zip("qk", norms)).get(role)
+                norm = norms.get(role)
                 if norm in self:
                     cpu_rowwise.rms_norm_heads(per_head[:, i], self[norm].weight, self[norm].eps)
                 parts[role].append(per_head[:, i].reshape(b, -1, self.heads, self.head_dim).transpose(0, 2, 1, 3))
@@ -363,16 +363,17 @@ class JointTransformerBlock(nn.Module):
         dtype = x.dtype
         mods = self.norm1(conditioning_act)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        numpy_attention = self.attn.numpy_path(x)  # then both streams' modulated rows stay numpy
         if self.use_dual_attention:  # the normalized image tokens serve both attentions
             normed = _layer_norm(x)
             x_attn = _modulate(normed, scale_msa, shift_msa, dtype)
-        else:  # numpy rows where the attention runs in numpy
-            normed, x_attn = None, _norm_modulate(x, scale_msa, shift_msa, dtype, self.attn.numpy_path(x))
+        else:
+            normed, x_attn = None, _norm_modulate(x, scale_msa, shift_msa, dtype, numpy_attention)
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(conditioning_act)  # AdaLayerNormContinuous: scale first
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(conditioning_act)
-        c_attn = _norm_modulate(context, c_scale, c_shift, dtype, self.attn.numpy_path(x))
+        c_attn = _norm_modulate(context, c_scale, c_shift, dtype, numpy_attention)
 
         x, context_attn = self.attn(x_attn, c_attn, residuals=(
             (x, gate_msa), None if self.context_pre_only else (context, c_gate_msa)))
