@@ -27,6 +27,9 @@ def _cfg(model: str, part: str) -> dict:
 #: Timed runs of a text encoder at least: a run takes ~0.15 s, and the median of a few such runs moved by 10%
 #: between two runs of the bench on a shared machine (the same CLIP-L read 1.10x and 0.96x of diffusers').
 TEXT_ENCODER_REPEATS = 20
+#: The text encoder stages: SDXL's second encoder (OpenCLIP bigG, 32 layers of 1280) gets its own row wherever the
+#: first is asked for; its run takes ~1 s.
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def _median_time(fn, repeats: int, warmup: bool = True) -> tuple[float, list]:
@@ -87,8 +90,8 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
 
     peak.reset()
     n_params = None
-    if part == "text_encoder":
-        enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, "text_encoder"))))
+    if part in TEXT_PARTS:
+        enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, part))))
         sec, times = _median_time(text_fn(enc), max(repeats, TEXT_ENCODER_REPEATS))
     elif part == "unet":
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
@@ -133,14 +136,14 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
         if sdxl else {}
     t = torch.tensor([500.0, 500.0])
 
-    def text_model():
-        cfg = _cfg(model, "text_encoder")
+    def text_model(part="text_encoder"):
+        cfg = _cfg(model, part)
         return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).to(dtype).eval()
 
     peak.reset()
     n_params = None
-    if part == "text_encoder":
-        enc = text_model()
+    if part in TEXT_PARTS:
+        enc = text_model(part)
         sec, times = _median_time(lambda: enc(torch.zeros(2, 77, dtype=torch.long)),
                                   max(repeats, TEXT_ENCODER_REPEATS))
     elif part == "unet":
@@ -223,8 +226,10 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
         size = 1024 if model == "sdxl" else 512
         if not any(r["model"] != "sd3-medium" for r in rows):
             print("\n" + HEADER, flush=True)
+        model_parts = [q for p in parts for q in ((p, "text_encoder_2") if p == "text_encoder" else (p,))
+                       if q != "text_encoder_2" or (CONFIGS / model / q).is_dir()]
         for precision in precisions:
-            for part in parts:
+            for part in model_parts:
                 row = {"model": model, "size": size, "precision": precision, "part": part,
                        "mlx": _spawn("mlx", model, part, precision, size, repeats, threads)}
                 if with_torch:

@@ -107,6 +107,28 @@ def test_matches_transformers_fp32(saved):
         assert out.text_embeds is None
 
 
+def test_cpu_inference_kernels_match_transformers(saved, monkeypatch):
+    """At CPU inference (as engine.encode_text runs it) the MLP's activation is a numpy kernel with fc1's bias folded
+    in, quick GELU or erf GELU, and the causal attention the numpy one: the same outputs as transformers."""
+    from backend.engines.mlx import clip, cpu_kernels, layers
+    folder, ids, reference, _, with_projection = saved
+    model = load_text_encoder(folder)
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # the tiny model's calls are far below the threshold
+    calls = []
+    kernels = {act: (lambda f: lambda h, bias=None: calls.append(f.__name__) or f(h, bias))(f)
+               for act, f in clip._ROW_ACTIVATIONS.items()}
+    monkeypatch.setattr(clip, "_ROW_ACTIVATIONS", kernels)
+    with cpu_kernels.eager_chunks():
+        out = model(mx.array(ids, dtype=mx.int32))
+        mx.eval(out.last_hidden_state)
+    act = json.loads((folder / "config.json").read_text())["hidden_act"]
+    assert calls == [{"gelu": "gelu", "quick_gelu": "quick_gelu"}[act]] * model.config.num_hidden_layers
+    assert _relative_error(out.last_hidden_state, reference.last_hidden_state) <= 1e-4
+    assert _relative_error(out.hidden_states[-2], reference.hidden_states[-2]) <= 1e-4
+    if with_projection:
+        assert _relative_error(out.text_embeds, reference.text_embeds) <= 1e-4
+
+
 def test_fp16_is_close(saved):
     folder, ids, reference, _, with_projection = saved
     model = load_text_encoder(folder, dtype=mx.float16)

@@ -120,7 +120,7 @@ def _gelu64(x):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("use_mkl", [True, False])
-def test_geglu_tanh_gelu_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mkl):
+def test_geglu_gelus_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mkl):
     monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 7)  # 7-row blocks: ragged, many
     if not use_mkl:
         monkeypatch.setattr(blas, "vector_math", lambda name: None)  # the erf polynomial, as without oneMKL
@@ -138,6 +138,8 @@ def test_geglu_tanh_gelu_and_quick_gelu_match_float64(monkeypatch, with_bias, us
     np.testing.assert_allclose(np.array(got), tanh_ref, rtol=1e-6, atol=2e-6)
     got = cpu_rowwise.quick_gelu(mx.array(h), None if bias is None else mx.array(bias))  # CLIP's: x sigmoid(1.702 x)
     np.testing.assert_allclose(np.array(got), hb / (1 + np.exp(-1.702 * hb)), rtol=1e-6, atol=2e-6)
+    got = cpu_rowwise.gelu(mx.array(h), None if bias is None else mx.array(bias))  # OpenCLIP's exact GELU
+    np.testing.assert_allclose(np.array(got), _gelu64(hb), rtol=1e-6, atol=4e-6)
 
 
 def test_layer_norm_and_group_norm_match_float64(monkeypatch):
@@ -300,6 +302,25 @@ def test_blas_product_without_onemkl_matches_a_float64_product(monkeypatch, alph
     blas.product()(a, b, out, alpha, b_transposed=True, accumulate=accumulate)
     expected = alpha * (a.astype(np.float64) @ b.T.astype(np.float64)) + (1 if accumulate else 0)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+def test_small_calls_run_in_the_calling_thread(monkeypatch):
+    """Below INLINE_ELEMENTS the shares run in the caller (the workers' hand-off costs more than the work); small fills
+    too; larger calls go to the workers where there are several."""
+    import threading
+    seen = []
+    work = lambda share: seen.append((share, threading.get_ident()))  # noqa: E731
+    cpu_pool.run(work, [1, 2], elements=cpu_pool.INLINE_ELEMENTS - 1)
+    assert seen == [(1, threading.get_ident()), (2, threading.get_ident())]
+    if cpu_pool.workers() > 1:
+        seen.clear()
+        cpu_pool.run(work, [1, 2], elements=cpu_pool.INLINE_ELEMENTS)
+        assert sorted(s for s, _ in seen) == [1, 2] and threading.get_ident() not in {t for _, t in seen}
+    for inline in (cpu_rowwise.FILL_INLINE_ELEMENTS, 0):  # in the caller, then on the workers
+        monkeypatch.setattr(cpu_rowwise, "FILL_INLINE_ELEMENTS", inline)
+        out = np.zeros((9, 4), np.float32)
+        cpu_rowwise._fill_rows(out, np.arange(4, dtype=np.float32))
+        np.testing.assert_array_equal(out, np.tile(np.arange(4, dtype=np.float32), (9, 1)))
 
 
 def test_products_and_projections_with_gated_residuals_against_float64(monkeypatch):

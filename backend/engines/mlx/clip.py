@@ -79,6 +79,8 @@ def _quick_gelu(x: mx.array) -> mx.array:
 
 
 _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": nn.gelu}
+#: Their numpy kernels at CPU inference, fc1's bias folded in (MLX's erf and sigmoid are scalar on the CPU).
+_ROW_ACTIVATIONS = {_quick_gelu: cpu_rowwise.quick_gelu, nn.gelu: cpu_rowwise.gelu}
 
 
 class _LayerNorm(nn.LayerNorm):
@@ -138,11 +140,12 @@ class CLIPMLP(nn.Module):
         self.activation = _ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.activation is _quick_gelu and layers.cpu_inference():
+        kernel = _ROW_ACTIVATIONS.get(self.activation)
+        if kernel is not None and layers.cpu_inference():
             h, bias = layers.bias_free(self.fc1, x)
             if layers.cpu_inference(h.size):  # the numpy kernel, fc1's bias added in its pass
-                return self.fc2(cpu_rowwise.quick_gelu(h, bias))
-            return self.fc2(_quick_gelu(h if bias is None else h + bias))
+                return self.fc2(kernel(h, bias))
+            return self.fc2(self.activation(h if bias is None else h + bias))
         return self.fc2(self.activation(self.fc1(x)))
 
 

@@ -78,13 +78,14 @@ def attention(q, k, v, scale: float, causal: bool = False, rows: bool = False):
         qa, ka, va = (p[0] if len(p) == 1 else np.concatenate(p, axis=2) for p in (qn, kn, vn))
         s = np.matmul(qa, ka.swapaxes(-1, -2))
         s *= np.float32(scale)
+        shift = not (s.max() <= SAFE_LOGIT and s.min() >= -SAFE_LOGIT)  # two fast reductions, not one per row
         if future is not None:
             s += future
-        s -= s.max(axis=-1, keepdims=True)
+        if shift:
+            s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         o = np.matmul(s, va)
-        o /= s.sum(axis=-1, keepdims=True)
-        out[...] = o.transpose(0, 2, 1, 3)
+        np.divide(o.transpose(0, 2, 1, 3), s.sum(axis=-1, keepdims=True).transpose(0, 2, 1, 3), out=out)
     else:
         _in_blocks(qn, kn, vn, scale, future, out)
     del keep

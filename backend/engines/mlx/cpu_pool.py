@@ -43,13 +43,19 @@ def _setup():
     return _pool, _blas
 
 
-def run(work: Callable, shares: Sequence) -> None:
-    """work(share) for every share, one per worker at a time (a single share in the calling thread); the first
-    exception is raised here."""
+#: Calls over fewer elements than this run all their shares in the calling thread: handing work to the workers
+#: and waiting costs ~0.04-0.1 ms here, more than half of a LayerNorm over CLIP's 154 x 768 rows (~0.15 ms).
+INLINE_ELEMENTS = 1 << 17
+
+
+def run(work: Callable, shares: Sequence, elements: int | None = None) -> None:
+    """work(share) for every share, one per worker at a time (in the calling thread where there is one share, or
+    where the call covers fewer than INLINE_ELEMENTS `elements`); the first exception is raised here."""
     pool, blas_threads = _setup()
     with blas_threads.limit(limits=1, user_api="blas"):
-        if len(shares) == 1:
-            work(shares[0])
+        if len(shares) == 1 or (elements is not None and elements < INLINE_ELEMENTS):
+            for share in shares:
+                work(share)
             return
         for done in [pool.submit(work, share) for share in shares]:
             done.result()
