@@ -115,7 +115,8 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         n_params = sum(v.size for m in (enc, unet, vae) for _, v in nn.utils.tree_flatten(m.parameters()))
     else:
         raise ValueError(part)
-    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "params": n_params}
+    from backend import blas
+    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "params": n_params, "blas": blas.describe()}
 
 
 def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int) -> dict:
@@ -202,6 +203,14 @@ def cpu_model() -> str:
     return f"{name} ({vector})"
 
 
+#: `--max-isa avx2`: the switches that hold each library's kernels to AVX2 on an AVX-512 CPU, for both engines'
+#: workers (oneMKL, numpy and its OpenBLAS for MLX's side; ATen, oneDNN and torch's oneMKL for diffusers'). MLX's
+#: own elementwise code is compiled as it is either way; the CPU's clock and caches stay this CPU's.
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+            "OPENBLAS_CORETYPE": "Haswell"}
+
+
 def _torch_available() -> bool:
     try:
         import diffusers  # noqa: F401
@@ -237,6 +246,7 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
                 rows.append(row)
                 print(_row_md(row), flush=True)
     report = {"blas": blas.describe(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+              "max_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "native"),
               "threads": threads or "default", "rows": rows,
               "targets": _targets(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +293,10 @@ def _targets(rows) -> dict:
 def cmd_bench(a) -> int:
     with_torch = not a.no_torch and _torch_available()
     from backend import blas
+    if a.max_isa == "avx2":  # the workers inherit it; this process's oneMKL has already picked its kernels
+        os.environ.update(AVX2_ENV)
+        print("Kernels held to AVX2 in both engines' workers: "
+              + " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k, v in AVX2_ENV.items()))
     print(f"CPU: {cpu_model()}; BLAS: {blas.describe()}")
     report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
                        a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations], a.sd3_batch,
@@ -301,6 +315,9 @@ def add_command(sub) -> None:
                    help="MLX weight quantizations of the SD3 rows (the other engines run unquantized rows only)")
     b.add_argument("--sd3-batch", type=int, default=2,
                    help="batch of the SD3 rows: 2 is a guided step (the default), 1 a step without guidance")
+    b.add_argument("--max-isa", choices=["native", "avx2"], default="native",
+                   help="avx2: hold oneMKL, numpy, ATen and oneDNN to AVX2 kernels in both engines (an AVX2 CPU's "
+                        "code paths on an AVX-512 one)")
     b.add_argument("--sd3-engines", nargs="+", choices=["mlx", "diffusers", "diffusionkit"],
                    help="engines of the SD3 rows (default: all three; DiffusionKit's 1024 px step takes minutes)")
     b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
