@@ -22,6 +22,7 @@ from backend.families import T5_SEQUENCE_LENGTH
 from backend.schedulers import make_scheduler
 from backend.schedulers.flow import FIXED_SIGMAS
 from backend.seeds import BatchNoise
+from backend.text_rows import EncodedRows
 from backend.types import (Cancelled, GenerationRequest, GenerationResult, Memory, StepCallback, StepInfo,
                            Timings, UserError, finite_number, whole_number)
 
@@ -43,6 +44,7 @@ class Pipeline:
         self.refiner: Optional[Pipeline] = None  # a second stage that finishes the schedule (load_pipeline)
         self.allow_large = False  # sizes beyond twice the native one (checkpoint.size_limit)
         self._first_run = True
+        self.text_rows = EncodedRows()  # encoder outputs per token row, for reuse (backend/text_rows.py)
 
     @property
     def info(self) -> dict:
@@ -140,7 +142,8 @@ class Pipeline:
                     warnings.append(f"prompt longer than {len(tokens.ids)} {'T5' if is_t5 else 'CLIP'} tokens: "
                                     f"ignored '{tokens.dropped_text.strip()}'")
                 ids.append(tokens.ids)
-            out = self.stages.encode_text(index, np.stack(ids).astype(np.int32))
+            out = self.text_rows.encode(index, np.stack(ids).astype(np.int32), repr(p.get("loras")),
+                                        self.stages.encode_text)
             if is_t5:
                 t5_hidden = out.hidden
             else:
@@ -157,13 +160,11 @@ class Pipeline:
         prompts = [p["prompt"]] * batch
         if not do_cfg:
             return self._encode(prompts, p, warnings)
-        negatives = [p["negative_prompt"]] * batch
-        hidden, pooled = self._encode(negatives + prompts, p, warnings)
         if self.spec.force_zeros_for_empty_prompt and not p["negative_prompt"]:
-            hidden[:batch] = 0.0
-            if pooled is not None:
-                pooled[:batch] = 0.0
-        return hidden, pooled
+            # the unconditional half is zeros (diffusers' SDXL): nothing to encode for it
+            hidden, pooled = self._encode(prompts, p, warnings)
+            return tuple(None if a is None else np.concatenate([np.zeros_like(a), a]) for a in (hidden, pooled))
+        return self._encode([p["negative_prompt"]] * batch + prompts, p, warnings)
 
     # -- the loop -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: Optional[StepCallback] = None,

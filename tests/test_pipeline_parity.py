@@ -44,12 +44,16 @@ def run_both(family, pipe, folder, scheduler, steps, guidance, seed=7, negative=
     noise = np.random.default_rng(seed).standard_normal((1, 4, height // 2, width // 2)).astype(np.float32)
     # from the saved file, as diffusers would load it (an in-memory config also carries which keys were defaults)
     saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    pipe.scheduler = diffusers_scheduler(scheduler, saved)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="np",
                   latents=torch.from_numpy(noise), generator=torch.Generator().manual_seed(seed))
     if family != "lcm":
         kwargs["negative_prompt"] = negative or None
-    ref = pipe("a red circle at the top", **kwargs).images[0]
+    own = pipe.scheduler  # the tiny pipelines are shared with other test files: put it back after
+    pipe.scheduler = diffusers_scheduler(scheduler, saved)
+    try:
+        ref = pipe("a red circle at the top", **kwargs).images[0]
+    finally:
+        pipe.scheduler = own
     mine = load_pipeline(str(folder), engine="mlx", precision="fp32").generate(
         GenerationRequest(prompt="a red circle at the top", negative_prompt=negative, steps=steps,
                           guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed,
