@@ -142,8 +142,9 @@ class Pipeline:
                     warnings.append(f"prompt longer than {len(tokens.ids)} {'T5' if is_t5 else 'CLIP'} tokens: "
                                     f"ignored '{tokens.dropped_text.strip()}'")
                 ids.append(tokens.ids)
-            out = self.text_rows.encode(index, np.stack(ids).astype(np.int32), repr(p.get("loras")),
-                                        self.stages.encode_text)
+            # what else decides an encoder's output: the LoRAs, and Core ML's compute units (the Neural Engine's fp16)
+            context = repr((p.get("loras"), self.stages.info.get("compute_units")))
+            out = self.text_rows.encode(index, np.stack(ids).astype(np.int32), context, self.stages.encode_text)
             if is_t5:
                 t5_hidden = out.hidden
             else:
@@ -212,6 +213,7 @@ class Pipeline:
 
         with peaks.stage(None if inputs is None else "image_encoder"):
             latents, image = self._starting_latents(request, p, rng, runs[0], inputs, timings)
+        encoded_before = sum(model.text_rows.encoded for model, _, _ in runs)
         for model, scheduler, timesteps in runs:
             with peaks.stage("text_encoder"):
                 conditioning, seconds = model._text_stage(p, do_cfg, warnings)
@@ -220,6 +222,7 @@ class Pipeline:
                 timings.refiner_text_encoder = seconds
             with peaks.stage("denoise"):
                 latents = model._denoise(latents, scheduler, timesteps, conditioning, p, do_cfg, rng, on_step, image)
+        timings.text_reused = sum(model.text_rows.encoded for model, _, _ in runs) == encoded_before
         with peaks.stage("vae_decode"):
             pixels, timings.vae_decode = runs[-1][0]._decode(latents)  # the last stage's VAE, as diffusers
         timings.total = time.perf_counter() - start

@@ -2,9 +2,10 @@
 
 A guided batch of N images asks for 2N rows of two distinct prompts, and a presenter re-running a prompt with new
 seeds asks for the same rows again; each distinct row not seen before is encoded, in one call, and the last few
-are kept. A row's key is (encoder index, its token ids, the LoRAs applied): a LoRA on the text encoder changes
-its output. Kept rows cost their hidden states' memory (SDXL's 77 x 1280 fp32: 0.4 MB; SD3's T5 at 256 tokens:
-4 MB) and nothing else: with reduce-memory an encoder is not even loaded when every row it is asked for is kept.
+are kept. A row's key is (encoder index, its token ids, a context): the LoRAs applied and Core ML's compute units
+change an encoder's output. Kept rows cost their hidden states' memory (SDXL's 77 x 1280 fp32: 0.4 MB; SD3's T5 at
+256 tokens: 4 MB) and nothing else: with reduce-memory an encoder is not even loaded when every row it asks for is
+kept.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class EncodedRows:
     def encode(self, index: int, ids: np.ndarray, context: str,
                encode_text: Callable[[int, np.ndarray], EncoderOutput]) -> EncoderOutput:
         """encode_text(index, ids)'s output, running only the distinct rows of `ids` not kept; `context` names what
-        else decides the output (the LoRAs)."""
+        else decides the output (the LoRAs, the compute units)."""
         keys = [(index, row.tobytes(), context) for row in ids]
         missing = list(dict.fromkeys(k for k in keys if k not in self._rows))
         if missing:
@@ -43,6 +44,3 @@ class EncodedRows:
             self._rows.popitem(last=False)
         pooled = None if rows[0][1] is None else np.stack([r[1] for r in rows])
         return EncoderOutput(hidden=np.stack([r[0] for r in rows]), pooled=pooled)
-
-    def clear(self) -> None:
-        self._rows.clear()

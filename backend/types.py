@@ -90,6 +90,7 @@ class Timings:
     load: float = 0.0
     text_encoder: float = 0.0            # every text encoder, a refiner's included
     refiner_text_encoder: float = 0.0    # the refiner's share of text_encoder
+    text_reused: bool = False            # every text encoder output came from earlier runs (backend/text_rows.py)
     steps: list = field(default_factory=list)  # every denoising step, the refiner's (the last ones) included
     image_encoder: float = 0.0           # the VAE encoder on an init image (and a masked image)
     vae_decode: float = 0.0
@@ -146,7 +147,7 @@ class GenerationResult:
             "seed": self.seed,
             "seconds": {
                 "load": t.load, "text_encoder": t.text_encoder, "refiner_text_encoder": t.refiner_text_encoder,
-                "denoise": t.denoise,
+                "text_reused": t.text_reused, "denoise": t.denoise,
                 "steps": list(t.steps), "image_encoder": t.image_encoder, "vae_decode": t.vae_decode,
                 "total": t.total,
             },

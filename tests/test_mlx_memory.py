@@ -337,7 +337,8 @@ def _generate_watching(pipe, **kw):
     def on_step(info):
         during_steps.append([name for name, _ in pipe.stages.resident()])
     kw.setdefault("latents", None if "init_image" in kw else _noise("x"))
-    result = pipe.generate(GenerationRequest(prompt=PROMPT, steps=2, seed=3, **kw), on_step)
+    kw.setdefault("prompt", PROMPT)
+    result = pipe.generate(GenerationRequest(steps=2, seed=3, **kw), on_step)
     return result, during_steps
 
 
@@ -366,7 +367,10 @@ def test_reduce_memory_loads_each_stage_when_it_runs_and_releases_it(tiny_pipeli
     assert result.memory.weight_bytes == full_result.memory.weight_bytes  # each stage's bytes, counted once
     loads.clear()
     _generate_watching(lean)
-    assert loads == [*encoders, "unet", "vae"]  # loaded again for the next image
+    assert loads == ["unet", "vae"]  # the same prompt: its encoding is kept (backend/text_rows.py), no encoder loads
+    loads.clear()
+    _generate_watching(lean, negative_prompt="blue")
+    assert loads == [*encoders, "unet", "vae"]  # a new negative prompt: the encoders load again
 
 
 def test_reduce_memory_image_to_image_loads_the_encoder_half_alone(tiny_pipelines, monkeypatch):

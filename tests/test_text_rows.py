@@ -19,8 +19,10 @@ def test_a_guided_batch_encodes_each_distinct_row_once_and_reruns_reuse_them(tin
     pipe = load_pipeline(str(folder), engine="mlx", precision="fp32")
     first = pipe.generate(_request(negative_prompt="blue square", batch_size=2))
     assert pipe.text_rows.encoded == 2  # the negative and the prompt, not 2 x 2 rows
+    assert not first.timings.text_reused
     again = pipe.generate(_request(negative_prompt="blue square", batch_size=2, seed=4))
-    assert pipe.text_rows.encoded == 2  # nothing new to encode
+    assert pipe.text_rows.encoded == 2 and again.timings.text_reused  # nothing new to encode
+    assert again.measurements()["seconds"]["text_reused"] is True
     fresh = load_pipeline(str(folder), engine="mlx", precision="fp32")
     same_seed = fresh.generate(_request(negative_prompt="blue square", batch_size=2, seed=4))
     np.testing.assert_array_equal(again.pixels, same_seed.pixels)

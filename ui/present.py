@@ -201,8 +201,9 @@ def stats_html(result: GenerationResult, cached: bool = False) -> str:
     whole = sum(parts.values()) or 1.0
     bar = "".join(f"<div title='{label} {fmt_seconds(parts[k])}' style='width:{100 * parts[k] / whole:.2f}%;"
                   f"background:{color}'></div>" for k, label, color in STAGES if parts[k] > 0)
-    legend = "".join(f"<span><i style='background:{color}'></i>{label} {fmt_seconds(parts[k])}</span>"
-                     for k, label, color in STAGES)
+    reused = {"text_encoder": " (reused)"} if t.text_reused else {}  # the prompt's encoding from an earlier run
+    legend = "".join(f"<span><i style='background:{color}'></i>{label} {fmt_seconds(parts[k])}{reused.get(k, '')}"
+                     f"</span>" for k, label, color in STAGES)
     per_step = t.denoise / len(t.steps) if t.steps else None
     load_note = "pipeline was already loaded" if cached or not t.load else "includes loading the model"
     units = (e.get("compute_units") or e.get("device") or "—") + (

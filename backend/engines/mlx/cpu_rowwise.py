@@ -209,8 +209,8 @@ def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tu
     output), and a Linear's (N, K) weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the
     block's width, is not copied back into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is.
     The output starts as the bias (if any), written on the workers, and oneMKL's product (all its threads)
-    accumulates onto it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or None (a plain
-    residual), applied on the workers (MLX would take two passes on one thread)."""
+    accumulates onto it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or
+    None (a plain residual), applied on the workers (MLX would take two passes on one thread)."""
     extra = [] if residual is None else [a for a in residual if a is not None]
     keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]), *extra)
     w, rest = views[0], iter(views[1:])
