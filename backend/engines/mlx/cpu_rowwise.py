@@ -52,12 +52,11 @@ def _gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray) -> 
     np.subtract(t, out, out=out)
 
 
-def _gelu_by_erf_into(g: np.ndarray, out: np.ndarray, erf) -> None:
-    """out = GELU(g) = g (1 + erf(g / sqrt2)) / 2, torch's formula, with oneMKL's vector erf."""
-    np.multiply(g, np.float32(1 / math.sqrt(2.0)), out=out)
-    erf(out, out)
-    out *= np.float32(0.5)
-    out += np.float32(0.5)
+def _gelu_by_cdf_into(g: np.ndarray, out: np.ndarray, cdf) -> None:
+    """out = GELU(g) = g Phi(g), Phi the normal CDF (torch's g (1 + erf(g / sqrt2)) / 2), with oneMKL's vector
+    CdfNorm: two passes instead of torch's formula's five (2x faster here), and no cancellation in 1 + erf for
+    negative g (relative error 2e-7 against 6e-4 in the tail)."""
+    cdf(g, out)
     out *= g
 
 
@@ -71,7 +70,7 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
     out = np.empty((hn.shape[0], inner), np.float32)
     block = cpu_pool.block_rows(inner, 1 << 16)
 
-    erf = blas.vector_math("Erf")
+    cdf = blas.vector_math("CdfNorm")
 
     def work(share):
         g, a, t = (np.empty((block, inner), np.float32) for _ in range(3))
@@ -79,8 +78,8 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
             n = r1 - r0
             gate, act = g[:n], out[r0:r1]
             np.add(hn[r0:r1, inner:], b_gate, out=gate) if b_gate is not None else np.copyto(gate, hn[r0:r1, inner:])
-            if erf is not None:
-                _gelu_by_erf_into(gate, act, erf)
+            if cdf is not None:
+                _gelu_by_cdf_into(gate, act, cdf)
             else:
                 _gelu_into(gate, act, a[:n], t[:n])
             if b_hidden is not None:
@@ -101,15 +100,15 @@ def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
     out = np.empty(hn.shape, np.float32)
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
-    erf = blas.vector_math("Erf")
+    cdf = blas.vector_math("CdfNorm")
 
     def work(share):
         g, a, t = (np.empty((block, hn.shape[1]), np.float32) for _ in range(3))
         for r0, r1 in share:
             n = r1 - r0
             np.add(hn[r0:r1], b, out=g[:n]) if b is not None else np.copyto(g[:n], hn[r0:r1])
-            if erf is not None:
-                _gelu_by_erf_into(g[:n], out[r0:r1], erf)
+            if cdf is not None:
+                _gelu_by_cdf_into(g[:n], out[r0:r1], cdf)
             else:
                 _gelu_into(g[:n], out[r0:r1], a[:n], t[:n])
 
