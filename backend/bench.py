@@ -235,8 +235,9 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
         size = 1024 if model == "sdxl" else 512
         if not any(r["model"] != "sd3-medium" for r in rows):
             print("\n" + HEADER, flush=True)
-        model_parts = [q for p in parts for q in ((p, "text_encoder_2") if p == "text_encoder" else (p,))
-                       if q != "text_encoder_2" or (CONFIGS / model / q).is_dir()]
+        model_parts = list(parts)
+        if "text_encoder" in parts and (CONFIGS / model / "text_encoder_2").is_dir():
+            model_parts.insert(model_parts.index("text_encoder") + 1, "text_encoder_2")
         for precision in precisions:
             for part in model_parts:
                 row = {"model": model, "size": size, "precision": precision, "part": part,

@@ -132,6 +132,8 @@ class Pipeline:
         """The family's text conditioning for `prompts`: CLIP encoders, then T5 (or T5's zeros)."""
         traits = self.spec.traits
         hiddens, pooleds, t5_hidden = [], [], None
+        # what else decides an encoder's output: the LoRAs, and Core ML's compute units (the Neural Engine's fp16)
+        context = repr((p.get("loras"), self.stages.info.get("compute_units")))
         for index, tokenizer in enumerate(self.tokenizers):
             is_t5 = index == len(traits.encoders)
             ids = []
@@ -142,8 +144,6 @@ class Pipeline:
                     warnings.append(f"prompt longer than {len(tokens.ids)} {'T5' if is_t5 else 'CLIP'} tokens: "
                                     f"ignored '{tokens.dropped_text.strip()}'")
                 ids.append(tokens.ids)
-            # what else decides an encoder's output: the LoRAs, and Core ML's compute units (the Neural Engine's fp16)
-            context = repr((p.get("loras"), self.stages.info.get("compute_units")))
             out = self.text_rows.encode(index, np.stack(ids).astype(np.int32), context, self.stages.encode_text)
             if is_t5:
                 t5_hidden = out.hidden

@@ -60,6 +60,14 @@ def _gelu_by_cdf_into(g: np.ndarray, out: np.ndarray, cdf) -> None:
     out *= g
 
 
+def _exact_gelu_into(g: np.ndarray, out: np.ndarray, a: np.ndarray, t: np.ndarray, cdf) -> None:
+    """out = GELU(g): by oneMKL's normal CDF where `cdf` is it, else by the polynomial (a and t scratch)."""
+    if cdf is not None:
+        _gelu_by_cdf_into(g, out, cdf)
+    else:
+        _gelu_into(g, out, a, t)
+
+
 def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
     """diffusers' GEGLU after its projection: hidden * GELU(gate), (hidden, gate) = split(h + bias) on the last axis.
     With `rows`, the fp32 numpy result as (rows, inner), for a product that follows in numpy (`project`)."""
@@ -78,10 +86,7 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
             n = r1 - r0
             gate, act = g[:n], out[r0:r1]
             np.add(hn[r0:r1, inner:], b_gate, out=gate) if b_gate is not None else np.copyto(gate, hn[r0:r1, inner:])
-            if cdf is not None:
-                _gelu_by_cdf_into(gate, act, cdf)
-            else:
-                _gelu_into(gate, act, a[:n], t[:n])
+            _exact_gelu_into(gate, act, a[:n], t[:n], cdf)
             if b_hidden is not None:
                 np.add(hn[r0:r1, :inner], b_hidden, out=gate)
                 act *= gate
@@ -107,10 +112,7 @@ def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
         for r0, r1 in share:
             n = r1 - r0
             np.add(hn[r0:r1], b, out=g[:n]) if b is not None else np.copyto(g[:n], hn[r0:r1])
-            if cdf is not None:
-                _gelu_by_cdf_into(g[:n], out[r0:r1], cdf)
-            else:
-                _gelu_into(g[:n], out[r0:r1], a[:n], t[:n])
+            _exact_gelu_into(g[:n], out[r0:r1], a[:n], t[:n], cdf)
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block), hn.size)
     del keep
