@@ -32,6 +32,28 @@ TEXT_ENCODER_REPEATS = 20
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
+def _text_ids():
+    """The text encoders' input, the same for both engines: a guided batch's two rows as the tokenizer makes them
+    (start, words, end, end as padding): a 20-word prompt and an empty negative prompt."""
+    import numpy as np
+    ids = np.full((2, 77), 49407, np.int64)
+    ids[:, 0] = 49406
+    ids[0, 1:21] = np.random.default_rng(0).integers(320, 49000, 20)
+    return ids
+
+
+def _conditioning(model: str, part: str) -> tuple:
+    """(hidden layer, pooled) the model's pipeline asks of this text encoder: SD 1.5 the last hidden state, SDXL the
+    penultimate of both and the second's projected pooled output."""
+    from backend import families
+    family = families.SDXL if model == "sdxl" else families.SD
+    return family.clip_layer, family.uses_pooled(TEXT_PARTS.index(part)) and _projected(_cfg(model, part))
+
+
+def _projected(text_config: dict) -> bool:
+    return "CLIPTextModelWithProjection" in (text_config.get("architectures") or [])
+
+
 def _median_time(fn, repeats: int, warmup: bool = True) -> tuple[float, list]:
     if warmup:
         fn()
@@ -63,10 +85,12 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
         mx.eval(module.parameters())
         return module
 
-    def text_fn(enc):
+    def text_fn(enc, layer=-1, pooled=False):
+        ids = mx.array(_text_ids().astype("int32"))
+
         def run():
             with cpu_kernels.eager_chunks():  # as engine.encode_text runs it
-                mx.eval(enc(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state)
+                mx.eval([a for a in enc.conditioning(ids, layer, pooled) if a is not None])
         return run
 
     def decode(vae, z):
@@ -92,7 +116,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int) 
     n_params = None
     if part in TEXT_PARTS:
         enc = build(CLIPTextModel(CLIPTextConfig.from_dict(_cfg(model, part))))
-        sec, times = _median_time(text_fn(enc), max(repeats, TEXT_ENCODER_REPEATS))
+        sec, times = _median_time(text_fn(enc, *_conditioning(model, part)), max(repeats, TEXT_ENCODER_REPEATS))
     elif part == "unet":
         unet = build(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)))
         sec, times = _median_time(lambda: unet_step(unet), repeats)
@@ -138,14 +162,17 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
     t = torch.tensor([500.0, 500.0])
 
     def text_model(part="text_encoder"):
+        from transformers import CLIPTextModelWithProjection
         cfg = _cfg(model, part)
-        return CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).to(dtype).eval()
+        cls = CLIPTextModelWithProjection if _projected(cfg) else CLIPTextModel
+        return cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).to(dtype).eval()
 
     peak.reset()
     n_params = None
     if part in TEXT_PARTS:
-        enc = text_model(part)
-        sec, times = _median_time(lambda: enc(torch.zeros(2, 77, dtype=torch.long)),
+        enc, ids, (layer, _) = text_model(part), torch.from_numpy(_text_ids()), _conditioning(model, part)
+        # as diffusers' pipelines call it: SDXL asks for every hidden state to take the penultimate
+        sec, times = _median_time(lambda: enc(ids, output_hidden_states=layer != -1),
                                   max(repeats, TEXT_ENCODER_REPEATS))
     elif part == "unet":
         unet = UNet2DConditionModel.from_config(unet_cfg).to(dtype).eval()
@@ -163,7 +190,7 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
         peak.reset()
 
         def run():
-            enc(torch.zeros(2, 77, dtype=torch.long))
+            enc(torch.from_numpy(_text_ids()))
             out = unet(x, t, ctx, **extra).sample
             vae.decode(out[:1])
         sec, times = _median_time(run, 1, warmup=False)  # its figure is the peak memory of one generation
@@ -183,6 +210,26 @@ def _spawn(engine: str, model: str, part: str, precision: str, size: int, repeat
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def alternated(spawners: dict, rounds: int) -> dict:
+    """Each engine's worker spawned `rounds` times, the engines taking turns (MLX, diffusers, MLX, ...), and each
+    engine's timed runs pooled: a slow minute of a shared machine then falls on both engines, not on whichever
+    happened to run in it. The figure is the median of all of an engine's runs, the peak the highest."""
+    results = {name: [] for name in spawners}
+    for _ in range(max(1, rounds)):
+        for name, spawn in spawners.items():
+            results[name].append(spawn())
+    return {name: _pooled(runs) for name, runs in results.items()}
+
+
+def _pooled(runs: list) -> dict:
+    failed = next((r for r in runs if "error" in r), None)
+    if failed or len(runs) == 1:
+        return failed or runs[0]
+    times = [t for r in runs for t in r["times"]]
+    return {**runs[0], "seconds": statistics.median(times), "times": times, "rounds": len(runs),
+            "peak_rss": max(r["peak_rss"] for r in runs)}
 
 
 HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | MLX peak RSS | diffusers peak RSS |\n"
@@ -221,14 +268,16 @@ def _torch_available() -> bool:
 
 
 def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Path, threads=None,
-              sd3_sizes=(512, 1024), sd3_quantizations=(None,), sd3_batch: int = 2, sd3_engines=None) -> dict:
+              sd3_sizes=(512, 1024), sd3_quantizations=(None,), sd3_batch: int = 2, sd3_engines=None,
+              rounds: int = 1) -> dict:
     from backend import blas, bench_sd3
     rows = []
     for model in models:
         if model == "sd3-medium":  # its own table: a transformer step against diffusers and DiffusionKit
             engines = [e for e in (sd3_engines or bench_sd3.ENGINES) if with_torch or e != "diffusers"]
             print("\n" + bench_sd3.HEADER, flush=True)
-            for row in bench_sd3.rows(sd3_sizes, precisions, sd3_quantizations, repeats, engines, threads, sd3_batch):
+            for row in bench_sd3.rows(sd3_sizes, precisions, sd3_quantizations, repeats, engines, threads, sd3_batch,
+                                      rounds):
                 rows.append(row)
                 print(bench_sd3.row_md(row), flush=True)
             continue
@@ -240,15 +289,16 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
             model_parts.insert(model_parts.index("text_encoder") + 1, "text_encoder_2")
         for precision in precisions:
             for part in model_parts:
-                row = {"model": model, "size": size, "precision": precision, "part": part,
-                       "mlx": _spawn("mlx", model, part, precision, size, repeats, threads)}
+                spawners = {"mlx": lambda: _spawn("mlx", model, part, precision, size, repeats, threads)}
                 if with_torch:
-                    row["diffusers"] = _spawn("torch", model, part, precision, size, repeats, threads)
+                    spawners["diffusers"] = lambda: _spawn("torch", model, part, precision, size, repeats, threads)
+                row = {"model": model, "size": size, "precision": precision, "part": part,
+                       **alternated(spawners, rounds)}
                 rows.append(row)
                 print(_row_md(row), flush=True)
     report = {"blas": blas.describe(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
               "max_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "native"),
-              "threads": threads or "default", "rows": rows,
+              "threads": threads or "default", "rounds": rounds, "rows": rows,
               "targets": _targets(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -301,7 +351,7 @@ def cmd_bench(a) -> int:
     print(f"CPU: {cpu_model()}; BLAS: {blas.describe()}")
     report = run_bench(a.models, a.precisions, a.parts, a.repeats, with_torch, Path(a.out), a.threads,
                        a.sd3_sizes, [None if q == "none" else q for q in a.sd3_quantizations], a.sd3_batch,
-                       a.sd3_engines)
+                       a.sd3_engines, a.rounds)
     print(f"\nCPUs: {report['cpu_count']}; JSON: {a.out}")
     for name, t in report["targets"].items():
         print(f"target {name}: {t}")
@@ -325,6 +375,9 @@ def add_command(sub) -> None:
     b.add_argument("--parts", nargs="+", default=["text_encoder", "unet", "vae_decode", "pipeline"],
                    choices=["text_encoder", "unet", "vae_decode", "pipeline"])
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="spawn each engine's worker this many times, the engines taking turns, and pool their runs "
+                        "(a shared machine's slow minutes then fall on both engines)")
     b.add_argument("--no-torch", action="store_true", help="skip the diffusers comparison")
     b.add_argument("--threads", type=int, help="threads for both engines (default: the libraries' own choice)")
     b.add_argument("--out", default="bench-results/bench.json")

@@ -168,18 +168,20 @@ def spawn(engine: str, size: int, precision: str, quantization, repeats: int, th
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None, batch: int = 2):
-    """Yield one result row per size x precision x quantization, every engine measured side by side."""
+def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None, batch: int = 2,
+         rounds: int = 1):
+    """Yield one result row per size x precision x quantization, every engine measured side by side (taking
+    turns over `rounds` spawns each: bench.alternated)."""
+    from backend.bench import alternated
     for size in sizes:
         for precision in precisions:
             for quantization in quantizations:
                 row = {"model": "sd3-medium", "size": size, "precision": precision, "part": "transformer",
                        "quantization": quantization or "none", "tokens": TOKENS, "batch": batch}
-                for engine in engines:
-                    if quantization and engine != "mlx":  # the peers have no quantized path to compare
-                        continue
-                    row[engine] = spawn(engine, size, precision, quantization, repeats, threads, batch)
-                yield row
+                spawners = {engine: (lambda e=engine: spawn(e, size, precision, quantization, repeats, threads,
+                                                              batch))
+                            for engine in engines if not quantization or engine == "mlx"}  # peers: unquantized only
+                yield {**row, **alternated(spawners, rounds)}
 
 
 def row_md(row: dict) -> str:

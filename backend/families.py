@@ -43,6 +43,10 @@ class Family:
     preview: tuple = ()                     # (C x 3 matrix, RGB bias) from latents to a rough picture
     tiny_vae: Optional[str] = None          # the Hub repository of the tiny VAE (AutoencoderTiny) for its latents
 
+    def uses_pooled(self, encoder: int) -> bool:
+        """Whether the denoiser takes the pooled output of CLIP encoder number `encoder` (so it is computed)."""
+        return self.pooled == "concat" or (self.pooled == "last" and encoder == len(self.encoders) - 1)
+
     def join_text(self, hiddens: list, pooleds: list, t5_hidden: Optional[np.ndarray],
                   joint_dim: Optional[int]) -> tuple:
         """(hidden, pooled) the denoiser takes, from each CLIP encoder's output and T5's (or its zeros)."""

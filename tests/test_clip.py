@@ -107,22 +107,27 @@ def test_matches_transformers_fp32(saved):
         assert out.text_embeds is None
 
 
-def test_cpu_inference_kernels_match_transformers(saved, monkeypatch):
+@pytest.mark.parametrize("as_rows", [False, True], ids=["mlx-between-kernels", "numpy-rows"])
+def test_cpu_inference_kernels_match_transformers(saved, monkeypatch, as_rows):
     """At CPU inference (as engine.encode_text runs it) the MLP's activation is a numpy kernel with fc1's bias folded
-    in, quick GELU or erf GELU, and the causal attention the numpy one: the same outputs as transformers."""
+    in, quick GELU or erf GELU, and the causal attention the numpy one: the same outputs as transformers. Above
+    ROWS_MIN_ELEMENTS each layer runs as numpy rows from its first LayerNorm to its last residual (as_rows)."""
     from backend.engines.mlx import clip, cpu_kernels, layers
     folder, ids, reference, _, with_projection = saved
     model = load_text_encoder(folder)
-    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # the tiny model's calls are far below the threshold
+    monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # the tiny model's calls are far below the thresholds
+    if as_rows:
+        monkeypatch.setattr(clip, "ROWS_MIN_ELEMENTS", 0)
     calls = []
-    kernels = {act: (lambda f: lambda h, bias=None: calls.append(f.__name__) or f(h, bias))(f)
+    kernels = {act: (lambda f: lambda h, bias=None, **kw: calls.append((f.__name__, kw)) or f(h, bias, **kw))(f)
                for act, f in clip._ROW_ACTIVATIONS.items()}
     monkeypatch.setattr(clip, "_ROW_ACTIVATIONS", kernels)
     with cpu_kernels.eager_chunks():
         out = model(mx.array(ids, dtype=mx.int32))
         mx.eval(out.last_hidden_state)
     act = json.loads((folder / "config.json").read_text())["hidden_act"]
-    assert calls == [{"gelu": "gelu", "quick_gelu": "quick_gelu"}[act]] * model.config.num_hidden_layers
+    how = {"rows": True, "in_place": True} if as_rows else {}
+    assert calls == [({"gelu": "gelu", "quick_gelu": "quick_gelu"}[act], how)] * model.config.num_hidden_layers
     assert _relative_error(out.last_hidden_state, reference.last_hidden_state) <= 1e-4
     assert _relative_error(out.hidden_states[-2], reference.hidden_states[-2]) <= 1e-4
     if with_projection:
@@ -187,3 +192,41 @@ def test_family_conditioning_matches_diffusers(family, tiny_pipelines):
     prompt_embeds = mx.concatenate([o.hidden_states[-2] for o in outputs], axis=-1)
     assert _relative_error(prompt_embeds, expected[0]) <= 1e-4
     assert _relative_error(outputs[1].text_embeds, expected[2]) <= 1e-4
+
+
+@pytest.mark.parametrize("cpu_kernels_on", [False, True], ids=["mlx", "cpu-kernels"])
+def test_conditioning_matches_transformers_and_skips_unused_layers(saved, monkeypatch, cpu_kernels_on):
+    """conditioning(): the hidden state and projected pooled output a pipeline asks for, equal to transformers',
+    with every layer after the asked hidden state run only where the pooled output needs it: none for the
+    penultimate state alone, and the last layer for the eos rows only (at_rows) when the pooled output is asked."""
+    import contextlib
+    from backend.engines.mlx import clip, cpu_kernels, layers
+    folder, ids, reference, torch_pooled, with_projection = saved
+    model = load_text_encoder(folder)
+    if cpu_kernels_on:
+        monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)
+    full_calls, row_calls = [], []
+    call, at_rows = clip.CLIPEncoderLayer.__call__, clip.CLIPEncoderLayer.at_rows
+    monkeypatch.setattr(clip.CLIPEncoderLayer, "__call__", lambda self, x: full_calls.append(1) or call(self, x))
+    monkeypatch.setattr(clip.CLIPEncoderLayer, "at_rows",
+                        lambda self, x, p: row_calls.append(x.shape[1]) or at_rows(self, x, p))
+    layer_count = model.config.num_hidden_layers
+    pooled_reference = reference.text_embeds if with_projection else torch_pooled
+    with cpu_kernels.eager_chunks() if cpu_kernels_on else contextlib.nullcontext():
+        for layer, pooled, runs, rows in ((-1, False, layer_count, []), (-1, True, layer_count, []),
+                                          (-2, False, layer_count - 1, []), (-2, True, layer_count - 1, [77])):
+            full_calls.clear(), row_calls.clear()
+            hidden, pooled_out = model.conditioning(mx.array(ids, dtype=mx.int32), layer, pooled)
+            expected = reference.last_hidden_state if layer == -1 else reference.hidden_states[layer]
+            assert _relative_error(hidden, expected) <= 1e-4
+            assert (len(full_calls), row_calls) == (runs, rows)
+            if not pooled:
+                assert pooled_out is None
+                continue
+            if pooled_reference is None:  # no projection and legacy pooling: transformers' rule from its own states
+                eos = [int(np.argmax(r)) if model.config.eos_token_id == 2
+                       else int(np.argmax(r == model.config.eos_token_id)) for r in ids]
+                pooled_reference = reference.last_hidden_state[torch.arange(len(ids)), eos]
+            assert _relative_error(pooled_out, pooled_reference) <= 1e-4
+    with pytest.raises(ValueError, match="outside"):
+        model.conditioning(mx.array(ids, dtype=mx.int32), -layer_count - 2)

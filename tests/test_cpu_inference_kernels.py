@@ -141,6 +141,15 @@ def test_geglu_gelus_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mk
     np.testing.assert_allclose(np.array(got), hb / (1 + np.exp(-1.702 * hb)), rtol=1e-6, atol=2e-6)
     got = cpu_rowwise.gelu(mx.array(h), None if bias is None else mx.array(bias))  # OpenCLIP's exact GELU
     np.testing.assert_allclose(np.array(got), _gelu64(hb), rtol=1e-6, atol=atol)
+    # in place over the caller's numpy rows (the rows a product wrote): the same values, no second buffer
+    for kernel, expected in ((cpu_rowwise.gelu, _gelu64(hb)), (cpu_rowwise.quick_gelu, hb / (1 + np.exp(-1.702 * hb))),
+                             (cpu_rowwise.gelu_tanh, tanh_ref)):
+        rows = h.reshape(-1, 24).copy()
+        got = kernel(rows, None if bias is None else mx.array(bias), rows=True, in_place=True)
+        assert np.shares_memory(got, rows)
+        np.testing.assert_allclose(got.reshape(h.shape), expected, rtol=1e-6, atol=atol)
+    with pytest.raises(ValueError, match="in_place"):
+        cpu_rowwise.gelu(mx.array(h), rows=True, in_place=True)  # an MLX array is not the caller's to overwrite
 
 
 def test_layer_norm_and_group_norm_match_float64(monkeypatch):
@@ -155,6 +164,14 @@ def test_layer_norm_and_group_norm_match_float64(monkeypatch):
                                ln * w + b, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.array(cpu_rowwise.layer_norm(mx.array(x), None, None, 1e-6)),
                                (x64 - mean) / np.sqrt(var + 1e-6), rtol=0, atol=1e-5)
+    # on the workers, in 5-row blocks, with one affine for all images and with one per image (SD3's modulation)
+    per_image_w = rng.standard_normal((2, 1, 32)).astype(np.float32)
+    for inline in (cpu_pool.INLINE_ELEMENTS, 0):
+        monkeypatch.setattr(cpu_pool, "INLINE_ELEMENTS", inline)
+        np.testing.assert_allclose(np.array(cpu_rowwise.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5)),
+                                   ln * w + b, rtol=0, atol=1e-5)
+        got = cpu_rowwise.layer_norm(mx.array(x), mx.array(per_image_w), mx.array(b), 1e-5)
+        np.testing.assert_allclose(np.array(got), ln * per_image_w[:, None] + b, rtol=0, atol=1e-5)
     groups = x64.reshape(2, -1, 8, 4)
     g_mean, g_var = groups.mean(axis=(1, 3), keepdims=True), groups.var(axis=(1, 3), keepdims=True)
     gn = ((groups - g_mean) / np.sqrt(g_var + 1e-6)).reshape(x.shape) * w + b

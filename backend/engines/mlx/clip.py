@@ -6,9 +6,9 @@ Parameter names mirror the checkpoints (`text_model.embeddings.token_embedding.w
 safetensors. transformers 5 saves a plain CLIPTextModel without the `text_model.` prefix;
 `checkpoint_names` puts it back (load_text_encoder does that for you).
 
-The model returns every hidden state, so the caller picks what its family conditions on:
+Called, the model returns every hidden state; `conditioning` computes only what a family conditions on:
 SD 1.x/2.x use `last_hidden_state`; SDXL uses `hidden_states[-2]` of both encoders and the second
-encoder's `text_embeds`.
+encoder's `text_embeds`, so its first encoder's last layer is never run and its second's only at the eos token.
 
 Computation runs in the weights' dtype; layer norms run in float32 and the attention softmax is
 float32 (mx.fast.scaled_dot_product_attention), so fp16 weights are safe.
@@ -21,6 +21,7 @@ from typing import Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from backend import files
 from backend.engines.mlx import cpu_attention, cpu_rowwise, layers, weights as weight_io
@@ -81,6 +82,10 @@ def _quick_gelu(x: mx.array) -> mx.array:
 _ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": nn.gelu}
 #: Their numpy kernels at CPU inference, fc1's bias folded in (MLX's erf and sigmoid are scalar on the CPU).
 _ROW_ACTIVATIONS = {_quick_gelu: cpu_rowwise.quick_gelu, nn.gelu: cpu_rowwise.gelu}
+#: Layers over at least this many elements (batch x tokens x width) run as numpy rows at CPU inference
+#: (CLIPEncoderLayer.as_rows): SD's CLIP-L at 2 x 77 x 768 and OpenCLIP bigG; the embedded model's 2 x 77 x 128
+#: keeps MLX's ops.
+ROWS_MIN_ELEMENTS = 1 << 16
 
 
 class _LayerNorm(nn.LayerNorm):
@@ -131,6 +136,19 @@ class CLIPAttention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
 
+    def at_rows(self, h: mx.array, positions: mx.array) -> mx.array:
+        """The attention output (B, dim) for one query per row, at `positions` (B,): it sees keys 0..position."""
+        batch, length, dim = h.shape
+
+        def heads(t):
+            return t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
+
+        q = heads(self.q_proj(h[mx.arange(batch), positions][:, None]))
+        k, v = heads(self.k_proj(h)), heads(self.v_proj(h))
+        visible = (mx.arange(length)[None] <= positions[:, None])[:, None, None]
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=visible)
+        return self.out_proj(out.reshape(batch, dim))
+
 
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
@@ -158,8 +176,47 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = _LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.takes_rows(x):
+            return self.as_rows(x)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
+    def takes_rows(self, x: mx.array) -> bool:
+        """Whether the layer runs as numpy rows here: fp32 CPU inference over ROWS_MIN_ELEMENTS, with plain Linears
+        (not quantized, no LoRA)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (x.size >= ROWS_MIN_ELEMENTS and x.dtype == mx.float32 and layers.cpu_inference()
+                and mlp.activation in _ROW_ACTIVATIONS and mlp.fc1.weight.dtype == mx.float32
+                and all(layers.plain_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj,
+                                                         mlp.fc1, mlp.fc2)))
+
+    def as_rows(self, x: mx.array) -> mx.array:
+        """The layer with fp32 numpy rows between its kernels: LayerNorm, the products with their biases written
+        first (cpu_rowwise.products), the causal attention, the activation over fc1's rows in place, and each output
+        projection with its residual added (cpu_rowwise.project). Only the layer's output is copied into MLX, and
+        no op runs in MLX (each costs ~0.05 ms there at these 154 rows, a numpy call ~0.005-0.03 ms)."""
+        attn, mlp, (batch, length, dim) = self.self_attn, self.mlp, x.shape
+
+        def norm(ln, y):
+            return cpu_rowwise.layer_norm(y, ln.weight, ln.bias, ln.eps, rows=True)
+
+        qkv = cpu_rowwise.products(norm(self.layer_norm1, x), [(p.weight, p.bias) for p in
+                                                               (attn.q_proj, attn.k_proj, attn.v_proj)])
+        q, k, v = (part.transpose(0, 2, 1, 3) for part in
+                   np.moveaxis(qkv.reshape(batch, length, 3, attn.num_heads, -1), 2, 0))
+        out = cpu_attention.attention(q, k, v, attn.scale, causal=True, rows=True)
+        x = cpu_rowwise.project(out.reshape(batch, length, dim), attn.out_proj.weight, attn.out_proj.get("bias"),
+                                x.shape, x.dtype, (x, None))
+        h = _ROW_ACTIVATIONS[mlp.activation](*layers.bias_free_rows(mlp.fc1, norm(self.layer_norm2, x)), rows=True,
+                                             in_place=True)
+        return cpu_rowwise.project(h, mlp.fc2.weight, mlp.fc2.get("bias"), x.shape, x.dtype, (x, None))
+
+    def at_rows(self, x: mx.array, positions: mx.array) -> mx.array:
+        """This layer's output (B, hidden) at one position per row (B,): the causal attention needs the keys and
+        values of the tokens up to it, nothing after it, and every other step works on that row alone."""
+        x = x[:, :int(positions.max().item()) + 1]
+        y = x[mx.arange(x.shape[0]), positions] + self.self_attn.at_rows(self.layer_norm1(x), positions)
+        return y + self.mlp(self.layer_norm2(y))
 
 
 class CLIPEncoder(nn.Module):
@@ -207,6 +264,38 @@ class CLIPTextModel(nn.Module):
         text_embeds = self.text_projection(pooled) if self.config.with_projection else None
         return CLIPOutput(last_hidden_state=last, hidden_states=tuple(hidden_states),
                           pooled_output=pooled, text_embeds=text_embeds)
+
+    def conditioning(self, input_ids: mx.array, layer: int = -1, pooled: bool = False) -> tuple:
+        """(hidden, pooled) as a pipeline conditions on them, computing nothing else: the hidden state `layer`
+        (-1: the last, after the final norm, as last_hidden_state; -2: the penultimate, as hidden_states[-2]) and,
+        with `pooled`, text_embeds (pooled_output where the model has no projection), else None.
+
+        The layers after `layer` run only for the pooled output, and the last of them only at each row's eos
+        token (CLIPEncoderLayer.at_rows): SDXL's first encoder skips its last layer, and its second runs one row
+        of it."""
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.astype(mx.int32)
+        transformer = self.text_model
+        stack = transformer.encoder.layers
+        if not -len(stack) - 1 <= layer <= -1:
+            raise ValueError(f"hidden state {layer} is outside the text encoder's {len(stack)} layers")
+        full = len(stack) + 1 + layer  # layers run on every token
+        x = transformer.embeddings(input_ids)
+        for each in stack[:full]:
+            x = each(x)
+        hidden = transformer.final_layer_norm(x) if layer == -1 else x
+        if not pooled:
+            return hidden, None
+        eos = self.eos_positions(input_ids)
+        if full < len(stack):
+            for each in stack[full:-1]:
+                x = each(x)
+            rows = stack[-1].at_rows(x, eos)
+        else:
+            rows = x[mx.arange(x.shape[0]), eos]
+        rows = transformer.final_layer_norm(rows)
+        return hidden, self.text_projection(rows) if self.config.with_projection else rows
 
 
 def checkpoint_names(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:

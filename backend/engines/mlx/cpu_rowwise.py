@@ -98,32 +98,46 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
     return out if rows else cpu_pool.to_mlx(out, h.dtype, h.shape[:-1] + (inner,))
 
 
-def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
+def _output(h, hn: np.ndarray, in_place: bool) -> np.ndarray:
+    """Where an activation kernel writes: over its input rows hn where the caller hands over its own fp32 numpy
+    array h (a 4x-wide activation then needs no second buffer, nor that buffer's page faults), else a new array."""
+    if not in_place:
+        return np.empty(hn.shape, np.float32)
+    if not (isinstance(h, np.ndarray) and h.dtype == np.float32 and h.flags.c_contiguous):
+        raise ValueError("in_place needs the caller's own contiguous fp32 numpy rows")
+    return hn
+
+
+def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
     """torch's exact (erf) GELU of h + bias (the text encoders of SD 2.x and SDXL's second one); `rows` as in
-    geglu."""
+    geglu. `in_place`: h is fp32 numpy rows the caller gives up, and the result is written over them."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
-    out = np.empty(hn.shape, np.float32)
+    out = _output(h, hn, in_place)
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
     cdf = blas.vector_math("CdfNorm")
 
     def work(share):
         g, a, t = (np.empty((block, hn.shape[1]), np.float32) for _ in range(3))
         for r0, r1 in share:
-            n = r1 - r0
-            np.add(hn[r0:r1], b, out=g[:n]) if b is not None else np.copyto(g[:n], hn[r0:r1])
-            _exact_gelu_into(g[:n], out[r0:r1], a[:n], t[:n], cdf)
+            n, x, dest = r1 - r0, hn[r0:r1], out[r0:r1]
+            if b is None and cdf is not None:  # x Phi(x) straight from x (dest may be x)
+                cdf(x, g[:n])
+                np.multiply(x, g[:n], out=dest)
+                continue
+            np.add(x, b, out=g[:n]) if b is not None else np.copyto(g[:n], x)
+            _exact_gelu_into(g[:n], dest, a[:n], t[:n], cdf)
 
     cpu_pool.run(work, cpu_pool.row_shares(hn.shape[0], block), hn.size)
     del keep
     return out if rows else cpu_pool.to_mlx(out, h.dtype, h.shape)
 
 
-def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into, rows: bool = False):
+def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into, rows: bool = False, in_place: bool = False):
     """x / (1 + exp(E(x))) for x = h + bias, where exponent_into(x, e) writes E(x) into e: x sigmoid(-E(x))."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
-    out = np.empty(hn.shape, np.float32)
+    out = _output(h, hn, in_place)
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
 
     def work(share):
@@ -131,7 +145,10 @@ def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into, rows: b
         with np.errstate(over="ignore"):  # exp(large) = inf gives x / inf = 0, the limit
             for r0, r1 in share:
                 x, e = out[r0:r1], t[:r1 - r0]
-                np.add(hn[r0:r1], b, out=x) if b is not None else np.copyto(x, hn[r0:r1])
+                if b is not None:
+                    np.add(hn[r0:r1], b, out=x)
+                elif not in_place:
+                    np.copyto(x, hn[r0:r1])
                 exponent_into(x, e)
                 np.exp(e, out=e)  # numpy's, here faster than oneMKL's (whose overflow path is slow)
                 e += 1
@@ -149,18 +166,20 @@ def _gelu_tanh_exponent(x: np.ndarray, e: np.ndarray) -> None:
     e *= x
 
 
-def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
-    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3))); `rows` as in geglu."""
-    return _sigmoid_gated(h, bias, _gelu_tanh_exponent, rows)
+def gelu_tanh(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
+    """torch's GELU(approximate="tanh") of h + bias: x / (1 + exp(K (x + A x^3))); `rows` and `in_place` as in
+    gelu."""
+    return _sigmoid_gated(h, bias, _gelu_tanh_exponent, rows, in_place)
 
 
 def _quick_gelu_exponent(x: np.ndarray, e: np.ndarray) -> None:
     np.multiply(x, _QUICK_GELU_K, out=e)
 
 
-def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
-    """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); `rows` as in geglu."""
-    return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows)
+def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
+    """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); `rows` and `in_place` as in
+    gelu."""
+    return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows, in_place)
 
 
 #: Fills of fewer elements than this run in the calling thread: a copy is too little work per element to pay for
@@ -269,28 +288,34 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
     result in x's shape, for products that follow in numpy (`products`)."""
     keep, views = cpu_pool.as_numpy(x, *[a for a in (weight, bias) if a is not None])
     batch, channels = x.shape[0], x.shape[-1]
-    per_image = views[0].reshape(batch, -1, channels)
     rest = iter(views[1:])
     w = next(rest).reshape(-1, channels) if weight is not None else None
     b = next(rest).reshape(-1, channels) if bias is not None else None
+    shared = all(a is None or len(a) == 1 for a in (w, b))  # one affine for all images: their rows as one
+    per_image = views[0].reshape(1 if shared else batch, -1, channels)
     out = np.empty(per_image.shape, np.float32)
-    # Few, large blocks (its numpy calls are many and short), but at least two per worker.
-    block = max(1, min(cpu_pool.block_rows(channels, 1 << 19), -(-per_image.shape[1] // (2 * cpu_pool.workers()))))
+    # Few, large blocks (its numpy calls are many and short), but at least two per worker; one block where the
+    # call runs in the calling thread (a text encoder's 154 rows: each numpy call costs ~5 us whatever its size).
+    count = per_image.shape[1]
+    block = count if x.size < cpu_pool.INLINE_ELEMENTS else \
+        max(1, min(cpu_pool.block_rows(channels, 1 << 19), -(-count // (2 * cpu_pool.workers()))))
     averaging = np.full((channels, 1), 1.0 / channels, np.float32)  # row means as a product: 4x numpy's mean
 
     def work(share):
-        for img in range(batch):
+        for img in range(per_image.shape[0]):
             for r0, r1 in share:
-                d, rows = out[img, r0:r1], per_image[img, r0:r1]
-                np.subtract(rows, rows @ averaging, out=d)
-                var = np.einsum("ij,ij->i", d, d)[:, None] * np.float32(1.0 / channels)
-                d *= 1 / np.sqrt(var + np.float32(eps))
+                d, part = out[img, r0:r1], per_image[img, r0:r1]
+                np.subtract(part, part @ averaging, out=d)
+                var = np.einsum("ij,ij->i", d, d)[:, None]
+                var *= np.float32(1.0 / channels)
+                var += np.float32(eps)
+                d *= 1 / np.sqrt(var)
                 if w is not None:
                     d *= w[img % len(w)]
                 if b is not None:
                     d += b[img % len(b)]
 
-    cpu_pool.run(work, cpu_pool.row_shares(per_image.shape[1], block), per_image.size)
+    cpu_pool.run(work, cpu_pool.row_shares(count, block), per_image.size)
     del keep
     return out.reshape(x.shape) if rows else cpu_pool.to_mlx(out, x.dtype, x.shape)
 

@@ -270,12 +270,12 @@ class MLXStages(Stages):
         name = self.encoder_names[index]
         try:
             with cpu_kernels.eager_chunks():
-                out = self._acquire(name)(mx.array(input_ids.astype(np.int32)))
+                model, ids = self._acquire(name), mx.array(input_ids.astype(np.int32))
                 if index >= len(traits.encoders):  # T5
-                    hidden, pooled = out.last_hidden_state, None
-                else:
-                    hidden = out.last_hidden_state if traits.clip_layer == -1 else out.hidden_states[traits.clip_layer]
-                    pooled = out.text_embeds if traits.pooled != "none" else None
+                    hidden, pooled = model(ids).last_hidden_state, None
+                else:  # only what the denoiser takes: the pooled output where it is used, and with a projection
+                    hidden, pooled = model.conditioning(
+                        ids, traits.clip_layer, traits.uses_pooled(index) and model.config.with_projection)
                 mx.eval(hidden, *([pooled] if pooled is not None else []))
             return EncoderOutput(hidden=np.array(hidden.astype(mx.float32)),
                                  pooled=None if pooled is None else np.array(pooled.astype(mx.float32)))

@@ -376,7 +376,7 @@ class TanhGELU(nn.Module):
 
     def numpy_rows(self, x):
         """At CPU inference, the activation as fp32 numpy rows (cpu_rowwise's `rows`) of MLX or numpy rows x."""
-        return cpu_rowwise.gelu_tanh(*bias_free_rows(self.proj, x), rows=True)
+        return cpu_rowwise.gelu_tanh(*bias_free_rows(self.proj, x), rows=True, in_place=True)  # over its own rows
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu_inference(x.size):
