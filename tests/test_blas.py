@@ -104,3 +104,19 @@ def test_the_reference_blas_is_named_with_its_cost_in_the_app_and_once_in_the_cl
     assert cli.returncode == 1
     assert cli.stderr.count("reference BLAS") == 1 and sentence in cli.stderr
     assert "cannot write x.txt" in cli.stderr
+
+
+def test_products_back_to_back_lets_openmp_threads_wait_inside_only():
+    """Inside the block Intel OpenMP's threads wait 200 ms for the next product; after it they sleep at once again
+    (KMP_BLOCKTIME=0, for the numpy workers), also when the block raises."""
+    if blas._openmp is None or os.environ.get("KMP_BLOCKTIME") != "0":
+        pytest.skip("Intel OpenMP is not loaded here, or KMP_BLOCKTIME was set by hand")
+    get = blas._openmp.kmp_get_blocktime
+    assert get() == 0
+    with blas.products_back_to_back():
+        assert get() == 200
+    assert get() == 0
+    with pytest.raises(RuntimeError), blas.products_back_to_back(50):
+        assert get() == 50
+        raise RuntimeError
+    assert get() == 0

@@ -15,6 +15,7 @@ float32 (mx.fast.scaled_dot_product_attention), so fp16 weights are safe.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -23,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from backend import files
+from backend import blas, files
 from backend.engines.mlx import cpu_attention, cpu_rowwise, layers, weights as weight_io
 from backend.engines.mlx.layers import Linear
 
@@ -256,14 +257,21 @@ class CLIPTextModel(nn.Module):
         transformer = self.text_model
         x = transformer.embeddings(input_ids)
         hidden_states = [x]
-        for layer in transformer.encoder.layers:
-            x = layer(x)
-            hidden_states.append(x)
+        with self._products_back_to_back():
+            for layer in transformer.encoder.layers:
+                x = layer(x)
+                hidden_states.append(x)
         last = transformer.final_layer_norm(x)
         pooled = last[mx.arange(last.shape[0]), self.eos_positions(input_ids)]
         text_embeds = self.text_projection(pooled) if self.config.with_projection else None
         return CLIPOutput(last_hidden_state=last, hidden_states=tuple(hidden_states),
                           pooled_output=pooled, text_embeds=text_embeds)
+
+    @staticmethod
+    def _products_back_to_back():
+        """At CPU inference the layers run eagerly, one product after another with small numpy calls between them:
+        oneMKL's threads wait for the next product instead of sleeping (blas.products_back_to_back)."""
+        return blas.products_back_to_back() if layers.cpu_inference() else contextlib.nullcontext()
 
     def conditioning(self, input_ids: mx.array, layer: int = -1, pooled: bool = False) -> tuple:
         """(hidden, pooled) as a pipeline conditions on them, computing nothing else: the hidden state `layer`
@@ -282,18 +290,19 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"hidden state {layer} is outside the text encoder's {len(stack)} layers")
         full = len(stack) + 1 + layer  # layers run on every token
         x = transformer.embeddings(input_ids)
-        for each in stack[:full]:
-            x = each(x)
-        hidden = transformer.final_layer_norm(x) if layer == -1 else x
-        if not pooled:
-            return hidden, None
-        eos = self.eos_positions(input_ids)
-        if full < len(stack):
-            for each in stack[full:-1]:
+        with self._products_back_to_back():
+            for each in stack[:full]:
                 x = each(x)
-            rows = stack[-1].at_rows(x, eos)
-        else:
-            rows = x[mx.arange(x.shape[0]), eos]
+            hidden = transformer.final_layer_norm(x) if layer == -1 else x
+            if not pooled:
+                return hidden, None
+            eos = self.eos_positions(input_ids)
+            if full < len(stack):
+                for each in stack[full:-1]:
+                    x = each(x)
+                rows = stack[-1].at_rows(x, eos)
+            else:
+                rows = x[mx.arange(x.shape[0]), eos]
         rows = transformer.final_layer_norm(rows)
         return hidden, self.text_projection(rows) if self.config.with_projection else rows
 
