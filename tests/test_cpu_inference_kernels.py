@@ -166,8 +166,8 @@ def test_layer_norm_and_group_norm_match_float64(monkeypatch):
                                (x64 - mean) / np.sqrt(var + 1e-6), rtol=0, atol=1e-5)
     # on the workers, in 5-row blocks, with one affine for all images and with one per image (SD3's modulation)
     per_image_w = rng.standard_normal((2, 1, 32)).astype(np.float32)
-    for inline in (cpu_pool.INLINE_ELEMENTS, 0):
-        monkeypatch.setattr(cpu_pool, "INLINE_ELEMENTS", inline)
+    for inline in (cpu_rowwise.NORM_INLINE_ELEMENTS, 0):
+        monkeypatch.setattr(cpu_rowwise, "NORM_INLINE_ELEMENTS", inline)
         np.testing.assert_allclose(np.array(cpu_rowwise.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5)),
                                    ln * w + b, rtol=0, atol=1e-5)
         got = cpu_rowwise.layer_norm(mx.array(x), mx.array(per_image_w), mx.array(b), 1e-5)
