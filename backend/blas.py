@@ -92,11 +92,15 @@ def wheel_library() -> str | None:
     return _distribution_file(WHEEL, WHEEL_LIBRARY)
 
 
+_openmp = None  # Intel OpenMP, where _prepare_mkl loaded it
+
+
 def _prepare_mkl(path: str) -> None:
     """oneMKL's default threading layer calls OpenMP's `omp_*` without linking it, and the process dies at
     the first product if no OpenMP runtime can be found. Load intel-openmp's libiomp5 first, found as the mkl
     wheel is; without one, fall back to oneMKL's sequential layer (one thread, still fast). Threads: oneMKL
     uses one per physical core unless MKL_NUM_THREADS says otherwise."""
+    global _openmp
     if os.environ.get("MKL_THREADING_LAYER", "").upper() not in ("", "INTEL"):
         return
     # Intel OpenMP's threads spin for 200 ms after each parallel region by default, holding a core that the
@@ -107,15 +111,11 @@ def _prepare_mkl(path: str) -> None:
     for openmp in (beside, _distribution_file(_OPENMP_WHEEL, _OPENMP_LIBRARY), _OPENMP_LIBRARY):
         if openmp and (openmp == _OPENMP_LIBRARY or os.path.isfile(openmp)):
             try:
-                global _openmp
                 _openmp = ctypes.CDLL(openmp, mode=ctypes.RTLD_GLOBAL)
                 return
             except OSError:
                 pass
     os.environ["MKL_THREADING_LAYER"] = "SEQUENTIAL"  # e.g. the mkl wheel installed with --no-deps
-
-
-_openmp = None  # Intel OpenMP, where _prepare_mkl loaded it
 
 
 @contextlib.contextmanager
