@@ -46,7 +46,7 @@ def _conditioning(model: str, part: str) -> tuple:
     """(hidden layer, pooled) the model's pipeline asks of this text encoder: SD 1.5 the last hidden state, SDXL the
     penultimate of both and the second's projected pooled output."""
     from backend import families
-    family = families.SDXL if model == "sdxl" else families.SD
+    family = families.family_of_index(json.loads((CONFIGS / model / "model_index.json").read_text()))
     return family.clip_layer, family.uses_pooled(TEXT_PARTS.index(part)) and _projected(_cfg(model, part))
 
 

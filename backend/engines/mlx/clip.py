@@ -124,13 +124,13 @@ class CLIPAttention(nn.Module):
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
 
+    def _heads(self, t: mx.array) -> mx.array:
+        """(B, L, dim) -> (B, heads, L, head_dim)."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
+
     def __call__(self, x: mx.array) -> mx.array:
         batch, length, dim = x.shape
-
-        def heads(t):
-            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if layers.cpu_inference(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]):
             out = cpu_attention.attention(q, k, v, self.scale, causal=True)
         else:
@@ -140,12 +140,8 @@ class CLIPAttention(nn.Module):
     def at_rows(self, h: mx.array, positions: mx.array) -> mx.array:
         """The attention output (B, dim) for one query per row, at `positions` (B,): it sees keys 0..position."""
         batch, length, dim = h.shape
-
-        def heads(t):
-            return t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q = heads(self.q_proj(h[mx.arange(batch), positions][:, None]))
-        k, v = heads(self.k_proj(h)), heads(self.v_proj(h))
+        q = self._heads(self.q_proj(h[mx.arange(batch), positions][:, None]))
+        k, v = self._heads(self.k_proj(h)), self._heads(self.v_proj(h))
         visible = (mx.arange(length)[None] <= positions[:, None])[:, None, None]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=visible)
         return self.out_proj(out.reshape(batch, dim))
@@ -251,9 +247,7 @@ class CLIPTextModel(nn.Module):
         return mx.argmax((input_ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
 
     def __call__(self, input_ids: mx.array) -> CLIPOutput:
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        input_ids = input_ids.astype(mx.int32)
+        input_ids = _batched_ids(input_ids)
         transformer = self.text_model
         x = transformer.embeddings(input_ids)
         hidden_states = [x]
@@ -281,9 +275,7 @@ class CLIPTextModel(nn.Module):
         The layers after `layer` run only for the pooled output, and the last of them only at each row's eos
         token (CLIPEncoderLayer.at_rows): SDXL's first encoder skips its last layer, and its second runs one row
         of it."""
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        input_ids = input_ids.astype(mx.int32)
+        input_ids = _batched_ids(input_ids)
         transformer = self.text_model
         stack = transformer.encoder.layers
         if not -len(stack) - 1 <= layer <= -1:
@@ -305,6 +297,11 @@ class CLIPTextModel(nn.Module):
                 rows = x[mx.arange(x.shape[0]), eos]
         rows = transformer.final_layer_norm(rows)
         return hidden, self.text_projection(rows) if self.config.with_projection else rows
+
+
+def _batched_ids(input_ids: mx.array) -> mx.array:
+    """Token ids as an int32 (B, L) batch (one row may come as (L,))."""
+    return (input_ids[None] if input_ids.ndim == 1 else input_ids).astype(mx.int32)
 
 
 def checkpoint_names(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
