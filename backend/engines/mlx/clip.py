@@ -202,10 +202,12 @@ class CLIPEncoderLayer(nn.Module):
         q, k, v = (part.transpose(0, 2, 1, 3) for part in
                    np.moveaxis(qkv.reshape(batch, length, 3, attn.num_heads, -1), 2, 0))
         out = cpu_attention.attention(q, k, v, attn.scale, causal=True, rows=True)
-        x = cpu_rowwise.project(out.reshape(batch, length, dim), attn.out_proj.weight, attn.out_proj.get("bias"),
+        # all images' rows in one product: out is one contiguous (B, L, heads, head_dim) buffer
+        x = cpu_rowwise.project(out.reshape(batch * length, dim), attn.out_proj.weight, attn.out_proj.get("bias"),
                                 x.shape, x.dtype, (x, None))
-        h = _ROW_ACTIVATIONS[mlp.activation](*layers.bias_free_rows(mlp.fc1, norm(self.layer_norm2, x)), rows=True,
-                                             in_place=True)
+        h = _ROW_ACTIVATIONS[mlp.activation](cpu_rowwise.products(norm(self.layer_norm2, x),
+                                                                  [(mlp.fc1.weight, mlp.fc1.get("bias"))]),
+                                             rows=True, in_place=True)
         return cpu_rowwise.project(h, mlp.fc2.weight, mlp.fc2.get("bias"), x.shape, x.dtype, (x, None))
 
     def at_rows(self, x: mx.array, positions: mx.array) -> mx.array:

@@ -108,14 +108,32 @@ def _output(h, hn: np.ndarray, in_place: bool) -> np.ndarray:
     return hn
 
 
+#: In-place activations over at most this many elements (a text encoder's MLP) run as a few whole-array oneMKL vector
+#: calls in the calling thread, on oneMKL's own threads, instead of blocks on the workers: bigG's 154 x 5120 GELU
+#: ~1.0 -> ~0.5 ms (fc1 with its bias and the GELU: 8.6 -> 8.0 ms).
+WHOLE_ARRAY_ELEMENTS = 1 << 21
+
+
+def _whole_array(h, bias, in_place: bool, *functions) -> bool:
+    """Whether an activation runs as whole-array oneMKL calls here: in place over the caller's contiguous fp32 numpy
+    rows, no bias, small enough, and each of `functions` (blas' oneMKL vector functions) present."""
+    return (in_place and bias is None and isinstance(h, np.ndarray) and h.dtype == np.float32
+            and h.flags.c_contiguous and h.size <= WHOLE_ARRAY_ELEMENTS and all(f is not None for f in functions))
+
+
 def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
     """torch's exact (erf) GELU of h + bias (the text encoders of SD 2.x and SDXL's second one); `rows` as in
     geglu. `in_place`: h is fp32 numpy rows the caller gives up, and the result is written over them."""
     keep, views = cpu_pool.as_numpy(h, *([] if bias is None else [bias]))
     hn, b = _rows(views[0]), (views[1] if bias is not None else None)
     out = _output(h, hn, in_place)
+    cdf, mul = blas.vector_math("CdfNorm"), blas.vector_math("Mul", inputs=2)
+    if _whole_array(h, b, in_place, cdf, mul):
+        cdf_values = np.empty_like(hn)
+        cdf(hn, cdf_values)
+        mul(hn, cdf_values, out)
+        return out
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
-    cdf = blas.vector_math("CdfNorm")
 
     def work(share):
         g, a, t = (np.empty((block, hn.shape[1]), np.float32) for _ in range(3))
@@ -179,6 +197,14 @@ def _quick_gelu_exponent(x: np.ndarray, e: np.ndarray) -> None:
 def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
     """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); `rows` and `in_place` as in
     gelu."""
+    fraction, exp, divide = blas.linear_fraction(), blas.vector_math("Exp"), blas.vector_math("Div", inputs=2)
+    if _whole_array(h, bias, in_place, fraction, exp, divide):
+        e = np.empty_like(h)
+        fraction(h, h, _QUICK_GELU_K, 0.0, 0.0, 1.0, e)  # -1.702 x
+        exp(e, e)
+        e += 1
+        divide(h, e, h)  # exp's overflow (x < -52) gives x / inf = 0, the limit (LinearFrac would give NaN)
+        return h
     return _sigmoid_gated(h, bias, _quick_gelu_exponent, rows, in_place)
 
 
