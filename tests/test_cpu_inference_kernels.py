@@ -148,6 +148,12 @@ def test_geglu_gelus_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mk
         got = kernel(rows, None if bias is None else mx.array(bias), rows=True, in_place=True)
         assert np.shares_memory(got, rows)
         np.testing.assert_allclose(got.reshape(h.shape), expected, rtol=1e-6, atol=atol)
+        # (B, L, C) rows in place: the result as (B * L, C) rows, or as an MLX array of h's shape
+        for as_rows in (True, False):
+            got = kernel(h.copy(), None if bias is None else mx.array(bias), rows=as_rows, in_place=True)
+            assert got.shape == ((h.shape[0] * h.shape[1], h.shape[2]) if as_rows else h.shape)
+            assert isinstance(got, np.ndarray) == as_rows
+            np.testing.assert_allclose(np.array(got).reshape(h.shape), expected, rtol=1e-6, atol=atol)
     with pytest.raises(ValueError, match="in_place"):
         cpu_rowwise.gelu(mx.array(h), rows=True, in_place=True)  # an MLX array is not the caller's to overwrite
 

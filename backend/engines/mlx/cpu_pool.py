@@ -93,6 +93,7 @@ def as_numpy(*arrays):
 
 
 def to_mlx(out: np.ndarray, dtype, shape=None) -> mx.array:
-    """A kernel's fp32 numpy result as an MLX array (a copy) of `dtype`, reshaped to `shape` if given."""
+    """A kernel's fp32 numpy result as an MLX array (a copy) of `dtype` (MLX's; fp32 numpy input's dtype is fp32),
+    reshaped to `shape` if given."""
     result = mx.array(out if shape is None else out.reshape(shape))
-    return result if dtype == mx.float32 else result.astype(dtype)
+    return result if isinstance(dtype, np.dtype) or dtype == mx.float32 else result.astype(dtype)
