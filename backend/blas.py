@@ -339,53 +339,33 @@ _VML_MODE = 0x1 | 0x100  # VML_LA | VML_ERRMODE_IGNORE
 _vector_math: dict = {}
 
 
-def vector_math(name: str, inputs: int = 1):
-    """oneMKL's vector math function `vms<name>` (e.g. "Exp", "Erf"; "Mul" with inputs=2) as f(*x, out) over
-    contiguous fp32 numpy arrays of one shape (out may be one of them), in its low-accuracy mode (relative error ~1e-7
-    here); None unless oneMKL is the loaded BLAS. One thread per call in cpu_pool's workers (`one_thread_here`),
-    oneMKL's threads in any other thread."""
-    if (name, inputs) in _vector_math:
-        return _vector_math[name, inputs]
+def vector_math(name: str, inputs: int = 1, scalars: int = 0):
+    """oneMKL's vector math function `vms<name>` (e.g. "Exp", "Erf"; "Mul" with inputs=2; "LinearFrac", (scale_a a +
+    shift_a) / (scale_b b + shift_b), with inputs=2, scalars=4) as f(*x, *scalars, out) over contiguous fp32 numpy
+    arrays of one shape (out may be one of them), in its low-accuracy mode (relative error ~1e-7 here); None unless
+    oneMKL is the loaded BLAS. One thread per call in cpu_pool's workers (`one_thread_here`), oneMKL's threads in any
+    other thread."""
+    key = (name, inputs, scalars)
+    if key in _vector_math:
+        return _vector_math[key]
     function = None
     if loaded and "mkl" in loaded:
         try:
             function = getattr(ctypes.CDLL(loaded), f"vms{name}")
-            function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * (inputs + 1) + [ctypes.c_int64]
+            function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * inputs + [ctypes.c_float] * scalars + \
+                [ctypes.c_void_p, ctypes.c_int64]
             function.restype = None
         except (OSError, AttributeError):
             function = None
     if function is not None:
         raw = function
 
-        def function(*arrays) -> None:
-            if len(arrays) != inputs + 1 or any(a.dtype != "float32" or a.shape != arrays[0].shape
-                                                or not a.flags.c_contiguous for a in arrays):
+        def function(*args) -> None:
+            if len(args) != inputs + scalars + 1:
+                raise ValueError(f"vms{name} takes {inputs + 1} arrays and {scalars} numbers")
+            arrays, numbers = args[:inputs] + args[-1:], args[inputs:-1]
+            if any(a.dtype != "float32" or a.shape != arrays[0].shape or not a.flags.c_contiguous for a in arrays):
                 raise ValueError(f"vms{name} takes {inputs + 1} contiguous fp32 arrays of one shape")
-            raw(arrays[0].size, *[a.ctypes.data for a in arrays], _VML_MODE)
-    _vector_math[name, inputs] = function
-    return function
-
-
-def linear_fraction():
-    """oneMKL's `vmsLinearFrac` as f(a, b, scale_a, shift_a, scale_b, shift_b, out): out = (scale_a a + shift_a) /
-    (scale_b b + shift_b) elementwise over contiguous fp32 numpy arrays of one shape (out may be a or b), in
-    vector_math's mode; None unless oneMKL is the loaded BLAS."""
-    if "LinearFrac" in _vector_math:
-        return _vector_math["LinearFrac"]
-    function = None
-    if loaded and "mkl" in loaded:
-        try:
-            raw = ctypes.CDLL(loaded).vmsLinearFrac
-            raw.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_float] * 4 + \
-                [ctypes.c_void_p, ctypes.c_int64]
-            raw.restype = None
-        except (OSError, AttributeError):
-            raw = None
-        if raw is not None:
-            def function(a, b, scale_a, shift_a, scale_b, shift_b, out) -> None:
-                if any(x.dtype != "float32" or x.shape != a.shape or not x.flags.c_contiguous for x in (a, b, out)):
-                    raise ValueError("vmsLinearFrac takes 3 contiguous fp32 arrays of one shape")
-                raw(a.size, a.ctypes.data, b.ctypes.data, scale_a, shift_a, scale_b, shift_b, out.ctypes.data,
-                    _VML_MODE)
-    _vector_math["LinearFrac"] = function
+            raw(arrays[0].size, *[a.ctypes.data for a in arrays[:-1]], *numbers, arrays[-1].ctypes.data, _VML_MODE)
+    _vector_math[key] = function
     return function

@@ -46,7 +46,7 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, sh
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
     if not use_mkl:  # numpy's matmul and exp, as without oneMKL
         monkeypatch.setattr(blas, "sgemm", lambda: None)
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1: None)
+        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
     q, k, v = _heads_view(shape_q, 1), _heads_view(shape_kv, 2), _heads_view(shape_kv, 3)
     out = cpu_attention.attention(q, k, v, scale)
     assert out.shape == shape_q[:3] + (shape_kv[3],) and out.dtype == mx.float32
@@ -62,7 +62,7 @@ def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, in_blocks):
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 2048)
     if not use_mkl:
         monkeypatch.setattr(blas, "sgemm", lambda: None)
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1: None)
+        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
     image = [_heads_view((2, 3, 45, 16), s) for s in (11, 12, 13)]
     context = [_heads_view((2, 3, 9, 16), s) for s in (14, 15, 16)]
     parts = [[image[i], context[i]] for i in range(3)]
@@ -123,7 +123,7 @@ def _gelu64(x):
 def test_geglu_gelus_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mkl):
     monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 7)  # 7-row blocks: ragged, many
     if not use_mkl:
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1: None)  # the erfc polynomial, as without oneMKL
+        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)  # the erfc polynomial, as without oneMKL
     rng = np.random.default_rng(0)
     h = (rng.standard_normal((2, 25, 24)) * 4).astype(np.float32)
     h[0, 0, 12:] = [-30, -12, -6, 0, 1e-8, 6, 12, 30, 80, -80, 3, -3]  # tails of the erf polynomial

@@ -198,9 +198,11 @@ def _quick_gelu_exponent(x: np.ndarray, e: np.ndarray) -> None:
 def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_place: bool = False):
     """CLIP's quick GELU of h + bias: x sigmoid(1.702 x) = x / (1 + exp(-1.702 x)); `rows` and `in_place` as in
     gelu."""
-    fraction, exp, divide = blas.linear_fraction(), blas.vector_math("Exp"), blas.vector_math("Div", inputs=2)
+    fraction = blas.vector_math("LinearFrac", inputs=2, scalars=4)
+    exp, divide = blas.vector_math("Exp"), blas.vector_math("Div", inputs=2)
     if _whole_array(h, bias, in_place, fraction, exp, divide):
-        x, e = _rows(h), np.empty_like(_rows(h))
+        x = _rows(h)
+        e = np.empty_like(x)
         fraction(x, x, _QUICK_GELU_K, 0.0, 0.0, 1.0, e)  # -1.702 x
         exp(e, e)
         e += 1
