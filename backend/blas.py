@@ -221,9 +221,26 @@ def kernel_name() -> str | None:
     if "mkl" in loaded:
         v, _ = _mkl_version()
         processor = (v.processor or b"").decode() if v else ""
-        return next((isa for isa in ("AVX10", "AVX-512", "AVX2", "AVX", "SSE4.2") if isa in processor),
-                    processor or None)
+        isa = next((isa for isa in ("AVX10", "AVX-512", "AVX2", "AVX", "SSE4.2") if isa in processor), None)
+        if isa is None and cpu_vendor() not in ("", "GenuineIntel"):
+            # oneMKL labels its path on other CPUs "Intel(R) Architecture processors", which names no instruction
+            # set; on an AMD EPYC (Zen 3, AVX2) its one-thread products ran at OpenBLAS's Haswell kernels' speed.
+            return NON_INTEL
+        return isa or processor or None
     return None
+
+
+#: `kernel_name()` of oneMKL on a CPU that is not Intel's, where oneMKL does not say which kernels it runs.
+NON_INTEL = "its non-Intel CPU"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def warning() -> str | None:

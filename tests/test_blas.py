@@ -69,9 +69,28 @@ def test_the_loaded_blas_serves_mlx_and_gives_right_products():
     # MLX's cblas_sgemm resolves to the library loaded first, not to its bundled reference BLAS
     assert blas.provider() and os.path.basename(blas.provider()) == os.path.basename(blas.loaded)
     if "mkl" in blas.loaded and blas._kernels_for_this_cpu() is not None:  # AVX2 or AVX-512: vector kernels
-        assert blas.kernel_name() in ("AVX2", "AVX-512", "AVX10")
+        # oneMKL names its kernels on Intel's CPUs only (see test_onemkl_kernels_are_named_by_isa_or_as_non_intel)
+        assert blas.kernel_name() in (("AVX2", "AVX-512", "AVX10") if blas.cpu_vendor() == "GenuineIntel"
+                                      else (blas.NON_INTEL,))
     assert os.path.basename(blas.loaded) in blas.describe()
     _right_products()
+
+
+def test_onemkl_kernels_are_named_by_isa_or_as_non_intel(monkeypatch):
+    """oneMKL's version record names the instruction set of its path on Intel CPUs; on others it says "Intel(R)
+    Architecture processors", which the bench must not print as if it were a kernel family."""
+    labels = {"Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) enabled processors": "AVX-512",
+              "Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) enabled processors": "AVX2"}
+    monkeypatch.setattr(blas, "loaded", "/x/libmkl_rt.so.3")
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        monkeypatch.setattr(blas, "cpu_vendor", lambda: vendor)
+        for label, isa in labels.items():
+            monkeypatch.setattr(blas, "_mkl_version", lambda: (blas._MKLVersion(processor=label.encode()), 2))
+            assert blas.kernel_name() == isa
+        monkeypatch.setattr(blas, "_mkl_version",
+                            lambda: (blas._MKLVersion(processor=b"Intel(R) Architecture processors"), 2))
+        assert blas.kernel_name() == ("Intel(R) Architecture processors" if vendor == "GenuineIntel"
+                                      else blas.NON_INTEL)
 
 
 def test_a_system_openblas_still_serves_with_vector_kernels():
