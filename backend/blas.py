@@ -158,12 +158,17 @@ def provider() -> str | None:
     return os.fsdecode(info.fname)
 
 
-def cpu_flags() -> set:
+def _cpuinfo(field: str) -> str:
+    """The value of `field` in /proc/cpuinfo's first processor entry, or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
-        return set()
+        return ""
+
+
+def cpu_flags() -> set:
+    return set(_cpuinfo("flags").split())
 
 
 def _kernels_for_this_cpu():
@@ -236,11 +241,7 @@ NON_INTEL = "its non-Intel CPU"
 
 def cpu_vendor() -> str:
     """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return _cpuinfo("vendor_id")
 
 
 def warning() -> str | None:

@@ -123,7 +123,8 @@ def _gelu64(x):
 def test_geglu_gelus_and_quick_gelu_match_float64(monkeypatch, with_bias, use_mkl):
     monkeypatch.setattr(cpu_pool, "block_rows", lambda row, block=0: 7)  # 7-row blocks: ragged, many
     if not use_mkl:
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)  # the erfc polynomial, as without oneMKL
+        # the erfc polynomial, as without oneMKL
+        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
     rng = np.random.default_rng(0)
     h = (rng.standard_normal((2, 25, 24)) * 4).astype(np.float32)
     h[0, 0, 12:] = [-30, -12, -6, 0, 1e-8, 6, 12, 30, 80, -80, 3, -3]  # tails of the erf polynomial
