@@ -190,23 +190,48 @@ def test_layer_norm_and_group_norm_match_float64(monkeypatch):
 
 
 def test_modules_give_the_same_output_at_inference_as_in_training(monkeypatch):
-    """GEGLU, the transformer block (LayerNorms, attention), the resnet (GroupNorm + SiLU, Winograd convolutions at
-    32x32) and CLIP's encoder layer (causal attention, quick GELU) through the numpy kernels against the MLX path
-    used in training."""
+    """GEGLU, the transformer block (LayerNorms, attention: self and cross-only, its projections and residuals in
+    numpy), the Transformer2DModel around it (proj_in, proj_out with the residual), the resnet (GroupNorm + SiLU,
+    Winograd convolutions at 32x32, the 1x1 shortcut) and CLIP's encoder layer (causal attention, quick GELU)
+    through the numpy kernels against the MLX path used in training."""
     monkeypatch.setattr(layers, "NUMPY_KERNEL_MIN", 0)  # these small calls would otherwise keep MLX's ops
     mx.random.seed(3)
     block = layers.BasicTransformerBlock(32, 2, 16, cross_attention_dim=24)
+    cross_only = layers.BasicTransformerBlock(32, 2, 16, cross_attention_dim=24, only_cross_attention=True)
+    transformer = layers.Transformer2DModel(2, 16, 32, 1, cross_attention_dim=24, norm_num_groups=4)
     resnet = layers.ResnetBlock2D(16, 32, temb_channels=8, groups=4, eps=1e-6)
     text_layer = clip.CLIPEncoderLayer(clip.CLIPTextConfig(hidden_size=32, intermediate_size=64,
                                                           num_attention_heads=4))
-    mx.eval(block.parameters(), resnet.parameters(), text_layer.parameters())
+    modules = (block, cross_only, transformer, resnet, text_layer)
+    mx.eval(*(m.parameters() for m in modules))
     tokens, context = mx.random.normal((2, 40, 32)), mx.random.normal((2, 7, 24))
     image, temb = mx.random.normal((2, 32, 32, 16)), mx.random.normal((2, 8))
-    plain = (block(tokens, context), resnet(image, temb), text_layer(tokens))
+    latents = mx.random.normal((2, 6, 5, 32))
+
+    def run():
+        return (block(tokens, context), cross_only(tokens, context), transformer(latents, context),
+                resnet(image, temb), text_layer(tokens))
+
+    plain = run()
     with cpu_kernels.eager_chunks():
-        fast = (block(tokens, context), resnet(image, temb), text_layer(tokens))
+        assert block.attn1.takes_rows(tokens) and block.ff.takes_rows(tokens)
+        fast = run()
     for a, b in zip(fast, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=5e-5)
+
+
+def test_kernel_buffers_start_on_a_cache_line():
+    """cpu_pool.empty / zeros: contiguous arrays of the asked shape and dtype whose data starts on a 64-byte line
+    (np.empty's large arrays start 16 bytes past one, where oneMKL's products run slower)."""
+    for shape in [(3,), (1000, 7), (2, 4096, 40), (0, 5)]:
+        for dtype in (np.float32, np.float64):
+            a, z = cpu_pool.empty(shape, dtype), cpu_pool.zeros(shape, dtype)
+            for arr in (a, z):
+                assert arr.shape == shape and arr.dtype == dtype and arr.flags.c_contiguous and arr.flags.writeable
+                assert arr.size == 0 or arr.ctypes.data % cpu_pool.ALIGNMENT == 0
+            assert not z.any()
+    assert cpu_pool.empty(5).shape == (5,)
 
 
 def test_winograd_convolution_follows_its_weight(monkeypatch):
@@ -369,6 +394,13 @@ def test_products_and_projections_with_gated_residuals_against_float64(monkeypat
     plain = cpu_rowwise.project(wide, mx.array(w), None, (2, 10, 5), mx.float16, (mx.array(r), None))
     assert plain.dtype == mx.float16
     np.testing.assert_allclose(np.array(plain.astype(mx.float32)), r + y - b, rtol=0, atol=2e-2)
+
+    # From MLX arrays: a contiguous (B, H, W, K) image (a 1x1 convolution) and a transposed view (a copy first).
+    image = rng.standard_normal((2, 3, 4, 12)).astype(np.float32)
+    got = cpu_rowwise.project(mx.array(image), mx.array(w), mx.array(b), (2, 3, 4, 5), mx.float32)
+    np.testing.assert_allclose(np.array(got), image.astype(np.float64) @ w.T + b, rtol=0, atol=1e-5)
+    got = cpu_rowwise.project(mx.array(image).transpose(0, 2, 1, 3), mx.array(w), None, (2, 4, 3, 5), mx.float32)
+    np.testing.assert_allclose(np.array(got), image.transpose(0, 2, 1, 3).astype(np.float64) @ w.T, rtol=0, atol=1e-5)
 
     heads = rng.standard_normal((9, 3, 8)).astype(np.float32)
     weight = rng.standard_normal(8).astype(np.float32)

@@ -70,7 +70,7 @@ def attention(q, k, v, scale: float, causal: bool = False, rows: bool = False):
     qn, kn, vn = views[:len(q_parts)], views[len(q_parts):-len(v_parts)], views[-len(v_parts):]
     batch, heads = qn[0].shape[:2]
     n_q, n_kv, d_v = sum(p.shape[2] for p in qn), sum(p.shape[2] for p in kn), vn[0].shape[3]
-    out = np.empty((batch, n_q, heads, d_v), np.float32)
+    out = cpu_pool.empty((batch, n_q, heads, d_v))
     if causal and n_q != n_kv:
         raise ValueError(f"causal attention needs as many queries as keys, got {n_q} and {n_kv}")
     future = np.triu(np.full((n_q, n_kv), -np.inf, np.float32), 1) if causal else None
@@ -120,11 +120,11 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
         return into
 
     def run(share):
-        scores = np.empty((rows, n_kv), np.float32)
-        queries, keys = (np.empty((n, d), np.float32) if len(parts) > 1 else None
+        scores = cpu_pool.empty((rows, n_kv))
+        queries, keys = (cpu_pool.empty((n, d)) if len(parts) > 1 else None
                          for n, parts in ((n_q, qn), (n_kv, kn)))
-        values = np.zeros((n_kv, width), np.float32)
-        products = np.empty((rows, width), np.float32)
+        values = cpu_pool.zeros((n_kv, width))
+        products = cpu_pool.empty((rows, width))
         values[:, d_v] = 1.0
         head = None
         for b, h, r in share:

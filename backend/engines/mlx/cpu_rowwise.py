@@ -75,13 +75,13 @@ def geglu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False):
     hn = _rows(views[0])
     inner = hn.shape[1] // 2
     b_hidden, b_gate = (views[1][:inner], views[1][inner:]) if bias is not None else (None, None)
-    out = np.empty((hn.shape[0], inner), np.float32)
+    out = cpu_pool.empty((hn.shape[0], inner))
     block = cpu_pool.block_rows(inner, 1 << 16)
 
     cdf = blas.vector_math("CdfNorm")
 
     def work(share):
-        g, a, t = (np.empty((block, inner), np.float32) for _ in range(3))
+        g, a, t = (cpu_pool.empty((block, inner)) for _ in range(3))
         for r0, r1 in share:
             n = r1 - r0
             gate, act = g[:n], out[r0:r1]
@@ -102,7 +102,7 @@ def _output(h, hn: np.ndarray, in_place: bool) -> np.ndarray:
     """Where an activation kernel writes: over its input rows hn where the caller hands over its own fp32 numpy
     array h (a 4x-wide activation then needs no second buffer, nor that buffer's page faults), else a new array."""
     if not in_place:
-        return np.empty(hn.shape, np.float32)
+        return cpu_pool.empty(hn.shape)
     if not (isinstance(h, np.ndarray) and h.dtype == np.float32 and h.flags.c_contiguous):
         raise ValueError("in_place needs the caller's own contiguous fp32 numpy rows")
     return hn
@@ -130,14 +130,14 @@ def gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False, in_pl
     out = _output(h, hn, in_place)
     cdf, mul = blas.vector_math("CdfNorm"), blas.vector_math("Mul", inputs=2)
     if _whole_array(h, b, in_place, cdf, mul):
-        cdf_values = np.empty_like(hn)
+        cdf_values = cpu_pool.empty(hn.shape)
         cdf(hn, cdf_values)
         mul(hn, cdf_values, out)
         return out if rows else cpu_pool.to_mlx(out, mx.float32, h.shape)
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
 
     def work(share):
-        g, a, t = (np.empty((block, hn.shape[1]), np.float32) for _ in range(3))
+        g, a, t = (cpu_pool.empty((block, hn.shape[1])) for _ in range(3))
         for r0, r1 in share:
             n, x, dest = r1 - r0, hn[r0:r1], out[r0:r1]
             if b is None and cdf is not None:  # x Phi(x) straight from x (dest may be x)
@@ -160,7 +160,7 @@ def _sigmoid_gated(h: mx.array, bias: Optional[mx.array], exponent_into, rows: b
     block = cpu_pool.block_rows(hn.shape[1], 1 << 16)
 
     def work(share):
-        t = np.empty((block, hn.shape[1]), np.float32)
+        t = cpu_pool.empty((block, hn.shape[1]))
         with np.errstate(over="ignore"):  # exp(large) = inf gives x / inf = 0, the limit
             for r0, r1 in share:
                 x, e = out[r0:r1], t[:r1 - r0]
@@ -202,7 +202,7 @@ def quick_gelu(h: mx.array, bias: Optional[mx.array] = None, rows: bool = False,
     exp, divide = blas.vector_math("Exp"), blas.vector_math("Div", inputs=2)
     if _whole_array(h, bias, in_place, fraction, exp, divide):
         x = _rows(h)
-        e = np.empty_like(x)
+        e = cpu_pool.empty(x.shape)
         fraction(x, x, _QUICK_GELU_K, 0.0, 0.0, 1.0, e)  # -1.702 x
         exp(e, e)
         e += 1
@@ -240,7 +240,7 @@ def products(x: mx.array, linears: list) -> np.ndarray:
     rows = _rows(views[0])
     w_views, b_views = iter(views[1:1 + len(weights)]), iter(views[1 + len(weights):])
     widths = [w.shape[0] for w in weights]
-    out = np.empty((rows.shape[0], sum(widths)), np.float32)
+    out = cpu_pool.empty((rows.shape[0], sum(widths)))
     if biases:
         _fill_rows(out, np.concatenate([next(b_views) if b is not None else np.zeros(n, np.float32)
                                         for (_, b), n in zip(linears, widths)]))
@@ -252,22 +252,34 @@ def products(x: mx.array, linears: list) -> np.ndarray:
     return out
 
 
-def project(x: np.ndarray, weight: mx.array, bias: Optional[mx.array], shape: tuple, dtype,
+def _product_rows(x: np.ndarray) -> np.ndarray:
+    """x (..., K) as a product's rows: (M, K) or (B, n, K) per image, each row's elements adjacent; contiguous x as
+    one (M, K) (one product over every image's rows), a copy only where no such view exists."""
+    if x.flags.c_contiguous:
+        return _rows(x)
+    if x.ndim in (2, 3) and x.strides[-1] == x.itemsize:
+        return x
+    return _rows(np.ascontiguousarray(x))
+
+
+def project(x, weight: mx.array, bias: Optional[mx.array], shape: tuple, dtype,
             residual: Optional[tuple] = None) -> mx.array:
     """x W^T + bias for fp32 numpy rows x (M, K), or (B, n, K) with rows of any stride (an attention kernel's
-    output), and a Linear's (N, K) weight, as an MLX array of `shape` and `dtype`: the activation, often 4x the
-    block's width, is not copied back into MLX (a 50 MB copy is ~6 ms on one thread here), only the product is.
+    output), or an MLX array (..., K), and a Linear's (N, K) weight, as an MLX array of `shape` and `dtype`: the
+    activation, often 4x the block's width, is not copied back into MLX (a 50 MB copy is ~6 ms on one thread
+    here), only the product is.
     The output starts as the bias (if any), written on the workers, and oneMKL's product (all its threads)
     accumulates onto it. `residual` (r, gate): r + gate * (x W^T + bias) instead, r of `shape`, gate (B, 1, N) or
     None (a plain residual), applied on the workers (MLX would take two passes on one thread)."""
     extra = [] if residual is None else [a for a in residual if a is not None]
-    keep, views = cpu_pool.as_numpy(weight, *([] if bias is None else [bias]), *extra)
-    w, rest = views[0], iter(views[1:])
+    keep, views = cpu_pool.as_numpy(x, weight, *([] if bias is None else [bias]), *extra)
+    x, w, rest = views[0], views[1], iter(views[2:])
     b = next(rest) if bias is not None else None
     r = next(rest).reshape(-1, w.shape[0]) if residual is not None else None
     gate = next(rest).reshape(-1, w.shape[0]) if residual is not None and residual[1] is not None else None
+    x = _product_rows(x)
     images = x.shape[0] if x.ndim == 3 else 1
-    out = np.empty((x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0], w.shape[0]), np.float32)
+    out = cpu_pool.empty((x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0], w.shape[0]))
     if b is not None:
         _fill_rows(out, b)
     matmul = blas.product()
@@ -328,7 +340,7 @@ def layer_norm(x: mx.array, weight: Optional[mx.array], bias: Optional[mx.array]
     b = next(rest).reshape(-1, channels) if bias is not None else None
     shared = all(a is None or len(a) == 1 for a in (w, b))  # one affine for all images: their rows as one
     per_image = views[0].reshape(1 if shared else batch, -1, channels)
-    out = np.empty(per_image.shape, np.float32)
+    out = cpu_pool.empty(per_image.shape)
     # Few, large blocks (its numpy calls are many and short), but at least two per worker; below
     # NORM_INLINE_ELEMENTS one block in the calling thread (each numpy call costs ~5 us whatever its size).
     count = per_image.shape[1]
@@ -362,7 +374,7 @@ def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:
     sums = np.zeros((len(shares), batch, 2, channels), np.float64)
 
     def work(i):
-        square = np.empty((block, channels), np.float32)
+        square = cpu_pool.empty((block, channels))
         for img in range(batch):
             for r0, r1 in shares[i]:
                 part = per_image[img, r0:r1]
@@ -379,10 +391,10 @@ def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: b
     """x * scale + shift, then SiLU if asked, for (B, rows, ..., C) x and (B, C) scale and shift, into `out`
     (a new array, or a view of x's shape such as a padded buffer's interior)."""
     batch, rows = per_image.shape[:2]
-    out = np.empty(per_image.shape, np.float32) if out is None else out
+    out = cpu_pool.empty(per_image.shape) if out is None else out
 
     def work(share):
-        e = np.empty((block,) + per_image.shape[2:], np.float32)
+        e = cpu_pool.empty((block,) + per_image.shape[2:])
         with np.errstate(over="ignore"):  # exp(-y) = inf for very negative y: y / inf = -0, SiLU's limit
             for img in range(batch):
                 for r0, r1 in share:

@@ -38,7 +38,7 @@ def kernel_transform(weight: np.ndarray) -> np.ndarray:
     u[:, k] (its products use it transposed)."""
     c_out, c_in = weight.shape[0], weight.shape[3]
     taps = weight.reshape(c_out, 9, c_in)
-    out = np.empty((c_out, 36, c_in), np.float32)
+    out = cpu_pool.empty((c_out, 36, c_in))
 
     def work(share):
         for o0, o1 in share:
@@ -62,8 +62,8 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
     rows, c_out = out.shape[1], out.shape[3]
     tile_rows, tiles_per_row = -(-rows // TILE), -(-width // TILE)
     n_tiles = batch * tile_rows * tiles_per_row
-    v = np.empty((36, n_tiles, c_in), np.float32)
-    m = np.empty((36, n_tiles, c_out), np.float32)
+    v = cpu_pool.empty((36, n_tiles, c_in))
+    m = cpu_pool.empty((36, n_tiles, c_out))
     matmul = blas.product()
     # Units of whole rows of tiles of one image, the gathered tiles of one about UNIT_BYTES, at least two per worker.
     per_unit = max(1, min(UNIT_BYTES // (36 * tiles_per_row * max(c_in, c_out) * 4),
@@ -72,7 +72,7 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
     row_offset = 0 if halo else -1  # input row of tile row t's first value: 4t + row_offset
 
     def transform_inputs(share):
-        scratch = np.empty((36, per_unit * tiles_per_row, c_in), np.float32)
+        scratch = cpu_pool.empty((36, per_unit * tiles_per_row, c_in))
         for b, t0, t1 in share:
             d = scratch[:, :(t1 - t0) * tiles_per_row].reshape(36, t1 - t0, tiles_per_row, c_in)
             for i in range(_SPAN):
@@ -102,7 +102,7 @@ def conv3x3(x: np.ndarray, u: np.ndarray, out: np.ndarray, bias: Optional[np.nda
             matmul(v[k], u[:, k], m[k], b_transposed=True)
 
     def transform_outputs(share):
-        scratch = np.empty((TILE * TILE, per_unit * tiles_per_row, c_out), np.float32)
+        scratch = cpu_pool.empty((TILE * TILE, per_unit * tiles_per_row, c_out))
         for b, t0, t1 in share:
             y = scratch[:, :(t1 - t0) * tiles_per_row]
             start = (b * tile_rows + t0) * tiles_per_row
@@ -140,7 +140,7 @@ def convolve(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,
     rest = iter(views[2:])
     bias_n = next(rest) if bias is not None else None
     residual_n = next(rest) if residual is not None else None
-    out = np.empty(x.shape[:3] + (weight.shape[0],), np.float32)
+    out = cpu_pool.empty(x.shape[:3] + (weight.shape[0],))
     conv3x3(views[0], kernel_transform(views[1]), out, bias_n, residual_n)
     del keep
     return cpu_pool.to_mlx(out, x.dtype)

@@ -281,9 +281,10 @@ def convolve(conv, x: mx.array, image_bias: Optional[mx.array] = None, residual:
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm; at CPU inference, cpu_rowwise.layer_norm on every core."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, rows: bool = False):
+        """LN(x); with `rows` (for a module that `takes_rows`), as fp32 numpy rows at CPU inference."""
         if cpu_inference(x.size):
-            return cpu_rowwise.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
+            return cpu_rowwise.layer_norm(x, self.get("weight"), self.get("bias"), self.eps, rows=rows)
         return super().__call__(x)
 
 
@@ -297,6 +298,18 @@ def bias_free(linear, x: mx.array):
 def plain_linear(linear) -> bool:
     """An unquantized Linear without LoRA: the CPU kernels may read its weight and bias themselves."""
     return type(linear) in (Linear, nn.Linear)
+
+
+def linear_rows(linear, x, residual: Optional[tuple] = None) -> mx.array:
+    """linear(x) [+ residual (r, gate), as FeedForward's], x an MLX array or (where `plain_linear` at CPU inference)
+    fp32 numpy rows: there the product, bias and residual in numpy (cpu_rowwise.project), with no bias or residual
+    pass in MLX."""
+    if cpu_inference(x.size) and plain_linear(linear):
+        shape = x.shape[:-1] + (linear.weight.shape[0],)
+        dtype = residual[0].dtype if residual is not None else x.dtype if isinstance(x, mx.array) else mx.float32
+        return cpu_rowwise.project(x, linear.weight, linear.get("bias"), shape, dtype, residual)
+    y = linear(x)
+    return y if residual is None else gated_residual(residual, y)
 
 
 def bias_free_rows(linear, x):
@@ -339,7 +352,17 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, context: Optional[mx.array] = None) -> mx.array:
+    def takes_rows(self, x) -> bool:
+        """Whether __call__ with a residual runs in numpy here (CPU inference, plain Linears, no group norm), so
+        that x may come as fp32 numpy rows (B, L, C)."""
+        linears = (self.to_q, self.to_k, self.to_v, self.to_out[0])
+        return cpu_inference(x.size) and "group_norm" not in self and all(plain_linear(m) for m in linears)
+
+    def __call__(self, x, context: Optional[mx.array] = None, residual: Optional[tuple] = None) -> mx.array:
+        """Attention over x (self) or context (cross); with `residual` (r, gate), as FeedForward's, r + gate * it.
+        Where `takes_rows`, with a residual: in numpy from the q, k, v products to the residual (`_numpy_call`)."""
+        if residual is not None and self.takes_rows(x):
+            return self._numpy_call(x, context, residual)
         if "group_norm" in self:
             x = self.group_norm(x)
         context = x if context is None else context
@@ -348,7 +371,26 @@ class Attention(nn.Module):
         v = self._split_heads(self.to_v(context))
         out = attention(q, k, v, self.scale)
         b, _, n, _ = out.shape
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        out = self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        return out if residual is None else gated_residual(residual, out)
+
+    def _numpy_call(self, x, context: Optional[mx.array], residual: tuple) -> mx.array:
+        """__call__ at CPU inference as SD3's JointAttention._numpy_call: q, k and v (a self-attention's in one
+        product over x) by cpu_rowwise.products, cpu_attention reading them in place, and the output projection
+        with the residual by cpu_rowwise.project; no MLX pass, no copy of q, k, v or the attention's output."""
+        b, n = x.shape[0], x.shape[1]
+
+        def heads_first(tokens, linears):
+            rows = cpu_rowwise.products(tokens, [(m.weight, m.get("bias")) for m in linears])
+            per_head = rows.reshape(b, -1, len(linears), self.heads, rows.shape[1] // (len(linears) * self.heads))
+            return [per_head[:, :, i].transpose(0, 2, 1, 3) for i in range(len(linears))]
+
+        if context is None:
+            q, k, v = heads_first(x, (self.to_q, self.to_k, self.to_v))
+        else:
+            (q,), (k, v) = heads_first(x, (self.to_q,)), heads_first(context, (self.to_k, self.to_v))
+        out = attention(q, k, v, self.scale, rows=True)  # (B, N, heads, d)
+        return linear_rows(self.to_out[0], out.reshape(b, n, -1), residual)
 
 
 class GEGLU(nn.Module):
@@ -437,9 +479,11 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x), residual=(x, None))
+        """Each sublayer takes its norm's fp32 numpy rows where it runs in numpy (`takes_rows`): no copy into MLX."""
+        x = self.attn1(self.norm1(x, rows=self.attn1.takes_rows(x)),
+                       context if self.only_cross_attention else None, residual=(x, None))
+        x = self.attn2(self.norm2(x, rows=self.attn2.takes_rows(x)), context, residual=(x, None))
+        return self.ff(self.norm3(x, rows=self.ff.takes_rows(x)), residual=(x, None))
 
 
 class Transformer2DModel(nn.Module):
@@ -462,10 +506,10 @@ class Transformer2DModel(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         b, h, w, c = x.shape
-        tokens = self.proj_in(self.norm(x).reshape(b, h * w, c))
+        tokens = linear_rows(self.proj_in, self.norm(x).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens).reshape(b, h, w, c) + x
+        return linear_rows(self.proj_out, tokens, residual=(x.reshape(b, h * w, c), None)).reshape(b, h, w, c)
 
 
 class ResnetBlock2D(nn.Module):
@@ -496,7 +540,7 @@ class ResnetBlock2D(nn.Module):
         t = self.time_emb_proj(self.act(temb)) if temb is not None else None  # (B, C_out or 2 C_out)
         h = convolve(self.conv1, self._norm_act(self.norm1, x), None if self.scale_shift else t)
         if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
+            x = linear_rows(self.conv_shortcut, x)
         if t is not None and self.scale_shift:
             scale, shift = mx.split(t[:, None, None, :], 2, axis=-1)
             h = self.act(self.norm2(h) * (1 + scale) + shift)

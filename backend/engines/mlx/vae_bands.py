@@ -283,7 +283,7 @@ def _input_band(source: RowSource, r0: int, r1: int, height: int, batch: int, wi
     the image's top and bottom (and a zero column on each side if `pad_columns`), written by the source."""
     first, end = max(r0 - 1, 0), min(r1 + 1, height)
     top, side = int(r0 == 0), int(pad_columns)
-    band = np.empty((batch, r1 - r0 + 2, width + 2 * side, c_in), np.float32)
+    band = cpu_pool.empty((batch, r1 - r0 + 2, width + 2 * side, c_in))
     if side:
         band[:, :, 0] = band[:, :, -1] = 0
     if top:
@@ -308,7 +308,7 @@ def _fused_shifted_band(source, taps, bias: list, residual, r0: int, r1: int, he
     residual and the nine products accumulate onto it: one copy back to MLX instead of MLX passes for the pad,
     the bias, the residual and each copy."""
     padded = _input_band(source, r0, r1, height, batch, width, c_in, pad_columns=True)
-    out = np.empty((batch, r1 - r0, width + 2, taps.shape[2]), np.float32)
+    out = cpu_pool.empty((batch, r1 - r0, width + 2, taps.shape[2]))
     start = out[:, :, :width]
     b, res, _keep = _numpy_terms(bias, residual, r0, r1)
     terms = [t for t in (b, res) if t is not None]
@@ -335,7 +335,7 @@ def _fused_winograd_band(source, u: np.ndarray, bias: list, residual, r0: int, r
     with their halo, unpadded columns; the bias and residual added as the tiles are put in place)."""
     band = _input_band(source, r0, r1, height, batch, width, c_in, pad_columns=False)
     b, res, _keep = _numpy_terms(bias, residual, r0, r1)
-    out = np.empty((batch, r1 - r0, width, u.shape[0]), np.float32)
+    out = cpu_pool.empty((batch, r1 - r0, width, u.shape[0]))
     cpu_winograd.conv3x3(band, u, out, b, res, halo=True)
     if scale != 1.0:
         out /= np.float32(scale)
