@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from backend import allocator, blas
-from backend.engines.mlx import clip, cpu_attention, cpu_kernels, cpu_pool, cpu_rowwise, cpu_winograd, layers
+from backend.engines.mlx import (clip, cpu_attention, cpu_kernels, cpu_native, cpu_pool, cpu_rowwise, cpu_winograd,
+                                 layers)
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels need MLX's CPU compiler")
 
@@ -34,19 +35,33 @@ def _heads_view(shape, seed):
     return x
 
 
-@pytest.mark.parametrize("use_mkl,in_blocks", [(True, True), (False, True), (True, False)])
+def _kernels(monkeypatch, use_mkl: bool, native: bool) -> None:
+    """The attention's kernels as on a machine with or without oneMKL, and with or without cpu_native's exp."""
+    if native and cpu_native.exp_rows() is None:
+        pytest.skip("no C compiler here for cpu_native")
+    if not native:  # oneMKL's (or numpy's) exp and the column of ones
+        monkeypatch.setattr(cpu_native, "exp_rows", lambda: None)
+    if not use_mkl:  # numpy's matmul and exp, as without oneMKL
+        monkeypatch.setattr(blas, "sgemm", lambda: None)
+        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
+
+
+_ATTENTION_KERNELS = [(True, True, True), (True, False, True), (False, False, True), (False, True, True),
+                      (True, False, False)]  # use_mkl, native, in_blocks
+
+
+@pytest.mark.parametrize("use_mkl,native,in_blocks", _ATTENTION_KERNELS)
 @pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 70, 16), (2, 3, 70, 16)), ((1, 2, 50, 8), (1, 2, 77, 8)),
                                               ((1, 2, 40, 40), (1, 2, 60, 40))])
 # scores within SAFE_LOGIT (no shift), and beyond it (the shift: unshifted, exp would overflow); larger scores carry
 # larger fp32 rounding
 @pytest.mark.parametrize("scale,atol", [(0.3, 2e-6), (10.0, 5e-5)])
-def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, shape_q, shape_kv, scale, atol):
+def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, native, in_blocks, shape_q, shape_kv, scale,
+                                             atol):
     if in_blocks:  # on the workers, several blocks per head, the last one ragged; else all at once (small calls)
         monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
-    if not use_mkl:  # numpy's matmul and exp, as without oneMKL
-        monkeypatch.setattr(blas, "sgemm", lambda: None)
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
+    _kernels(monkeypatch, use_mkl, native)
     q, k, v = _heads_view(shape_q, 1), _heads_view(shape_kv, 2), _heads_view(shape_kv, 3)
     out = cpu_attention.attention(q, k, v, scale)
     assert out.shape == shape_q[:3] + (shape_kv[3],) and out.dtype == mx.float32
@@ -54,15 +69,13 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, in_blocks, sh
                                rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("use_mkl,in_blocks", [(True, True), (False, True), (True, False)])
-def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, in_blocks):
+@pytest.mark.parametrize("use_mkl,native,in_blocks", _ATTENTION_KERNELS)
+def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, native, in_blocks):
     """SD3's joint attention: image and context tokens as separate parts of q, k and v, as if concatenated."""
     if in_blocks:  # blocks that end at the parts' boundary and blocks within each part
         monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 2048)
-    if not use_mkl:
-        monkeypatch.setattr(blas, "sgemm", lambda: None)
-        monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
+    _kernels(monkeypatch, use_mkl, native)
     image = [_heads_view((2, 3, 45, 16), s) for s in (11, 12, 13)]
     context = [_heads_view((2, 3, 9, 16), s) for s in (14, 15, 16)]
     parts = [[image[i], context[i]] for i in range(3)]
@@ -77,11 +90,12 @@ def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, in_blocks):
     np.testing.assert_allclose(np.array(layers.attention(*parts, 0.3)), expected, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("in_blocks", [True, False])
-def test_causal_attention_and_half_precision_inputs(monkeypatch, in_blocks):
+@pytest.mark.parametrize("native,in_blocks", [(True, True), (False, True), (True, False)])
+def test_causal_attention_and_half_precision_inputs(monkeypatch, native, in_blocks):
     if in_blocks:
         monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
         monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 512)
+    _kernels(monkeypatch, True, native)
     q, k, v = (_heads_view((2, 4, 77, 16), s) for s in (4, 5, 6))
     causal = cpu_attention.attention(q, k, v, 0.25, causal=True)
     expected = _ref_attention(np.array(q), np.array(k), np.array(v), 0.25, causal=True)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from backend import blas
-from backend.engines.mlx import cpu_pool
+from backend.engines.mlx import cpu_native, cpu_pool
 
 #: Calls with at most this many scores in all run at once in the calling thread (CLIP's 2 x 12 x 77 x 77: 3.7 ->
 #: <1 ms a layer).
@@ -103,11 +103,13 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
     # Whole heads to each worker, in order: a head's buffers are gathered once, when its first block comes.
     shares = cpu_pool.split([(b, h, r) for b in range(batch) for h in range(heads) for r in range(0, n_q, rows)])
 
-    # The softmax denominators: from a column of ones added to the values, the value product's widths padded to a
-    # multiple of 16 (its kernels' tile: 40 -> 48 columns costs less than 41). Also for widths already a multiple
-    # of 16 (64 -> 80) this costs less than a separate row-sum product: SD3 at 1024 (2x24x4250x4250, d = 64) 0.98
-    # against 1.07 s, SDXL's 2x10x4096x4096 0.37 against 0.38 s; the VAE's 512-wide head the same either way.
-    width = -(-(d_v + 1) // 16) * 16
+    # The softmax denominators: each row's sum, taken by cpu_native's exp in the same pass where it is built. Else
+    # from a column of ones added to the values, the value product's widths padded to a multiple of 16 (its kernels'
+    # tile: 40 -> 48 columns costs less than 41). Also for widths already a multiple of 16 (64 -> 80) this costs less
+    # than a separate row-sum product: SD3 at 1024 (2x24x4250x4250, d = 64) 0.98 against 1.07 s, SDXL's
+    # 2x10x4096x4096 0.37 against 0.38 s; the VAE's 512-wide head the same either way.
+    exp_rows = cpu_native.exp_rows()
+    width = d_v if exp_rows else -(-(d_v + 1) // 16) * 16
 
     def rows_of(parts, b, h, into):
         """A head's rows of all parts: the part itself where there is one (any row stride), else gathered."""
@@ -123,14 +125,18 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
         scores = cpu_pool.empty((rows, n_kv))
         queries, keys = (cpu_pool.empty((n, d)) if len(parts) > 1 else None
                          for n, parts in ((n_q, qn), (n_kv, kn)))
-        values = cpu_pool.zeros((n_kv, width))
-        products = cpu_pool.empty((rows, width))
-        values[:, d_v] = 1.0
+        # Values with the column of ones, or (cpu_native's row sums) read in place where they come in one part.
+        values = None if exp_rows and len(vn) == 1 else cpu_pool.zeros((n_kv, width))
+        if not exp_rows:
+            values[:, d_v] = 1.0
+        products, sums = cpu_pool.empty((rows, width)), cpu_pool.empty(rows)
         head = None
         for b, h, r in share:
             if head != (b, h):
                 head_q, head_k = rows_of(qn, b, h, queries), rows_of(kn, b, h, keys)
-                rows_of(vn, b, h, values[:, :d_v])
+                head_v = rows_of(vn, b, h, None if values is None else values[:, :d_v])
+                if not exp_rows:
+                    head_v = values  # with its column of ones
                 key_norm = np.sqrt(np.einsum("ij,ij->i", head_k, head_k).max())
                 head = (b, h)
             n = min(rows, n_q - r)
@@ -140,9 +146,12 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
                 s += future[r:r + n]
             if abs(scale) * np.sqrt(np.einsum("ij,ij->i", q, q).max()) * key_norm > SAFE_LOGIT:
                 s -= s.max(axis=1, keepdims=True)
-            exp(s, s)
-            matmul(s, values, o)
-            np.divide(o[:, :d_v], o[:, d_v:d_v + 1], out=out[b, r:r + n, h])
+            if exp_rows:
+                exp_rows(s, sums[:n])
+            else:
+                exp(s, s)
+            matmul(s, head_v, o)
+            np.divide(o[:, :d_v], sums[:n, None] if exp_rows else o[:, d_v:d_v + 1], out=out[b, r:r + n, h])
 
     matmul = blas.product()
     exp = blas.vector_math("Exp") or _numpy_exp
