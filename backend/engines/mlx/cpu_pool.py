@@ -85,7 +85,7 @@ def block_rows(row_elements: int, block_elements: int = 1 << 18) -> int:
 
 
 #: Where the kernels' buffers start: a cache line. oneMKL's products run slower into an output that starts elsewhere,
-#: as numpy's large arrays do (16 bytes past one here): on the AMD EPYC (Zen 3) of the README's "A real AVX2 CPU",
+#: as numpy's large arrays do (48 bytes past one here): on the AMD EPYC (Zen 3) of the README's "A real AVX2 CPU",
 #: 2 threads, 2048x6144 . 6144x1536 ran at 132-171 GFLOP/s into an aligned output and at 112-124 into one 8 bytes
 #: off; one worker's attention block (512 queries x 4096 keys, 64-wide heads) 12.8 ms against 16.2 ms.
 ALIGNMENT = 64
