@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from backend import blas
+
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
@@ -72,13 +74,9 @@ def _flags() -> list:
 
 
 def _cpu_identity() -> str:
-    """What -march=native compiles for: the CPU's model and flags where Linux says them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        lines = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-        return "\n".join(dict.fromkeys(lines))
-    except OSError:
-        return platform.processor() or platform.machine()
+    """What -march=native compiles for: the CPU's model and flags where Linux says them (blas reads /proc/cpuinfo)."""
+    known = [blas._cpuinfo(field) for field in ("model name", "flags", "Features")]
+    return "\n".join(known) if any(known) else platform.processor() or platform.machine()
 
 
 def _build() -> Optional[Path]:
