@@ -125,6 +125,8 @@ def test_layers_attention_takes_the_cpu_kernel_only_at_inference(monkeypatch):
     assert set(layers.AttentionStats.calls) == {"cpu_blocks"}
     assert layers.AttentionStats.largest_scores == 4 * 2 * 64 * 64  # a small call holds all its scores at once
     assert cpu_attention.held_scores(16, 4096, 4096) == cpu_pool.workers() * 512 * 4096  # else a block per worker
+    # rows on whole 64-byte lines: SD3's 1178 keys at 512 px take 1184 floats a row
+    assert cpu_attention.held_scores(48, 1178, 1178) == cpu_pool.workers() * 1178 * 1184
     np.testing.assert_allclose(np.array(inference), np.array(training), rtol=0, atol=1e-6)
 
 
