@@ -250,6 +250,35 @@ def test_kernel_buffers_start_on_a_cache_line():
     assert cpu_pool.empty(5).shape == (5,)
 
 
+def test_claimed_shares_give_every_group_to_one_worker_in_order():
+    """cpu_pool.claimed: the workers, one of them slowed, together take every group's items exactly once, each
+    group whole and in order on one worker, and the slowed worker claims fewer groups."""
+    import threading
+    import time
+    groups = [[(g, i) for i in range(3)] for g in range(12)]
+    taken, lock = [], threading.Lock()
+
+    def work(share):
+        with lock:
+            slow = not taken  # the first share to start sleeps on every item
+            mine = []
+            taken.append(mine)
+        for item in share:
+            mine.append(item)
+            if slow:
+                time.sleep(0.01)
+
+    shares = cpu_pool.claimed(groups)
+    assert len(shares) == min(12, cpu_pool.workers())
+    cpu_pool.run(work, shares)
+    assert sorted(item for mine in taken for item in mine) == sorted(item for group in groups for item in group)
+    for mine in taken:
+        assert all(mine[i:i + 3] == groups[mine[i][0]] for i in range(0, len(mine), 3))
+    if len(shares) > 1:
+        assert len(taken[0]) < max(len(mine) for mine in taken)
+    assert [list(share) for share in cpu_pool.claimed([])] == [[]]
+
+
 def test_winograd_convolution_follows_its_weight(monkeypatch):
     conv = layers.Conv2d(8, 12, 3, padding=1)
     small = mx.random.normal((1, 32, 32, 8))

@@ -9,6 +9,7 @@ evaluated MLX arrays (`as_numpy`) and write numpy arrays that the caller turns b
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,11 +68,20 @@ def deal(items: list) -> list:
     return [items[i::n] for i in range(n)]
 
 
-def split(items: list) -> list:
-    """`items` cut into one contiguous run per worker (fewer when there are fewer items), as equal as can be: for
-    work whose items come in repeating groups (a head's blocks) that `deal` would hand out unevenly."""
-    n = max(1, min(len(items), workers()))
-    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+def claimed(groups: list) -> list:
+    """One share per worker (fewer when there are fewer groups), each an iterator over the items of the groups its
+    worker claims: the next unclaimed group whenever it is free, so a worker slowed by something else on its core
+    takes fewer groups instead of holding the call up. A group's items (a head's blocks) stay with one worker, in
+    order. SD3's joint attention (2x24 heads), one process, alternating, against a fixed half of the heads each:
+    1178 keys 159 -> 147 ms a call (medians of 11), 4250 keys 2140 -> 2071 ms (medians of 5)."""
+    counter = itertools.count()  # its next() is atomic under the GIL: each group goes to exactly one worker
+
+    def share():
+        for index in counter:
+            if index >= len(groups):
+                return
+            yield from groups[index]
+    return [share() for _ in range(max(1, min(len(groups), workers())))]
 
 
 def row_shares(rows: int, block: int) -> list:
