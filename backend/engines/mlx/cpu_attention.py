@@ -3,11 +3,11 @@
 MLX's CPU backend runs each elementwise op and reduction on one thread, scalar for its reductions: the
 softmax of an SD 1.5 self-attention at 512x512 (2 x 8 heads x 4096 x 4096 scores) costs it ~1.3 s of the
 call's 1.6 s even with cpu_kernels' exp. Here the work is cut into blocks of query rows (one head, a few MB
-of scores each, so they stay in cache), and one worker thread per core takes its share of the blocks:
-scores by a matrix product, the exp in place (after subtracting each row's maximum only where the scores could
-leave exp's range: SAFE_LOGIT) with each row's sum (cpu_native's compiled loop; without it oneMKL's or numpy's exp,
-and an extra column of ones in the values gives the sums), and the value product (cpu_pool's workers, one per core;
-the products by oneMKL where it is the loaded BLAS, else numpy's).
+of scores each, their rows on whole cache lines), and one worker thread per core claims whole heads as it
+comes free and takes their blocks through: scores by a matrix product, the exp in place (after subtracting
+each row's maximum only where the scores could leave exp's range: SAFE_LOGIT) with each row's sum
+(cpu_native's compiled loop; without it oneMKL's or numpy's exp, and an extra column of ones in the values
+gives the sums), and the value product (the products by oneMKL where it is the loaded BLAS, else numpy's).
 On a 2-core Xeon (AVX-512), oneMKL: 0.19-0.20 s for the call above, torch's 0.23 s (tools/bench_attention.py).
 
 Only for inference (`cpu_kernels.eager_chunks` active): it evaluates its inputs and returns a new array, so
