@@ -279,6 +279,23 @@ def test_claimed_shares_give_every_group_to_one_worker_in_order():
     assert [list(share) for share in cpu_pool.claimed([])] == [[]]
 
 
+def test_one_head_in_blocks_is_shared_by_every_worker(monkeypatch):
+    """A call with fewer heads than workers (the VAE's one 512-wide head) hands its blocks out one by one, so every
+    worker takes part, and gives the same result."""
+    monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
+    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
+    monkeypatch.setattr(cpu_pool, "workers", lambda: 2)
+    counts = []
+    real_run = cpu_pool.run
+    monkeypatch.setattr(cpu_pool, "run", lambda work, shares, elements=None: (counts.append(len(shares)),
+                                                                                real_run(work, shares, elements)))
+    q, k, v = _heads_view((1, 1, 70, 16), 1), _heads_view((1, 1, 70, 16), 2), _heads_view((1, 1, 70, 16), 3)
+    out = cpu_attention.attention(q, k, v, 0.3)
+    assert counts == [2]
+    np.testing.assert_allclose(np.array(out), _ref_attention(np.array(q), np.array(k), np.array(v), 0.3),
+                               rtol=0, atol=2e-6)
+
+
 def test_winograd_convolution_follows_its_weight(monkeypatch):
     conv = layers.Conv2d(8, 12, 3, padding=1)
     small = mx.random.normal((1, 32, 32, 8))
