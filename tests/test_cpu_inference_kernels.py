@@ -250,11 +250,13 @@ def test_kernel_buffers_start_on_a_cache_line():
     assert cpu_pool.empty(5).shape == (5,)
 
 
-def test_claimed_shares_give_every_group_to_one_worker_in_order():
+def test_claimed_shares_give_every_group_to_one_worker_in_order(monkeypatch):
     """cpu_pool.claimed: the workers, one of them slowed, together take every group's items exactly once, each
     group whole and in order on one worker, and the slowed worker claims fewer groups."""
     import threading
     import time
+    cores = cpu_pool.workers()
+    monkeypatch.setattr(cpu_pool, "workers", lambda: 2)  # fewer workers than groups, whatever the machine
     groups = [[(g, i) for i in range(3)] for g in range(12)]
     taken, lock = [], threading.Lock()
 
@@ -269,14 +271,19 @@ def test_claimed_shares_give_every_group_to_one_worker_in_order():
                 time.sleep(0.01)
 
     shares = cpu_pool.claimed(groups)
-    assert len(shares) == min(12, cpu_pool.workers())
+    assert len(shares) == 2
     cpu_pool.run(work, shares)
     assert sorted(item for mine in taken for item in mine) == sorted(item for group in groups for item in group)
     for mine in taken:
         assert all(mine[i:i + 3] == groups[mine[i][0]] for i in range(0, len(mine), 3))
-    if len(shares) > 1:
+    if cores > 1:  # two shares side by side (one core runs them one after the other)
         assert len(taken[0]) < max(len(mine) for mine in taken)
     assert [list(share) for share in cpu_pool.claimed([])] == [[]]
+    # fewer groups than workers: their items are claimed one by one, so every worker has work
+    one_group = [(0, i) for i in range(5)]
+    shares = cpu_pool.claimed([one_group])
+    assert len(shares) == 2
+    assert sorted(item for share in shares for item in share) == one_group
 
 
 def test_one_head_in_blocks_is_shared_by_every_worker(monkeypatch):

@@ -109,11 +109,7 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
     n_q, n_kv, d, d_v = out.shape[1], sum(p.shape[2] for p in kn), qn[0].shape[3], out.shape[3]
     rows = min(n_q, block_rows(n_kv))
     # Whole heads to each worker as it comes free: a head's buffers are gathered once, when its first block comes.
-    # With fewer heads than workers (the VAE's one head), blocks one by one instead, so that every worker has work.
-    groups = [[(b, h, r) for r in range(0, n_q, rows)] for b in range(batch) for h in range(heads)]
-    if len(groups) < cpu_pool.workers():
-        groups = [[block] for head in groups for block in head]
-    shares = cpu_pool.claimed(groups)
+    shares = cpu_pool.claimed([[(b, h, r) for r in range(0, n_q, rows)] for b in range(batch) for h in range(heads)])
 
     # The softmax denominators: each row's sum, taken by cpu_native's exp in the same pass where it is built. Else
     # from a column of ones added to the values, the value product's widths padded to a multiple of 16 (its kernels'
