@@ -287,6 +287,7 @@ def describe() -> str:
 
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
 _sgemm = None
+_sgemm_address = None
 
 
 def sgemm():
@@ -296,13 +297,14 @@ def sgemm():
     BLAS (callers use numpy's matmul then). In worker threads that each run on one core (`one_thread_here`) it
     is ~1.5x numpy's bundled OpenBLAS on attention's products (2 threads, 512x4096x40 and 512x4096x41: 270 vs
     183 GFLOP/s on this Xeon); called from another thread it uses oneMKL's threads."""
-    global _sgemm
+    global _sgemm, _sgemm_address
     if _sgemm is not None or not loaded or "mkl" not in loaded:
         return _sgemm or None
     try:
         function = ctypes.CDLL(loaded).cblas_sgemm
     except (OSError, AttributeError):
         return None
+    _sgemm_address = ctypes.cast(function, ctypes.c_void_p).value
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     function.argtypes = [integer] * 6 + [ctypes.c_float, pointer, integer, pointer, integer, ctypes.c_float,
                                          pointer, integer]
@@ -324,6 +326,12 @@ def sgemm():
 
     _sgemm = product
     return _sgemm
+
+
+def sgemm_address() -> int | None:
+    """Where oneMKL's `cblas_sgemm` lies in memory, for compiled code that calls it (cpu_native's attention);
+    None where `sgemm()` is None."""
+    return _sgemm_address if sgemm() else None
 
 
 def _numpy_product(a, b, out, alpha: float = 1.0, b_transposed: bool = False, accumulate: bool = False) -> None:

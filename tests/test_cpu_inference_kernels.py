@@ -35,10 +35,15 @@ def _heads_view(shape, seed):
     return x
 
 
-def _kernels(monkeypatch, use_mkl: bool, native: bool) -> None:
-    """The attention's kernels as on a machine with or without oneMKL, and with or without cpu_native's exp."""
+def _kernels(monkeypatch, use_mkl: bool, native) -> None:
+    """The attention's kernels as on a machine with or without oneMKL, and with cpu_native's whole-head driver
+    ("driver": oneMKL's products called from C), its exp alone ("exp") or neither (False)."""
     if native and cpu_native.exp_rows() is None:
         pytest.skip("no C compiler here for cpu_native")
+    if native == "driver" and (not use_mkl or cpu_native.attention_rows() is None):
+        pytest.skip("cpu_native's attention driver needs oneMKL")
+    if native != "driver":  # blocks run from Python
+        monkeypatch.setattr(cpu_native, "attention_rows", lambda: None)
     if not native:  # oneMKL's (or numpy's) exp and the column of ones
         monkeypatch.setattr(cpu_native, "exp_rows", lambda: None)
     if not use_mkl:  # numpy's matmul and exp, as without oneMKL
@@ -46,8 +51,17 @@ def _kernels(monkeypatch, use_mkl: bool, native: bool) -> None:
         monkeypatch.setattr(blas, "vector_math", lambda name, inputs=1, scalars=0: None)
 
 
-_ATTENTION_KERNELS = [(True, True, True), (True, False, True), (False, False, True), (False, True, True),
-                      (True, False, False)]  # use_mkl, native, in_blocks
+def _small_blocks(monkeypatch, block_scores: int) -> None:
+    """Several blocks per head, the last one ragged, on every path: BLOCK_SCORES for the blocks run from Python, and
+    the driver's items of two 8-row query blocks each against chunks of 24 keys (70 = 24 + 24 + 22)."""
+    monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
+    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", block_scores)
+    monkeypatch.setattr(cpu_attention, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(cpu_attention, "KEY_CHUNK", 24)
+
+
+_ATTENTION_KERNELS = [(True, "driver", True), (True, "exp", True), (True, False, True), (False, False, True),
+                      (False, "exp", True), (True, False, False)]  # use_mkl, native, in_blocks
 
 
 @pytest.mark.parametrize("use_mkl,native,in_blocks", _ATTENTION_KERNELS)
@@ -59,8 +73,7 @@ _ATTENTION_KERNELS = [(True, True, True), (True, False, True), (False, False, Tr
 def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, native, in_blocks, shape_q, shape_kv, scale,
                                              atol):
     if in_blocks:  # on the workers, several blocks per head, the last one ragged; else all at once (small calls)
-        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
-        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
+        _small_blocks(monkeypatch, 1024)
     _kernels(monkeypatch, use_mkl, native)
     q, k, v = _heads_view(shape_q, 1), _heads_view(shape_kv, 2), _heads_view(shape_kv, 3)
     out = cpu_attention.attention(q, k, v, scale)
@@ -73,8 +86,7 @@ def test_attention_matches_a_float64_softmax(monkeypatch, use_mkl, native, in_bl
 def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, native, in_blocks):
     """SD3's joint attention: image and context tokens as separate parts of q, k and v, as if concatenated."""
     if in_blocks:  # blocks that end at the parts' boundary and blocks within each part
-        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
-        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 2048)
+        _small_blocks(monkeypatch, 2048)
     _kernels(monkeypatch, use_mkl, native)
     image = [_heads_view((2, 3, 45, 16), s) for s in (11, 12, 13)]
     context = [_heads_view((2, 3, 9, 16), s) for s in (14, 15, 16)]
@@ -90,11 +102,11 @@ def test_attention_reads_token_parts_in_place(monkeypatch, use_mkl, native, in_b
     np.testing.assert_allclose(np.array(layers.attention(*parts, 0.3)), expected, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("native,in_blocks", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("native,in_blocks", [("driver", True), (False, True), ("driver", False)])
 def test_causal_attention_and_half_precision_inputs(monkeypatch, native, in_blocks):
+    """Causal calls keep the blocks run from Python (the driver takes no mask); half precision goes either way."""
     if in_blocks:
-        monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
-        monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 512)
+        _small_blocks(monkeypatch, 512)
     _kernels(monkeypatch, True, native)
     q, k, v = (_heads_view((2, 4, 77, 16), s) for s in (4, 5, 6))
     causal = cpu_attention.attention(q, k, v, 0.25, causal=True)
@@ -124,7 +136,10 @@ def test_layers_attention_takes_the_cpu_kernel_only_at_inference(monkeypatch):
         inference = layers.attention(q, k, v, 0.35)
     assert set(layers.AttentionStats.calls) == {"cpu_blocks"}
     assert layers.AttentionStats.largest_scores == 4 * 2 * 64 * 64  # a small call holds all its scores at once
-    assert cpu_attention.held_scores(16, 4096, 4096) == cpu_pool.workers() * 512 * 4096  # else a block per worker
+    if cpu_native.attention_rows() is not None:  # else a block per worker: the driver's 256 x 512 scores
+        assert cpu_attention.held_scores(16, 4096, 4096) == cpu_pool.workers() * 256 * 512
+    monkeypatch.setattr(cpu_native, "attention_rows", lambda: None)  # blocks run from Python: 512 rows of 4096
+    assert cpu_attention.held_scores(16, 4096, 4096) == cpu_pool.workers() * 512 * 4096
     # rows on whole 64-byte lines: SD3's 1178 keys at 512 px take 1184 floats a row
     assert cpu_attention.held_scores(48, 1178, 1178) == cpu_pool.workers() * 1178 * 1184
     np.testing.assert_allclose(np.array(inference), np.array(training), rtol=0, atol=1e-6)
@@ -289,8 +304,7 @@ def test_claimed_shares_give_every_group_to_one_worker_in_order(monkeypatch):
 def test_one_head_in_blocks_is_shared_by_every_worker(monkeypatch):
     """A call with fewer heads than workers (the VAE's one 512-wide head) hands its blocks out one by one, so every
     worker takes part, and gives the same result."""
-    monkeypatch.setattr(cpu_attention, "SMALL_SCORES", 0)
-    monkeypatch.setattr(cpu_attention, "BLOCK_SCORES", 1024)
+    _small_blocks(monkeypatch, 1024)
     monkeypatch.setattr(cpu_pool, "workers", lambda: 2)
     counts = []
     real_run = cpu_pool.run

@@ -1,4 +1,5 @@
-"""cpu_native: the attention's exp with row sums, compiled at first use with the system's C compiler and cached."""
+"""cpu_native: the attention's exp with row sums and its whole-head driver (oneMKL's products called from C), compiled
+at first use with the system's C compiler and cached."""
 from __future__ import annotations
 
 import shutil
@@ -6,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from backend import blas
 from backend.engines.mlx import cpu_native
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
@@ -16,7 +18,8 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc
 def fresh(monkeypatch, tmp_path):
     """A new build into a home of its own (the module keeps the loaded function per process)."""
     monkeypatch.setenv("SILICON_DIFFUSION_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_native, "_function", None)
+    monkeypatch.setattr(cpu_native, "_library", None)
+    monkeypatch.setattr(cpu_native, "_driver", None)
     return tmp_path
 
 
@@ -38,7 +41,7 @@ def test_exp_rows_matches_float64_on_strided_rows_and_is_cached(fresh):
     np.testing.assert_allclose(sums, expected.sum(axis=1), rtol=5e-6)
     np.testing.assert_array_equal(wide[:, :10], untouched)
     stamp = built[0].stat().st_mtime_ns
-    cpu_native._function = None  # as a new process would: the cached library is loaded, not compiled again
+    cpu_native._library = None  # as a new process would: the cached library is loaded, not compiled again
     assert cpu_native.exp_rows() is not None and built[0].stat().st_mtime_ns == stamp
 
 
@@ -58,6 +61,60 @@ def test_without_a_working_compiler_or_when_turned_off_there_is_no_native_exp(fr
     assert cpu_native.exp_rows() is None
     assert not (fresh / "native").exists() or not list((fresh / "native").glob("*.so"))
     monkeypatch.delenv("CC")
-    monkeypatch.setattr(cpu_native, "_function", None)
+    monkeypatch.setattr(cpu_native, "_library", None)
     monkeypatch.setenv("SILICON_DIFFUSION_NATIVE", "0")
-    assert cpu_native.exp_rows() is None
+    assert cpu_native.exp_rows() is None and cpu_native.attention_rows() is None
+
+
+def _softmax_attention64(q, k, v, scale):
+    s = q.astype(np.float64) @ k.T.astype(np.float64) * scale
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ v.astype(np.float64)
+
+
+needs_driver = pytest.mark.skipif(not blas.sgemm_address(), reason="cpu_native's attention driver calls oneMKL")
+
+
+@needs_compiler
+@needs_driver
+@pytest.mark.parametrize("shift,scale,atol", [(False, 0.3, 2e-6), (True, 0.3, 2e-6), (True, 12.0, 5e-5)])
+def test_attention_rows_matches_float64_over_ragged_blocks_on_strided_rows(fresh, shift, scale, atol):
+    """Blocks of 8 query rows against chunks of 24 keys: 45 = 5 x 8 + 5 rows, 77 = 3 x 24 + 5 keys; q, k, v and out
+    are column ranges of wider buffers (rows apart), the values wider than the queries. At scale 12 scores reach
+    ~100, beyond exp's fp32 range: only the running maximum (shift) keeps them, rescaling rows as their maximum grows
+    from one chunk to the next."""
+    attention_rows = cpu_native.attention_rows()
+    assert attention_rows is not None
+    rng = np.random.default_rng(1)
+    wide = rng.standard_normal((3, 77, 70)).astype(np.float32)
+    q, k, v = wide[0, :45, 3:19], wide[1, :, 20:36], wide[2, :, 7:47]
+    if shift:  # later keys score higher: each chunk raises the rows' maximum
+        k = k + np.linspace(0, 1, 77, dtype=np.float32)[:, None] * np.sign(q.sum(axis=0))[None, :]
+    canvas = np.full((45, 64), 7.0, np.float32)
+    out = canvas[:, 10:50]
+    work = np.empty(cpu_native.attention_work(8, 24, 40), np.float32)
+    attention_rows(q, k, v, out, scale, shift, 8, 24, work)
+    np.testing.assert_allclose(out, _softmax_attention64(q, k, v, scale), rtol=0, atol=atol)
+    assert (canvas[:, :10] == 7).all() and (canvas[:, 50:] == 7).all()  # nothing written beside out
+
+
+@needs_compiler
+@needs_driver
+def test_attention_rows_refuses_what_it_cannot_read(fresh):
+    attention_rows = cpu_native.attention_rows()
+    q, k, v, out = (np.zeros(shape, np.float32) for shape in ((4, 8), (6, 8), (6, 8), (4, 8)))
+    work = np.zeros(cpu_native.attention_work(4, 6, 8), np.float32)
+    with pytest.raises(ValueError, match="adjacent"):
+        attention_rows(np.zeros((8, 4), np.float32).T, k, v, out, 1.0, False, 4, 6, work)
+    with pytest.raises(ValueError, match="shapes"):
+        attention_rows(q, k[:5], v, out, 1.0, False, 4, 6, work)
+    with pytest.raises(ValueError, match="work space"):
+        attention_rows(q, k, v, out, 1.0, False, 4, 6, work[:-1])
+    with pytest.raises(ValueError, match="work space"):
+        attention_rows(q, k, v, out, 1.0, False, 0, 6, work)
+
+
+@needs_compiler
+def test_without_onemkl_there_is_no_attention_driver(fresh, monkeypatch):
+    monkeypatch.setattr(blas, "sgemm_address", lambda: None)
+    assert cpu_native.exp_rows() is not None and cpu_native.attention_rows() is None

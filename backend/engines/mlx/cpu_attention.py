@@ -9,6 +9,8 @@ each row's maximum only where the scores could leave exp's range: SAFE_LOGIT) wi
 (cpu_native's compiled loop; without it oneMKL's or numpy's exp, and an extra column of ones in the values
 gives the sums), and the value product (the products by oneMKL where it is the loaded BLAS, else numpy's).
 On a 2-core Xeon (AVX-512), oneMKL: 0.19-0.20 s for the call above, torch's 0.23 s (tools/bench_attention.py).
+Where oneMKL and cpu_native are both there, a worker hands each run of query rows to cpu_native's attention_rows
+instead, which takes them in QUERY_BLOCK x KEY_CHUNK blocks in C, without coming back to Python between them.
 
 Only for inference (`cpu_kernels.eager_chunks` active): it evaluates its inputs and returns a new array, so
 no gradient flows through it. layers.attention picks it; training and the GPU keep their own paths.
@@ -31,6 +33,9 @@ BLOCK_SCORES = 1 << 21
 #: quotients come out as precise as with the shift. Cauchy-Schwarz bounds the scores (scale |q| max|k|) before
 #: they are computed; SD's attentions are well within it, and a block that is not takes the shift.
 SAFE_LOGIT = 60.0
+#: cpu_native's attention_rows (oneMKL loaded): query rows and keys per block, whose 512 KiB of scores stay in a
+#: core's cache between the two products and the exp (torch's flash attention on the CPU takes the same).
+QUERY_BLOCK, KEY_CHUNK = 256, 512
 
 
 def _numpy_exp(x, out) -> None:
@@ -50,13 +55,22 @@ def block_rows(keys: int) -> int:
     return max(16, BLOCK_SCORES // padded(max(1, keys)))
 
 
+def _item_rows(n_q: int, n_kv: int, driver: bool) -> int:
+    """Query rows a worker claims at a time: a block of BLOCK_SCORES scores, for the driver whole QUERY_BLOCKs."""
+    rows = min(n_q, block_rows(n_kv))
+    return min(n_q, -(-rows // QUERY_BLOCK) * QUERY_BLOCK) if driver else rows
+
+
 def held_scores(batch_heads: int, n_q: int, n_kv: int) -> int:
     """The most scores (elements, fp32) a call holds at once: all of them for a small call, else one block per
-    worker (as cpu_kernels.attention_chunk_scores says for the training path)."""
+    busy worker (as cpu_kernels.attention_chunk_scores says for the training path); with cpu_native's
+    attention_rows one QUERY_BLOCK x KEY_CHUNK block."""
     if batch_heads * n_q * n_kv <= SMALL_SCORES:
         return batch_heads * n_q * n_kv
-    rows = min(n_q, block_rows(n_kv))
-    return min(batch_heads * -(-n_q // rows), cpu_pool.workers()) * rows * padded(n_kv)
+    driver = cpu_native.attention_rows() is not None
+    rows = _item_rows(n_q, n_kv, driver)
+    block = QUERY_BLOCK * padded(KEY_CHUNK) if driver else rows * padded(n_kv)
+    return min(batch_heads * -(-n_q // rows), cpu_pool.workers()) * block
 
 
 def token_parts(x) -> list:
@@ -103,11 +117,12 @@ def attention(q, k, v, scale: float, causal: bool = False, rows: bool = False):
 def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarray) -> None:
     """The attention of (B, H, N_i, d) numpy views (parts along the token axis) into out (B, N, H, d_v), blocks of
     query rows on the workers. A worker gathers a head's queries and keys that come in several parts into one buffer
-    each (its values always, with the column of ones): one product per block instead of one per part (SD3 at 512,
+    each (its values too, where they are read as one): one product per block instead of one per part (SD3 at 512,
     image and context parts: ~100 -> ~89 ms a call)."""
     batch, heads = qn[0].shape[:2]
     n_q, n_kv, d, d_v = out.shape[1], sum(p.shape[2] for p in kn), qn[0].shape[3], out.shape[3]
-    rows = min(n_q, block_rows(n_kv))
+    driver = cpu_native.attention_rows() if future is None else None
+    rows = _item_rows(n_q, n_kv, driver is not None)
     # Whole heads to each worker as it comes free: a head's buffers are gathered once, when its first block comes.
     shares = cpu_pool.claimed([[(b, h, r) for r in range(0, n_q, rows)] for b in range(batch) for h in range(heads)])
 
@@ -130,15 +145,17 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
         return into
 
     def run(share):
-        # Rows on whole lines where the exp takes strided rows (cpu_native's); oneMKL's vector exp wants them adjacent.
-        scores = cpu_pool.empty((rows, padded(n_kv) if exp_rows else n_kv))[:, :n_kv]
         queries, keys = (cpu_pool.empty((n, d)) if len(parts) > 1 else None
                          for n, parts in ((n_q, qn), (n_kv, kn)))
         # Values with the column of ones, or (cpu_native's row sums) read in place where they come in one part.
         values = None if exp_rows and len(vn) == 1 else cpu_pool.zeros((n_kv, width))
         if not exp_rows:
             values[:, d_v] = 1.0
-        products, sums = cpu_pool.empty((rows, width)), cpu_pool.empty(rows)
+        if driver:
+            work = cpu_pool.empty(cpu_native.attention_work(QUERY_BLOCK, KEY_CHUNK, d_v))
+        else:  # rows on whole lines where the exp takes strided rows (cpu_native's); oneMKL's wants them adjacent
+            scores = cpu_pool.empty((rows, padded(n_kv) if exp_rows else n_kv))[:, :n_kv]
+            products, sums = cpu_pool.empty((rows, width)), cpu_pool.empty(rows)
         head = None
         for b, h, r in share:
             if head != (b, h):
@@ -149,11 +166,16 @@ def _in_blocks(qn: list, kn: list, vn: list, scale: float, future, out: np.ndarr
                 key_norm = np.sqrt(np.einsum("ij,ij->i", head_k, head_k).max())
                 head = (b, h)
             n = min(rows, n_q - r)
-            s, o, q = scores[:n], products[:n], head_q[r:r + n]
+            q = head_q[r:r + n]
+            shift = abs(scale) * np.sqrt(np.einsum("ij,ij->i", q, q).max()) * key_norm > SAFE_LOGIT
+            if driver:
+                driver(q, head_k, head_v, out[b, r:r + n, h], scale, shift, QUERY_BLOCK, KEY_CHUNK, work)
+                continue
+            s, o = scores[:n], products[:n]
             matmul(q, head_k, s, scale, b_transposed=True)
             if future is not None:
                 s += future[r:r + n]
-            if abs(scale) * np.sqrt(np.einsum("ij,ij->i", q, q).max()) * key_norm > SAFE_LOGIT:
+            if shift:
                 s -= s.max(axis=1, keepdims=True)
             if exp_rows:
                 exp_rows(s, sums[:n])

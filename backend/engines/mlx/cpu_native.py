@@ -1,15 +1,18 @@
-"""The one loop of the CPU attention that neither numpy nor oneMKL runs fast everywhere, in C: the softmax's exp over a
-block of scores with each row's sum taken in the same pass (`exp_rows`). Compiled at first use with the system's C
-compiler, for this CPU (`-march=native`), into `<home>/native/`, keyed by the source, the compiler and the CPU;
-MLX's CPU kernels (cpu_kernels) need a compiler at run time as well.
+"""The CPU attention's loops that neither numpy nor oneMKL runs fast everywhere, in C, compiled at first use with the
+system's C compiler for this CPU (`-march=native`) into `<home>/native/`, keyed by the source, the compiler and the
+CPU (MLX's CPU kernels, cpu_kernels, need a compiler at run time as well):
+- `exp_rows`: the softmax's exp over a block of scores with each row's sum taken in the same pass. On the AMD EPYC
+  (Zen 3) of the README's "A real AVX2 CPU", oneMKL's vector exp takes its non-Intel path at 1.1-1.6 ns per element
+  on one thread and numpy's at 1.6-2.5 ns, against 0.2 ns for a multiply: a third of an attention block's time.
+  This loop, vectorized by the compiler (2^y = 2^n p(f) with cpu_kernels' polynomial), takes 0.4-0.6 ns, and with
+  the row sums the value product needs no column of ones.
+- `attention_rows`: one head's attention over a range of query rows, flash-style: blocks of query rows against
+  chunks of keys, the two products by oneMKL's cblas_sgemm (called through its address), the exp between them, so
+  a block's scores stay in the core's cache and no Python runs between blocks. With a running row maximum where
+  the caller cannot bound the scores.
 
-Why: on the AMD EPYC (Zen 3) of the README's "A real AVX2 CPU", oneMKL's vector exp takes its non-Intel path at
-1.1-1.6 ns per element on one thread and numpy's at 1.6-2.5 ns, against 0.2 ns for a multiply: a third of an
-attention block's time. This loop, vectorized by the compiler (2^y = 2^n p(f) with cpu_kernels' polynomial), takes
-0.4-0.6 ns, and with the row sums here the value product needs no column of ones.
-
-Where no compiler works (or SILICON_DIFFUSION_NATIVE=0), `exp_rows()` is None and cpu_attention keeps oneMKL's or
-numpy's exp with the column of ones.
+Where no compiler works (or SILICON_DIFFUSION_NATIVE=0) both are None, and cpu_attention keeps oneMKL's or numpy's
+exp with the column of ones; without oneMKL `attention_rows` is None and the blocks run from Python.
 """
 from __future__ import annotations
 
@@ -29,42 +32,99 @@ import numpy as np
 from backend import blas
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-/* Each of `rows` rows of `cols` fp32 scores (`stride` floats apart) becomes exp(score) in place, and sums[r] its sum.
-   exp(x) = 2^y, y = x log2(e) clamped to [-126, 127]: 2^y = 2^n p(f), n = round(y), f = y - n in [-0.5, 0.5]. */
-void exp_rows(float *scores, long rows, long cols, long stride, float *sums) {
+/* exp(score - shift) of a row in place, its sum returned. exp(x) = 2^y, y = x log2(e) clamped to [-126, 127]:
+   2^y = 2^n p(f), n = round(y), f = y - n in [-0.5, 0.5]. */
+static float exp_row(float *s, long cols, float shift) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding, then subtracting it rounds to an integer */
-    for (long r = 0; r < rows; r++) {
-        float *s = scores + r * stride;
-        float sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (long i = 0; i < cols; i++) {
-            float y = s[i] * 1.44269504088896341f;
-            y = y > 127.0f ? 127.0f : y;
-            y = y < -126.0f ? -126.0f : y;
-            float n = (y + magic) - magic;
-            float f = y - n;
-            float p = 0.0013264167355373502f;
-            p = p * f + 0.009671472944319248f;
-            p = p * f + 0.0555073544383049f;
-            p = p * f + 0.24022242426872253f;
-            p = p * f + 0.6931470036506653f;
-            p = p * f + 1.0f;
-            int32_t bits = ((int32_t) n + 127) << 23;
-            float scale;
-            memcpy(&scale, &bits, sizeof scale);
-            s[i] = p * scale;
-            sum += s[i];
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (long i = 0; i < cols; i++) {
+        float y = (s[i] - shift) * 1.44269504088896341f;
+        y = y > 127.0f ? 127.0f : y;
+        y = y < -126.0f ? -126.0f : y;
+        float n = (y + magic) - magic;
+        float f = y - n;
+        float p = 0.0013264167355373502f;
+        p = p * f + 0.009671472944319248f;
+        p = p * f + 0.0555073544383049f;
+        p = p * f + 0.24022242426872253f;
+        p = p * f + 0.6931470036506653f;
+        p = p * f + 1.0f;
+        int32_t bits = ((int32_t) n + 127) << 23;
+        float scale;
+        memcpy(&scale, &bits, sizeof scale);
+        s[i] = p * scale;
+        sum += s[i];
+    }
+    return sum;
+}
+
+/* Each of `rows` rows of `cols` fp32 scores (`stride` floats apart) becomes exp(score) in place, and sums[r] its sum. */
+void exp_rows(float *scores, long rows, long cols, long stride, float *sums) {
+    for (long r = 0; r < rows; r++)
+        sums[r] = exp_row(scores + r * stride, cols, 0.0f);
+}
+
+typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *,
+                        int);
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+/* out (n_q rows, ldo floats apart, d_v wide) = softmax(scale q k^T) v for one head's n_q queries and n_kv keys (rows
+   ldq, ldk, ldv floats apart), a block of block_q query rows against a chunk of `chunk` keys at a time, so that the
+   block's scores stay in the core's cache between the two products (cblas_sgemm, by pointer) and the exp. With
+   `shift`, each row's running maximum is subtracted (rescaling what the row holds when it grows); without it the
+   caller has bounded the scores within exp's range. work: block_q * (chunk rounded up to 16) + block_q * (d_v + 2)
+   floats. */
+void attention_rows(sgemm_t sgemm, const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
+                    float *out, long ldo, long n_q, long n_kv, long d, long d_v, float scale, int shift,
+                    long block_q, long chunk, float *work) {
+    long stride = (chunk + 15) / 16 * 16;
+    float *s = work, *acc = work + block_q * stride, *sums = acc + block_q * d_v, *maxima = sums + block_q;
+    for (long r = 0; r < n_q; r += block_q) {
+        long m = n_q - r < block_q ? n_q - r : block_q;
+        for (long i = 0; i < m; i++) {
+            sums[i] = 0.0f;
+            maxima[i] = -INFINITY;
         }
-        sums[r] = sum;
+        for (long c = 0; c < n_kv; c += chunk) {
+            long w = n_kv - c < chunk ? n_kv - c : chunk;
+            sgemm(ROW_MAJOR, NO_TRANS, TRANS, m, w, d, scale, q + r * ldq, ldq, k + c * ldk, ldk, 0.0f, s, stride);
+            for (long i = 0; i < m; i++) {
+                float *row = s + i * stride, by = 0.0f;
+                if (shift) {
+                    float top = maxima[i];
+                    for (long j = 0; j < w; j++)
+                        top = row[j] > top ? row[j] : top;
+                    if (top > maxima[i] && c > 0) {
+                        float factor = expf(maxima[i] - top);
+                        sums[i] *= factor;
+                        for (long j = 0; j < d_v; j++)
+                            acc[i * d_v + j] *= factor;
+                    }
+                    maxima[i] = top;
+                    by = top;
+                }
+                sums[i] += exp_row(row, w, by);
+            }
+            sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, d_v, w, 1.0f, s, stride, v + c * ldv, ldv, c > 0 ? 1.0f : 0.0f,
+                  acc, d_v);
+        }
+        for (long i = 0; i < m; i++) {
+            float inverse = 1.0f / sums[i];
+            for (long j = 0; j < d_v; j++)
+                out[(r + i) * ldo + j] = acc[i * d_v + j] * inverse;
+        }
     }
 }
 """
 
 _lock = threading.Lock()
-_function = None  # the loaded exp_rows, False once building failed
+_library = None  # the loaded functions by name, False once building failed
+_driver = None  # attention_rows bound to oneMKL's sgemm, False where it cannot run
 
 
 def _flags() -> list:
@@ -94,17 +154,29 @@ def _build() -> Optional[Path]:
     with tempfile.TemporaryDirectory(dir=folder) as work:
         source, built = Path(work) / "attention.c", Path(work) / library.name
         source.write_text(_SOURCE)
-        done = subprocess.run([compiler, *_flags(), str(source), "-o", str(built)], capture_output=True, timeout=120)
+        done = subprocess.run([compiler, *_flags(), str(source), "-o", str(built), "-lm"], capture_output=True,
+                              timeout=120)
         if done.returncode != 0 or not built.is_file():
             return None
         os.replace(built, library)  # complete or absent: a concurrent or interrupted build never leaves half a file
     return library
 
 
-def _load(library: Path):
-    raw = ctypes.CDLL(str(library)).exp_rows
-    raw.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-    raw.restype = None
+def _rows_apart(matrix: np.ndarray, name: str) -> int:
+    """The row stride (floats) of an fp32 matrix whose elements within a row are adjacent."""
+    if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.strides[1] != 4 or matrix.strides[0] % 4:
+        raise ValueError(f"{name} must be an fp32 matrix whose elements within a row are adjacent")
+    return max(matrix.shape[1], matrix.strides[0] // 4, 1)
+
+
+def _load(library: Path) -> Optional[dict]:
+    loaded = ctypes.CDLL(str(library))
+    raw_exp, raw_attention = loaded.exp_rows, loaded.attention_rows
+    pointer, integer = ctypes.c_void_p, ctypes.c_long
+    raw_exp.argtypes = [pointer, integer, integer, integer, pointer]
+    raw_attention.argtypes = [pointer] * 2 + [integer, pointer, integer, pointer, integer, pointer] + [integer] * 5 + [
+        ctypes.c_float, ctypes.c_int, integer, integer, pointer]
+    raw_exp.restype = raw_attention.restype = None
 
     def exp_rows(scores: np.ndarray, sums: np.ndarray) -> None:
         """scores (rows, cols) fp32, each row's elements adjacent: exp in place; sums (rows,) fp32 <- each row's sum."""
@@ -113,7 +185,7 @@ def _load(library: Path):
             raise ValueError("exp_rows takes fp32 scores whose elements within a row are adjacent")
         if sums.dtype != np.float32 or sums.shape != (rows,) or not sums.flags.c_contiguous:
             raise ValueError(f"exp_rows needs a contiguous fp32 sums array of {rows} rows")
-        raw(scores.ctypes.data, rows, cols, max(cols, scores.strides[0] // 4), sums.ctypes.data)
+        raw_exp(scores.ctypes.data, rows, cols, max(cols, scores.strides[0] // 4), sums.ctypes.data)
 
     # A wrong build (a compiler that mis-vectorizes, a stale file) must not reach the attention: check it first.
     probe = np.linspace(-80, 80, 2 * 37, dtype=np.float32).reshape(2, 37)
@@ -122,21 +194,75 @@ def _load(library: Path):
     exp_rows(probe, sums)
     if not (np.allclose(probe, expected, rtol=1e-5, atol=0) and np.allclose(sums, expected.sum(1), rtol=1e-5)):
         return None
-    return exp_rows
+    return {"exp_rows": exp_rows, "attention_rows": raw_attention}
+
+
+def _loaded() -> dict:
+    """The compiled functions by name (built or loaded at the first call), empty where they cannot be had."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                _library = False
+                if os.environ.get("SILICON_DIFFUSION_NATIVE", "1") != "0":
+                    try:
+                        library = _build()
+                        _library = (_load(library) if library else None) or False
+                    except (OSError, subprocess.SubprocessError, ValueError):
+                        _library = False
+    return _library or {}
 
 
 def exp_rows() -> Optional[Callable]:
     """f(scores, sums): exp of an fp32 (rows, cols) block in place and each row's sum into sums, by the compiled
     loop (it releases the GIL, so cpu_pool's workers run it side by side); None where it cannot be built here."""
-    global _function
-    if _function is None:
+    return _loaded().get("exp_rows")
+
+
+def attention_work(block_q: int, chunk: int, d_v: int) -> int:
+    """The floats of work space `attention_rows` needs for these blocks and value width."""
+    return block_q * (-(-chunk // 16) * 16) + block_q * (d_v + 2)
+
+
+def _bind(raw, sgemm: int) -> Callable:
+    def attention_rows(q, k, v, out, scale: float, shift: bool, block_q: int, chunk: int, work: np.ndarray) -> None:
+        """out (n_q, d_v) <- softmax(scale q k^T) v for one head's q (n_q, d), k (n_kv, d), v (n_kv, d_v): fp32
+        matrices, rows any number of floats apart, elements within a row adjacent. Blocks of block_q query rows
+        against chunks of `chunk` keys; with `shift`, each row's running maximum is subtracted, else the caller
+        has bounded every score within exp's range. work: a contiguous fp32 array of attention_work(...) floats."""
+        ld = [_rows_apart(m, name) for m, name in ((q, "q"), (k, "k"), (v, "v"), (out, "out"))]
+        (n_q, d), (n_kv, d_v) = q.shape, v.shape
+        if k.shape != (n_kv, d) or out.shape != (n_q, d_v):
+            raise ValueError(f"attention_rows shapes q {q.shape}, k {k.shape}, v {v.shape} -> out {out.shape}")
+        if (work.dtype != np.float32 or not work.flags.c_contiguous
+                or work.size < attention_work(block_q, chunk, d_v) or min(block_q, chunk) < 1):
+            raise ValueError(f"attention_rows needs {attention_work(block_q, chunk, d_v)} contiguous fp32 floats "
+                             "of work space and blocks of at least one row and key")
+        raw(sgemm, q.ctypes.data, ld[0], k.ctypes.data, ld[1], v.ctypes.data, ld[2], out.ctypes.data, ld[3], n_q,
+            n_kv, d, d_v, scale, int(bool(shift)), block_q, chunk, work.ctypes.data)
+
+    # Checked once against numpy on a ragged call in both modes before any model's attention runs through it.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((n, 24)).astype(np.float32) for n in (21, 37, 37))
+    s = (q.astype(np.float64) @ k.T.astype(np.float64)) * 0.5
+    p = np.exp(s - s.max(1, keepdims=True))
+    expected = (p / p.sum(1, keepdims=True)) @ v
+    work = np.empty(attention_work(8, 12, 24), np.float32)
+    for shift in (False, True):
+        out = np.full((21, 24), np.nan, np.float32)
+        attention_rows(q, k, v, out, 0.5, shift, 8, 12, work)
+        if not np.allclose(out, expected, rtol=0, atol=1e-4):
+            return None
+    return attention_rows
+
+
+def attention_rows() -> Optional[Callable]:
+    """f(q, k, v, out, scale, shift, block_q, chunk, work): one head's attention over a range of query rows in C,
+    the products by oneMKL's cblas_sgemm, the exp between them; None without a compiled library or without oneMKL
+    (cpu_attention then runs its blocks from Python)."""
+    global _driver
+    if _driver is None:
+        raw, sgemm = _loaded().get("attention_rows"), blas.sgemm_address()
         with _lock:
-            if _function is None:
-                _function = False
-                if os.environ.get("SILICON_DIFFUSION_NATIVE", "1") != "0":
-                    try:
-                        library = _build()
-                        _function = (_load(library) if library else None) or False
-                    except (OSError, subprocess.SubprocessError, ValueError):
-                        _function = False
-    return _function or None
+            _driver = (_bind(raw, sgemm) if raw and sgemm else None) or False
+    return _driver or None
