@@ -310,22 +310,25 @@ def sgemm():
                                          pointer, integer]
     function.restype = None
 
-    def leading(matrix) -> int:
-        if matrix.dtype != "float32" or matrix.ndim != 2 or matrix.strides[1] != 4 or matrix.strides[0] % 4:
-            raise ValueError("sgemm takes fp32 matrices whose elements within a row are adjacent")
-        return max(1, matrix.strides[0] // 4, matrix.shape[1])
-
     def product(a, b, out, alpha: float = 1.0, b_transposed: bool = False, accumulate: bool = False) -> None:
         m, k = a.shape
         n = b.shape[0] if b_transposed else b.shape[1]
         if out.shape != (m, n) or (b.shape[1] if b_transposed else b.shape[0]) != k:
             raise ValueError(f"sgemm shapes {a.shape} x {b.shape}{'^T' if b_transposed else ''} -> {out.shape}")
         function(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS if b_transposed else _CBLAS_NO_TRANS, m, n, k,
-                 alpha, a.ctypes.data, leading(a), b.ctypes.data, leading(b), 1.0 if accumulate else 0.0,
-                 out.ctypes.data, leading(out))
+                 alpha, a.ctypes.data, rows_apart(a, "a"), b.ctypes.data, rows_apart(b, "b"),
+                 1.0 if accumulate else 0.0, out.ctypes.data, rows_apart(out, "out"))
 
     _sgemm = product
     return _sgemm
+
+
+def rows_apart(matrix, name: str) -> int:
+    """The row stride (floats) that cblas_sgemm takes for an fp32 numpy matrix whose elements within a row are
+    adjacent (rows may be strided: views of MLX arrays); ValueError naming the matrix otherwise."""
+    if matrix.dtype != "float32" or matrix.ndim != 2 or matrix.strides[1] != 4 or matrix.strides[0] % 4:
+        raise ValueError(f"{name} must be an fp32 matrix whose elements within a row are adjacent")
+    return max(1, matrix.strides[0] // 4, matrix.shape[1])
 
 
 def sgemm_address() -> int | None:

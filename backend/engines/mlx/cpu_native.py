@@ -162,13 +162,6 @@ def _build() -> Optional[Path]:
     return library
 
 
-def _rows_apart(matrix: np.ndarray, name: str) -> int:
-    """The row stride (floats) of an fp32 matrix whose elements within a row are adjacent."""
-    if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.strides[1] != 4 or matrix.strides[0] % 4:
-        raise ValueError(f"{name} must be an fp32 matrix whose elements within a row are adjacent")
-    return max(matrix.shape[1], matrix.strides[0] // 4, 1)
-
-
 def _load(library: Path) -> Optional[dict]:
     loaded = ctypes.CDLL(str(library))
     raw_exp, raw_attention = loaded.exp_rows, loaded.attention_rows
@@ -230,7 +223,7 @@ def _bind(raw, sgemm: int) -> Callable:
         matrices, rows any number of floats apart, elements within a row adjacent. Blocks of block_q query rows
         against chunks of `chunk` keys; with `shift`, each row's running maximum is subtracted, else the caller
         has bounded every score within exp's range. work: a contiguous fp32 array of attention_work(...) floats."""
-        ld = [_rows_apart(m, name) for m, name in ((q, "q"), (k, "k"), (v, "v"), (out, "out"))]
+        ld = [blas.rows_apart(m, name) for m, name in ((q, "q"), (k, "k"), (v, "v"), (out, "out"))]
         (n_q, d), (n_kv, d_v) = q.shape, v.shape
         if k.shape != (n_kv, d) or out.shape != (n_q, d_v):
             raise ValueError(f"attention_rows shapes q {q.shape}, k {k.shape}, v {v.shape} -> out {out.shape}")
