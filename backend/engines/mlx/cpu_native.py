@@ -173,12 +173,11 @@ def _load(library: Path) -> Optional[dict]:
 
     def exp_rows(scores: np.ndarray, sums: np.ndarray) -> None:
         """scores (rows, cols) fp32, each row's elements adjacent: exp in place; sums (rows,) fp32 <- each row's sum."""
+        stride = blas.rows_apart(scores, "scores")
         rows, cols = scores.shape
-        if scores.dtype != np.float32 or scores.strides[1] != 4 or scores.strides[0] % 4:
-            raise ValueError("exp_rows takes fp32 scores whose elements within a row are adjacent")
         if sums.dtype != np.float32 or sums.shape != (rows,) or not sums.flags.c_contiguous:
             raise ValueError(f"exp_rows needs a contiguous fp32 sums array of {rows} rows")
-        raw_exp(scores.ctypes.data, rows, cols, max(cols, scores.strides[0] // 4), sums.ctypes.data)
+        raw_exp(scores.ctypes.data, rows, cols, stride, sums.ctypes.data)
 
     # A wrong build (a compiler that mis-vectorizes, a stale file) must not reach the attention: check it first.
     probe = np.linspace(-80, 80, 2 * 37, dtype=np.float32).reshape(2, 37)
