@@ -37,16 +37,16 @@ def _timed(fn, repeats: int):
     return _median_time(fn, repeats)
 
 
-def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
+def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int, device: str = "auto") -> dict:
     import backend  # noqa: F401  (OpenBLAS before MLX)
     import mlx.core as mx
-    from backend import allocator
+    from backend import allocator, bench_devices
     from backend.engines.mlx import cpu_kernels
     from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
     from backend.engines.mlx.quantize import quantize_module, uniform_recipe
     from backend.engines.mlx.weights import module_bytes
-    from backend.measure import ProcessPeak
     dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    meter = bench_devices.mlx_meter(device)
     model = SD3Transformer2DModel(SD3Config.from_dict(_config()))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
@@ -59,33 +59,35 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int
     context = mx.random.normal((batch, TOKENS, 4096)).astype(dtype)
     pooled = mx.random.normal((batch, 2048)).astype(dtype)
     t = mx.array([750.0] * batch)
-    peak = ProcessPeak()
-    peak.reset()
+    meter.reset_peak()
 
     def step():
         with cpu_kernels.eager_chunks():
             mx.eval(model(x, t, context, pooled))
-    sec, times = _timed(step, repeats)
-    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes(), "weight_bytes": module_bytes(model)}
+    sec, times = _timed(meter.timed(step), repeats)
+    return {"seconds": sec, "times": times, "peak_bytes": meter.peak_bytes(), "weight_bytes": module_bytes(model),
+            **meter.describe()}
 
 
-def diffusers_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
+def diffusers_worker(size: int, precision: str, quantization, repeats: int, batch: int, device: str = "auto") -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
-    from backend.measure import ProcessPeak
+    from backend import bench_devices
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    meter = bench_devices.torch_meter(device)
+    on = dict(device=meter.device, dtype=dtype)
     torch.set_grad_enabled(False)
-    model = SD3Transformer2DModel.from_config(_config()).to(dtype).eval()
+    with torch.device(meter.device):  # random init where it runs
+        model = SD3Transformer2DModel.from_config(_config()).to(**on).eval()
     latent = size // 8
-    x = torch.randn(batch, 16, latent, latent, dtype=dtype)
-    context = torch.randn(batch, TOKENS, 4096, dtype=dtype)
-    pooled = torch.randn(batch, 2048, dtype=dtype)
-    t = torch.tensor([750.0] * batch)
-    peak = ProcessPeak()
-    peak.reset()
-    sec, times = _timed(lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=context,
-                                      pooled_projections=pooled), repeats)
-    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
+    x = torch.randn(batch, 16, latent, latent, **on)
+    context = torch.randn(batch, TOKENS, 4096, **on)
+    pooled = torch.randn(batch, 2048, **on)
+    t = torch.tensor([750.0] * batch, device=meter.device)
+    meter.reset_peak()
+    sec, times = _timed(meter.timed(lambda: model(hidden_states=x, timestep=t, encoder_hidden_states=context,
+                                                  pooled_projections=pooled)), repeats)
+    return {"seconds": sec, "times": times, "peak_bytes": meter.peak_bytes(), **meter.describe()}
 
 
 def _diffusionkit_modules():
@@ -128,11 +130,12 @@ def _diffusionkit_modules():
     return loaded["config"], loaded["mmdit"]
 
 
-def diffusionkit_worker(size: int, precision: str, quantization, repeats: int, batch: int) -> dict:
+def diffusionkit_worker(size: int, precision: str, quantization, repeats: int, batch: int,
+                        device: str = "auto") -> dict:
     import backend  # noqa: F401  (the same BLAS for both MLX engines)
     import mlx.core as mx
-    from backend import allocator
-    from backend.measure import ProcessPeak
+    from backend import allocator, bench_devices
+    meter = bench_devices.mlx_meter(device)
     config, mmdit = _diffusionkit_modules()
     dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
     cfg = config.MMDiTConfig(depth_multimodal=24, num_heads=24, dtype=dtype, float16_dtype=dtype)
@@ -146,30 +149,23 @@ def diffusionkit_worker(size: int, precision: str, quantization, repeats: int, b
     model.cache_modulation_params(mx.random.normal((batch, 2048)).astype(dtype), t)  # done once per generation
     mx.clear_cache()
     allocator.release()
-    peak = ProcessPeak()
-    peak.reset()
-    sec, times = _timed(lambda: mx.eval(model(x, context, t)), repeats)
-    return {"seconds": sec, "times": times, "peak_rss": peak.peak_bytes()}
+    meter.reset_peak()
+    sec, times = _timed(meter.timed(lambda: mx.eval(model(x, context, t))), repeats)
+    return {"seconds": sec, "times": times, "peak_bytes": meter.peak_bytes(), **meter.describe()}
 
 
 WORKERS = {"mlx": mlx_worker, "diffusers": diffusers_worker, "diffusionkit": diffusionkit_worker}
 
 
-def spawn(engine: str, size: int, precision: str, quantization, repeats: int, threads=None, batch: int = 2) -> dict:
-    import subprocess
-    cmd = [sys.executable, "-m", "backend.bench_sd3", engine, str(size), precision, quantization or "none",
-           str(repeats), str(batch)]
-    env = dict(os.environ)
-    if threads:
-        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def spawn(engine: str, size: int, precision: str, quantization, repeats: int, threads=None, batch: int = 2,
+          device: str = "auto") -> dict:
+    from backend.bench import run_worker
+    return run_worker("backend.bench_sd3", [engine, size, precision, quantization or "none", repeats, batch, device],
+                      threads)
 
 
 def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, threads=None, batch: int = 2,
-         rounds: int = 1):
+         rounds: int = 1, device: str = "auto"):
     """Yield one result row per size x precision x quantization, every engine measured side by side (taking
     turns over `rounds` spawns each: bench.alternated)."""
     from backend.bench import alternated
@@ -179,32 +175,29 @@ def rows(sizes, precisions, quantizations, repeats: int, engines=ENGINES, thread
                 row = {"model": "sd3-medium", "size": size, "precision": precision, "part": "transformer",
                        "quantization": quantization or "none", "tokens": TOKENS, "batch": batch}
                 spawners = {engine: (lambda e=engine: spawn(e, size, precision, quantization, repeats, threads,
-                                                              batch))
+                                                              batch, device))
                             for engine in engines if not quantization or engine == "mlx"}  # peers: unquantized only
                 yield {**row, **alternated(spawners, rounds)}
 
 
 def row_md(row: dict) -> str:
-    def cell(r, key, scale=1.0, unit=""):
-        if not r:
-            return "-"
-        return "error: " + r["error"][:50] if "error" in r else f"{r[key] / scale:.2f}{unit}"
+    from backend.bench import cell, label
     m, d, k = row.get("mlx", {}), row.get("diffusers", {}), row.get("diffusionkit", {})
     ratio = lambda other: f"{m['seconds'] / other['seconds']:.2f}x" \
         if "seconds" in m and other and "seconds" in other else "-"  # noqa: E731
-    label = row["precision"] + ("" if row["quantization"] == "none" else f" + {row['quantization']}")
-    return (f"| sd3-medium {row['size']}px | transformer step, batch {row.get('batch', 1)} | {label} | {cell(m, 'seconds', unit=' s')} "
-            f"| {cell(d, 'seconds', unit=' s')} | {ratio(d)} | {cell(k, 'seconds', unit=' s')} | {ratio(k)} "
-            f"| {cell(m, 'peak_rss', 2**30, ' GiB')} | {cell(d, 'peak_rss', 2**30, ' GiB')} "
-            f"| {cell(k, 'peak_rss', 2**30, ' GiB')} |")
+    gib = lambda r: cell(r, "peak_bytes", 2**30, " GiB", 50)  # noqa: E731
+    return (f"| sd3-medium {row['size']}px | transformer step, batch {row.get('batch', 1)} | {label(row)} "
+            f"| {cell(m, 'seconds', unit=' s', width=50)} | {cell(d, 'seconds', unit=' s', width=50)} | {ratio(d)} "
+            f"| {cell(k, 'seconds', unit=' s', width=50)} | {ratio(k)} | {gib(m)} | {gib(d)} | {gib(k)} |")
 
 
 HEADER = ("| model | stage | precision | MLX | diffusers | MLX/diffusers | DiffusionKit | MLX/DiffusionKit "
-          "| MLX peak RSS | diffusers peak RSS | DiffusionKit peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MLX peak memory | diffusers peak memory | DiffusionKit peak memory |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 if __name__ == "__main__":
-    engine, size, precision, quantization, repeats, batch = sys.argv[1:7]
+    engine, size, precision, quantization, repeats, batch, device = sys.argv[1:8]
     result = WORKERS[engine](int(size), precision, None if quantization == "none" else quantization, int(repeats),
-                             int(batch))
+                             int(batch), device)
     print(json.dumps(result))

@@ -126,3 +126,36 @@ def test_apple_style_recipe_applies_to_the_unet(tmp_path):
     assert Q._rule_bits(recipe["unet"], "down_blocks.0.resnets.0.conv1", "conv") == 6
     assert Q._rule_bits(recipe["unet"], "conv_out", "conv") == Q.KEEP
     assert Q._rule_bits(recipe["unet"], "down_blocks.0.resnets.0.conv2", "conv") == Q.KEEP
+
+
+def test_quantizing_as_weights_load_never_holds_the_component_at_full_precision(tmp_path):
+    """On-the-fly quantization (W.load_into's before_eval): each layer is read, cast and quantized in turn, so
+    MLX's peak while loading stays near the quantized bytes, far below the layers at full precision."""
+    from backend.engines.mlx import weights as W
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(1024, 1024) for _ in range(8)]
+
+    source = Stack()
+    file = tmp_path / "stack.safetensors"
+    mx.save_safetensors(str(file), dict(nn.utils.tree_flatten(source.parameters())))
+    full = module_bytes(source)  # fp32: 32 MiB of kernels
+    del source
+    plan = Q.plan(Stack(), [{"match": ["*"], "bits": 4}])["layers"]
+    assert len(plan) == 8
+    expected = W.load_into(Stack(), W.read_safetensors([file]).items(), mx.float32,
+                           lambda m: Q.apply_plan(m, plan))  # warm-up; also the reference result
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    module = W.load_into(Stack(), W.drained(W.read_safetensors([file])), mx.float32, lambda m: Q.apply_plan(m, plan))
+    peak = mx.get_peak_memory() - before
+    quantized = module_bytes(module)
+    assert quantized < full / 5
+    assert peak < quantized + 3 * full / 8  # the quantized layers and a layer or two in flight, not all eight
+    assert isinstance(module.layers[0], Q.QuantizedLinear)
+    for a, b in zip(nn.utils.tree_flatten(module.parameters()), nn.utils.tree_flatten(expected.parameters())):
+        assert a[0] == b[0] and mx.array_equal(a[1], b[1])

@@ -13,7 +13,9 @@ Memory: by default every stage stays loaded (the fastest repeat). With `reduce_m
 when it runs and released after (each text encoder right after its call, so none is left for the denoising; the
 denoiser after the last step; the VAE decoder after decoding; the image encoder after encoding), and MLX's
 buffer cache is emptied: the peak is about the largest stage, not their sum, at the price of a load per stage
-per generation. LoRAs and on-the-fly quantization are applied to each stage as it loads.
+per generation. LoRAs and on-the-fly quantization are applied to each stage as it loads; the quantization while
+the weights are still unevaluated, so each layer is read, cast and quantized in turn and no component ever stands
+whole at full precision (in either mode).
 """
 from __future__ import annotations
 
@@ -53,9 +55,10 @@ def resolve_precision(precision: str) -> str:
 
 
 def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda state: state, keep=None,
-                    file_dtype=None):
+                    file_dtype=None, before_eval=None):
     """`keep(name)`: which of the component's weights `module` takes (all by default; the VAE's halves).
-    `file_dtype` (default `dtype`): fp16 prefers a folder's fp16 weight files (an upcast VAE reads them too)."""
+    `file_dtype` (default `dtype`): fp16 prefers a folder's fp16 weight files (an upcast VAE reads them too).
+    `before_eval`: W.load_into's (on-the-fly quantization, applied while the weights are unevaluated)."""
     saved = load_saved_component(spec.folder, component, module, dtype, keep)  # a `quantize` output folder
     if saved is not None:
         return saved
@@ -66,7 +69,7 @@ def _load_component(spec: ModelSpec, component: str, module, dtype, names=lambda
         state = W.read_safetensors(files)
         weights = names({k: v for k, v in state.items() if keep is None or keep(k)})
         del state  # the file's tensors are read lazily and each freed once cast (W.drained)
-        return W.load_into(module, W.drained(weights), dtype)
+        return W.load_into(module, W.drained(weights), dtype, before_eval)
     except W.WeightError as exc:
         raise UserError(f"{component}: {exc}") from exc
 
@@ -107,12 +110,11 @@ class MLXStages(Stages):
         self._loras: list = []       # the LoRAs asked for, applied to each stage as it loads (reduce-memory)
         self.quantization_plans: dict = {}
         quantization = quantization or saved_method(spec.folder)
-        if reduce_memory:
-            self.quantized_layers = self._plan_quantization(quantization) if quantization else ""
-        else:
+        # planned from the modules' shapes, applied to each component as it loads (_acquire)
+        self.quantized_layers = self._plan_quantization(quantization) if quantization else ""
+        if not reduce_memory:
             for name in self._names():
                 self._acquire(name)
-            self.quantized_layers = quantize_stages(self, quantization) if quantization else ""
         device = "GPU" if mx.default_device() == mx.gpu else "CPU"
         self.info = {"engine": "mlx", "device": device, "precision": precision, "family": spec.family,
                      "quantization": quantization or "none", "quantized_layers": self.quantized_layers,
@@ -151,17 +153,19 @@ class MLXStages(Stages):
 
     def _load(self, name: str) -> nn.Module:
         spec, module = self.spec, self._build(name)
+        plan = self.quantization_plans.get(name)
+        quantized = None if plan is None else (lambda m: apply_plan(m, plan["layers"]))
         if name in self._configs:
             if self._is_t5(name):
-                module = _load_component(spec, name, module, self._t5_storage, t5_names)
+                module = _load_component(spec, name, module, self._t5_storage, t5_names, before_eval=quantized)
                 return module.compute_in(self.dtype) if self._t5_storage != self.dtype else module
-            return _load_component(spec, name, module, self.dtype, checkpoint_names)
+            return _load_component(spec, name, module, self.dtype, checkpoint_names, before_eval=quantized)
         if name == spec.traits.denoiser:
-            return _load_component(spec, name, module, self.dtype)
+            return _load_component(spec, name, module, self.dtype, before_eval=quantized)
         if name == IMAGE_ENCODER:
             return _load_component(spec, "vae", module, self.vae_dtype, keep=_encoder_weight, file_dtype=self.dtype)
         module = _load_component(spec, "vae", module, self.vae_dtype, keep=lambda n: not _encoder_weight(n),
-                                 file_dtype=self.dtype)
+                                 file_dtype=self.dtype, before_eval=quantized)
         module.encoder_loader = self._load_image_encoder
         return module
 
@@ -169,10 +173,7 @@ class MLXStages(Stages):
         """Component `name`, loaded now if it is not (with on-the-fly quantization and LoRAs applied)."""
         module = self._resident.get(name)
         if module is None:
-            module = self._load(name)
-            if name in self.quantization_plans:  # reduce-memory, on-the-fly quantization: applied as loaded
-                apply_plan(module, self.quantization_plans[name]["layers"])
-                mx.eval(module.parameters())
+            module = self._load(name)  # on-the-fly quantization applied as it loads
             self._resident[name] = module
             self._loaded_bytes[name] = W.module_bytes(module)
             self._rewrap_loras()
@@ -202,7 +203,7 @@ class MLXStages(Stages):
         return _STAGE_PARTS.get(stage, ())
 
     def _plan_quantization(self, quantization: str) -> str:
-        """Reduce-memory: the on-the-fly quantization planned from the modules' shapes (applied at each load)."""
+        """The on-the-fly quantization planned from the modules' shapes (applied at each load)."""
         if read_saved_plan(self.spec.folder) is not None:  # a saved variant: loaded quantized; checks the name
             return quantize_stages(self, quantization)
         recipe = scheme_recipe(quantization)

@@ -4,7 +4,8 @@ Owns the quantized layers (`QuantizedLinear`, `QuantizedConv2d`), the schemes ("
 the per-layer plan a scheme or recipe makes for a module, the sentence saying what was quantized,
 and the saved-variant format (`<component>/mlx_weights.safetensors` + `mlx_quantization.json`).
 
-Weights are loaded in fp16 first and quantized after (`mx.quantize`, affine, one scale and bias per
+Each layer's weights are read in fp16 and quantized as its component loads, layer by layer (the engine's
+`before_eval`), so a component never stands whole at full precision (`mx.quantize`, affine, one scale and bias per
 group of 64 weights of a row, or 32 where a row length needs it). A layer whose row length is not a
 multiple of 32 stays fp16 and the sentence says so. Convolution kernels (O, kh, kw, I) are quantized as
 (O, kh*kw*I) rows and dequantized when called: the saving is at rest (weight bytes), the compute is

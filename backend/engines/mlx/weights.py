@@ -76,9 +76,15 @@ def to_module_weights(module: nn.Module, weights: Mapping[str, mx.array] | Itera
     return out
 
 
-def load_into(module: nn.Module, weights, dtype=None) -> nn.Module:
-    """Load checkpoint weights into `module` (cast once to `dtype`) and evaluate them."""
+def load_into(module: nn.Module, weights, dtype=None, before_eval=None) -> nn.Module:
+    """Load checkpoint weights into `module` (cast once to `dtype`) and evaluate them. `before_eval(module)` changes
+    the module while its weights are still unevaluated: on-the-fly quantization then reads, casts and quantizes
+    each layer in turn, and the component never stands whole at full precision."""
     module.load_weights(to_module_weights(module, weights, dtype), strict=True)
+    if before_eval is not None:
+        before_eval(module)
+        for _, layer in tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module):
+            mx.eval(layer.parameters())  # one layer at a time: one evaluation of them all held more at once
     mx.eval(module.parameters())
     return module
 
