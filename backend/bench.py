@@ -175,7 +175,7 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
     ids = torch.from_numpy(_text_ids()).to(meter.device)
 
     def placed(build):
-        with torch.device(meter.device):  # random init where it runs: seconds on a GPU, not a CPU's minute
+        with torch.device(meter.device):  # random init where it runs: on a GPU, no CPU init and copy
             return build().to(**on).eval()
 
     def text_model(part="text_encoder"):
