@@ -330,9 +330,12 @@ def run_bench(models, precisions, parts, repeats: int, with_torch: bool, out: Pa
                     print(_row_md(row), flush=True)
     if "generation" in parts and any(m in bench_generation.MODELS for m in models):
         print("\n" + bench_generation.HEADER, flush=True)
+        generated = []
         for row in bench_generation.rows(models, precisions, quantizations, with_torch, device, threads, rounds):
-            rows.append(row)
+            generated.append(row)
             print(bench_generation.row_md(row), flush=True)
+        rows += generated
+        print("\n" + "\n".join(filter(None, map(bench_generation.stage_line, generated))), flush=True)
     report = {"blas": blas.describe(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
               "max_isa": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "native"),
               "threads": threads or "default", "rounds": rounds, "device": device, "rows": rows,

@@ -186,6 +186,17 @@ def row_md(row: dict) -> str:
             f"| {cell(d, 'peak_bytes', 2**30, ' GiB')} |")
 
 
+def stage_line(row: dict) -> str:
+    """MLX's per-stage peaks of a generation row, in words: where its memory goes (which stage sets the peak)."""
+    m = row.get("mlx") or {}
+    stages = m.get("per_stage") or {}
+    key = "peak_process_bytes" if m.get("device") == "cpu" else "peak_engine_bytes"
+    parts = ", ".join(f"{name} {v[key] / 2**30:.2f}" for name, v in stages.items())
+    load = f"load {m['load_peak_bytes'] / 2**30:.2f}, " if m.get("load_peak_bytes") is not None else ""
+    return (f"MLX peaks, {row['model']} {row.get('mode', 'default')} {row['precision']} + "
+            f"{row.get('quantization', 'none')}: {load}{parts} GiB" if parts else "")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         print(json.dumps({"folder": str(build_folder(sys.argv[2], cache_folder(sys.argv[2]), sys.argv[3]))}))

@@ -57,3 +57,5 @@ def test_each_engine_generates_from_it_and_reports_time_and_memory(tiny_referenc
            "mode": "default", "steps": 2, "mlx": mlx, "diffusers": rows[3]}
     assert bench_generation.row_md(row).startswith("| tiny 64px | 2 steps, default | fp32 | ")
     assert "generation" in "".join(bench._targets([row]))
+    line = bench_generation.stage_line(row)
+    assert line.startswith("MLX peaks, tiny default fp32 + none: load ") and "denoise" in line and "vae_decode" in line
