@@ -84,8 +84,8 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int, 
         module.set_dtype(dtype)
         mx.eval(module.parameters())
         if quantization and component:  # as the engine quantizes: the denoiser's and text encoders' layers
-            from backend.engines.mlx.quantize import quantize_module, uniform_recipe
-            quantize_module(module, component, uniform_recipe(int(quantization[1:])))
+            from backend.engines.mlx.quantize import quantize_module, scheme_recipe
+            quantize_module(module, component, scheme_recipe(quantization))
         return module
 
     def text_fn(enc, layer=-1, pooled=False):

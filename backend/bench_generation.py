@@ -84,6 +84,12 @@ def _request(model: str):
                              height=size, seed=1)
 
 
+def _memory_field(device) -> str:
+    """The engine's Memory figure that matches bench_devices' meter there: the process's high-water mark on the
+    CPU, MLX's own counter on a GPU."""
+    return "peak_process_bytes" if device == "cpu" else "peak_engine_bytes"
+
+
 def mlx_worker(model: str, precision: str, quantization, reduce_memory: bool, device: str) -> dict:
     import backend  # noqa: F401  (the BLAS before MLX)
     from backend import bench_devices, load_pipeline
@@ -101,7 +107,7 @@ def mlx_worker(model: str, precision: str, quantization, reduce_memory: bool, de
         meter.sync()
         times.append(time.perf_counter() - start)
         # the generation's peak over all its stages, from the same counter the meter reads
-        peaks.append(result.memory.peak_process_bytes if meter.device == "cpu" else result.memory.peak_engine_bytes)
+        peaks.append(getattr(result.memory, _memory_field(meter.device)))
     return {"load_seconds": load, "first_seconds": times[0], "seconds": times[1], "times": times[1:],
             "peak_bytes": max(peaks), "load_peak_bytes": peaks[0], "per_stage": result.memory.per_stage,
             **meter.describe()}
@@ -190,7 +196,7 @@ def stage_line(row: dict) -> str:
     """MLX's per-stage peaks of a generation row, in words: where its memory goes (which stage sets the peak)."""
     m = row.get("mlx") or {}
     stages = m.get("per_stage") or {}
-    key = "peak_process_bytes" if m.get("device") == "cpu" else "peak_engine_bytes"
+    key = _memory_field(m.get("device"))
     parts = ", ".join(f"{name} {v[key] / 2**30:.2f}" for name, v in stages.items())
     load = f"load {m['load_peak_bytes'] / 2**30:.2f}, " if m.get("load_peak_bytes") is not None else ""
     return (f"MLX peaks, {row['model']} {row.get('mode', 'default')} {row['precision']} + "

@@ -43,7 +43,7 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int
     from backend import allocator, bench_devices
     from backend.engines.mlx import cpu_kernels
     from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
-    from backend.engines.mlx.quantize import quantize_module, uniform_recipe
+    from backend.engines.mlx.quantize import quantize_module, scheme_recipe
     from backend.engines.mlx.weights import module_bytes
     dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
     meter = bench_devices.mlx_meter(device)
@@ -51,7 +51,7 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     if quantization:
-        quantize_module(model, "transformer", uniform_recipe(int(quantization[1:])))
+        quantize_module(model, "transformer", scheme_recipe(quantization))
     mx.clear_cache()
     allocator.release()
     latent = size // 8
