@@ -76,7 +76,7 @@ def _mlx_worker(model: str, part: str, precision: str, size: int, repeats: int, 
     from backend.engines.mlx.clip import CLIPTextConfig, CLIPTextModel
     from backend.engines.mlx.unet import UNet2DConditionModel, UNetConfig
     from backend.engines.mlx.vae import AutoencoderKL, VAEConfig
-    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    dtype = bench_devices.mlx_dtype(precision)
     meter = bench_devices.mlx_meter(device)
     latent = size // 8
 
@@ -159,7 +159,7 @@ def _torch_worker(model: str, part: str, precision: str, size: int, repeats: int
     from backend import bench_devices
     if quantization:
         raise ValueError("the diffusers rows are unquantized")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = bench_devices.torch_dtype(precision)
     meter = bench_devices.torch_meter(device)
     on = dict(device=meter.device, dtype=dtype)
     latent = size // 8
@@ -457,7 +457,7 @@ def add_command(sub) -> None:
                         "code paths on an AVX-512 one)")
     b.add_argument("--sd3-engines", nargs="+", choices=["mlx", "diffusers", "diffusionkit"],
                    help="engines of the SD3 rows (default: all three; DiffusionKit's 1024 px step takes minutes)")
-    b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=bench_devices.PRECISIONS)
     b.add_argument("--parts", nargs="+", default=["text_encoder", "unet", "vae_decode", "pipeline"],
                    choices=["text_encoder", "unet", "vae_decode", "pipeline", "generation"],
                    help="generation: a whole generation per engine from a random-weight model folder written once "

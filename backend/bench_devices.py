@@ -17,6 +17,19 @@ from __future__ import annotations
 from backend.measure import ProcessPeak
 
 CHOICES = ("auto", "cpu")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def mlx_dtype(precision: str):
+    """The MLX dtype of a bench precision name ("fp32", "fp16", "bf16")."""
+    import mlx.core as mx
+    return {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a bench precision name ("fp32", "fp16", "bf16")."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 class Meter:

@@ -118,7 +118,7 @@ def diffusers_worker(model: str, precision: str, quantization, reduce_memory: bo
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
     from backend import bench_devices
     meter = bench_devices.torch_meter(device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = bench_devices.torch_dtype(precision)
     meter.reset_peak()
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(str(cache_folder(model)), dtype=dtype).to(meter.device)

@@ -45,7 +45,7 @@ def mlx_worker(size: int, precision: str, quantization, repeats: int, batch: int
     from backend.engines.mlx.mmdit import SD3Config, SD3Transformer2DModel
     from backend.engines.mlx.quantize import quantize_module, scheme_recipe
     from backend.engines.mlx.weights import module_bytes
-    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    dtype = bench_devices.mlx_dtype(precision)
     meter = bench_devices.mlx_meter(device)
     model = SD3Transformer2DModel(SD3Config.from_dict(_config()))
     model.set_dtype(dtype)
@@ -73,7 +73,7 @@ def diffusers_worker(size: int, precision: str, quantization, repeats: int, batc
     import torch
     from diffusers import SD3Transformer2DModel
     from backend import bench_devices
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = bench_devices.torch_dtype(precision)
     meter = bench_devices.torch_meter(device)
     on = dict(device=meter.device, dtype=dtype)
     torch.set_grad_enabled(False)
@@ -137,7 +137,7 @@ def diffusionkit_worker(size: int, precision: str, quantization, repeats: int, b
     from backend import allocator, bench_devices
     meter = bench_devices.mlx_meter(device)
     config, mmdit = _diffusionkit_modules()
-    dtype = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}[precision]
+    dtype = bench_devices.mlx_dtype(precision)
     cfg = config.MMDiTConfig(depth_multimodal=24, num_heads=24, dtype=dtype, float16_dtype=dtype)
     model = mmdit.MMDiT(cfg)
     model.set_dtype(dtype)
