@@ -1,5 +1,5 @@
-"""cpu_native: the attention's exp with row sums and its whole-head driver (oneMKL's products called from C), compiled
-at first use with the system's C compiler and cached."""
+"""cpu_native: the attention's exp with row sums, its whole-head driver (oneMKL's products called from C) and the
+dequantizing loop of quantized weights, compiled at first use with the system's C compiler and cached."""
 from __future__ import annotations
 
 import shutil
@@ -64,6 +64,37 @@ def test_without_a_working_compiler_or_when_turned_off_there_is_no_native_exp(fr
     monkeypatch.setattr(cpu_native, "_library", None)
     monkeypatch.setenv("SILICON_DIFFUSION_NATIVE", "0")
     assert cpu_native.exp_rows() is None and cpu_native.attention_rows() is None
+    assert cpu_native.dequantize_rows() is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_dequantize_rows_reads_mlx_codes_as_mlx_does(fresh, bits, group):
+    import mlx.core as mx
+    dequantize = cpu_native.dequantize_rows()
+    assert dequantize is not None
+    weight = mx.random.normal((7, 256), key=mx.random.key(bits * group))
+    codes, scales, biases = mx.quantize(weight, group, bits)
+    expected = np.array(mx.dequantize(codes, scales, biases, group, bits))
+    out = np.full((7, 256), np.nan, np.float32)
+    packed = np.array(codes).view(np.uint8)
+    dequantize(packed, np.array(scales), np.array(biases), bits, group, out, 0, 3)  # two calls: the workers' shares
+    assert np.isnan(out[3:]).all()
+    dequantize(packed, np.array(scales), np.array(biases), bits, group, out, 3, 7)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
+@needs_compiler
+def test_dequantize_rows_refuses_what_it_cannot_read(fresh):
+    dequantize = cpu_native.dequantize_rows()
+    packed, scales = np.zeros((2, 64), np.uint8), np.ones((2, 1), np.float32)
+    with pytest.raises(ValueError, match="8-bit"):  # 64 bytes a row are 64 8-bit codes, not 128
+        dequantize(packed, scales, scales, 8, 64, np.zeros((2, 128), np.float32))
+    with pytest.raises(ValueError, match="float64"):
+        dequantize(packed, scales, scales, 8, 64, np.zeros((2, 64), np.float64))
+    with pytest.raises(ValueError):
+        dequantize(packed, scales, scales, 7, 64, np.zeros((2, 73), np.float32))
 
 
 def _softmax_attention64(q, k, v, scale):

@@ -179,13 +179,13 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
     def takes_rows(self, x: mx.array) -> bool:
-        """Whether the layer runs as numpy rows here: fp32 CPU inference over ROWS_MIN_ELEMENTS, with plain Linears
-        (not quantized, no LoRA)."""
+        """Whether the layer runs as numpy rows here: fp32 CPU inference over ROWS_MIN_ELEMENTS, with
+        `layers.kernel_linear`s (plain or quantized, no LoRA)."""
         attn, mlp = self.self_attn, self.mlp
         return (x.size >= ROWS_MIN_ELEMENTS and x.dtype == mx.float32 and layers.cpu_inference()
-                and mlp.activation in _ROW_ACTIVATIONS and mlp.fc1.weight.dtype == mx.float32
-                and all(layers.plain_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj,
-                                                         mlp.fc1, mlp.fc2)))
+                and mlp.activation in _ROW_ACTIVATIONS and layers.weight_dtype(mlp.fc1) == mx.float32
+                and all(layers.kernel_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj,
+                                                          mlp.fc1, mlp.fc2)))
 
     def as_rows(self, x: mx.array) -> mx.array:
         """The layer with fp32 numpy rows between its kernels: LayerNorm, the products with their biases written
@@ -197,18 +197,18 @@ class CLIPEncoderLayer(nn.Module):
         def norm(ln, y):
             return cpu_rowwise.layer_norm(y, ln.weight, ln.bias, ln.eps, rows=True)
 
-        qkv = cpu_rowwise.products(norm(self.layer_norm1, x), [(p.weight, p.bias) for p in
+        qkv = cpu_rowwise.products(norm(self.layer_norm1, x), [(layers.weight_rows(p), p.bias) for p in
                                                                (attn.q_proj, attn.k_proj, attn.v_proj)])
         q, k, v = (part.transpose(0, 2, 1, 3) for part in
                    np.moveaxis(qkv.reshape(batch, length, 3, attn.num_heads, -1), 2, 0))
         out = cpu_attention.attention(q, k, v, attn.scale, causal=True, rows=True)
         # all images' rows in one product: out is one contiguous (B, L, heads, head_dim) buffer
-        x = cpu_rowwise.project(out.reshape(batch * length, dim), attn.out_proj.weight, attn.out_proj.get("bias"),
-                                x.shape, x.dtype, (x, None))
+        x = cpu_rowwise.project(out.reshape(batch * length, dim), layers.weight_rows(attn.out_proj),
+                                attn.out_proj.get("bias"), x.shape, x.dtype, (x, None))
         h = _ROW_ACTIVATIONS[mlp.activation](cpu_rowwise.products(norm(self.layer_norm2, x),
-                                                                  [(mlp.fc1.weight, mlp.fc1.get("bias"))]),
+                                                                  [(layers.weight_rows(mlp.fc1), mlp.fc1.get("bias"))]),
                                              rows=True, in_place=True)
-        return cpu_rowwise.project(h, mlp.fc2.weight, mlp.fc2.get("bias"), x.shape, x.dtype, (x, None))
+        return cpu_rowwise.project(h, layers.weight_rows(mlp.fc2), mlp.fc2.get("bias"), x.shape, x.dtype, (x, None))
 
     def at_rows(self, x: mx.array, positions: mx.array) -> mx.array:
         """This layer's output (B, hidden) at one position per row (B,): the causal attention needs the keys and

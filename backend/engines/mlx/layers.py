@@ -244,14 +244,10 @@ class Conv2d(nn.Conv2d):
     The kernel's transform is computed per call: kept, it would add 4x every such kernel's size (1.18 GiB for SD
     1.5's UNet at fp32)."""
 
-    WINOGRAD_MIN_PIXELS = 16 * 16
+    folds_addends = True  # __call__ takes image_bias and residual (see `convolve`)
 
     def _winograd_applies(self, x: mx.array) -> bool:
-        b, h, w, _ = x.shape
-        return (cpu_inference(b * h * w * self.weight.shape[0]) and x.dtype == mx.float32
-                and self.weight.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3) and tuple(self.stride) == (1, 1)
-                and tuple(self.padding) == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
-                and h * w >= self.WINOGRAD_MIN_PIXELS)
+        return winograd_applies(self, x, self.weight.shape, self.weight.dtype)
 
     def __call__(self, x: mx.array, image_bias: Optional[mx.array] = None, residual: Optional[mx.array] = None):
         """conv(x) [+ image_bias (B, C_out), added per image] [+ residual]: on the Winograd path both are added as
@@ -264,6 +260,18 @@ class Conv2d(nn.Conv2d):
         return _added(super().__call__(x), image_bias, residual)
 
 
+WINOGRAD_MIN_PIXELS = 16 * 16
+
+
+def winograd_applies(conv, x: mx.array, kernel_shape: tuple, weight_dtype) -> bool:
+    """Whether `conv` (a Conv2d, or a quantized one with its (C_out, kh, kw, C_in) kernel's shape and compute dtype)
+    runs on x as cpu_winograd's fp32 3x3 convolution here."""
+    b, h, w, _ = x.shape
+    return (cpu_inference(b * h * w * kernel_shape[0]) and x.dtype == mx.float32 and weight_dtype == mx.float32
+            and tuple(kernel_shape[1:3]) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and conv.dilation in (1, (1, 1)) and conv.groups == 1 and h * w >= WINOGRAD_MIN_PIXELS)
+
+
 def _added(out: mx.array, image_bias: Optional[mx.array], residual: Optional[mx.array]) -> mx.array:
     if image_bias is not None:
         out = out + image_bias[:, None, None, :]
@@ -271,9 +279,9 @@ def _added(out: mx.array, image_bias: Optional[mx.array], residual: Optional[mx.
 
 
 def convolve(conv, x: mx.array, image_bias: Optional[mx.array] = None, residual: Optional[mx.array] = None):
-    """conv(x) [+ image_bias (B, C_out) per image] [+ residual], folded into the convolution where `conv` is this
-    module's Conv2d (a quantized or LoRA-wrapped one adds them after)."""
-    if isinstance(conv, Conv2d):
+    """conv(x) [+ image_bias (B, C_out) per image] [+ residual], folded into the convolution where `conv` takes them
+    (`folds_addends`: this module's Conv2d, quantize's QuantizedConv2d; a LoRA-wrapped one adds them after)."""
+    if getattr(conv, "folds_addends", False):
         return conv(x, image_bias, residual)
     return _added(conv(x), image_bias, residual)
 
@@ -296,26 +304,44 @@ def bias_free(linear, x: mx.array):
 
 
 def plain_linear(linear) -> bool:
-    """An unquantized Linear without LoRA: the CPU kernels may read its weight and bias themselves."""
+    """An unquantized Linear without LoRA."""
     return type(linear) in (Linear, nn.Linear)
 
 
+def kernel_linear(linear) -> bool:
+    """A Linear whose product the CPU kernels may run themselves, reading `weight_rows(linear)` and its bias: a plain
+    one, or a quantized one where its codes can be dequantized here (quantize.QuantizedLinear.dequantizes_here); not one
+    wrapped by a LoRA."""
+    return plain_linear(linear) or (hasattr(linear, "dequantizes_here") and linear.dequantizes_here())
+
+
+def weight_rows(linear):
+    """A `kernel_linear`'s (N, K) weight as the CPU kernels read it: a plain Linear's MLX array, a quantized one's
+    fp32 numpy rows dequantized now (a buffer of this call; the layer stays quantized)."""
+    return linear.weight if plain_linear(linear) else linear.cpu_rows()
+
+
+def weight_dtype(linear):
+    """A Linear's compute dtype: its weight's, or a quantized one's scales'."""
+    return linear["scales"].dtype if "scales" in linear else linear.weight.dtype
+
+
 def linear_rows(linear, x, residual: Optional[tuple] = None) -> mx.array:
-    """linear(x) [+ residual (r, gate), as FeedForward's], x an MLX array or (where `plain_linear` at CPU inference)
+    """linear(x) [+ residual (r, gate), as FeedForward's], x an MLX array or (where `kernel_linear` at CPU inference)
     fp32 numpy rows: there the product, bias and residual in numpy (cpu_rowwise.project), with no bias or residual
     pass in MLX."""
-    if cpu_inference(x.size) and plain_linear(linear):
+    if cpu_inference(x.size) and kernel_linear(linear):
         shape = x.shape[:-1] + (linear.weight.shape[0],)
         dtype = residual[0].dtype if residual is not None else x.dtype if isinstance(x, mx.array) else mx.float32
-        return cpu_rowwise.project(x, linear.weight, linear.get("bias"), shape, dtype, residual)
+        return cpu_rowwise.project(x, weight_rows(linear), linear.get("bias"), shape, dtype, residual)
     y = linear(x)
     return y if residual is None else gated_residual(residual, y)
 
 
 def bias_free_rows(linear, x):
-    """bias_free for a plain Linear with the product in numpy (cpu_rowwise.products: fp32 rows, x an MLX array or
+    """bias_free for a `kernel_linear` with the product in numpy (cpu_rowwise.products: fp32 rows, x an MLX array or
     fp32 numpy rows)."""
-    return cpu_rowwise.products(x, [(linear.weight, None)]), linear.get("bias")
+    return cpu_rowwise.products(x, [(weight_rows(linear), None)]), linear.get("bias")
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -353,10 +379,10 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
 
     def takes_rows(self, x) -> bool:
-        """Whether __call__ with a residual runs in numpy here (CPU inference, plain Linears, no group norm), so
+        """Whether __call__ with a residual runs in numpy here (CPU inference, `kernel_linear`s, no group norm), so
         that x may come as fp32 numpy rows (B, L, C)."""
         linears = (self.to_q, self.to_k, self.to_v, self.to_out[0])
-        return cpu_inference(x.size) and "group_norm" not in self and all(plain_linear(m) for m in linears)
+        return cpu_inference(x.size) and "group_norm" not in self and all(kernel_linear(m) for m in linears)
 
     def __call__(self, x, context: Optional[mx.array] = None, residual: Optional[tuple] = None) -> mx.array:
         """Attention over x (self) or context (cross); with `residual` (r, gate), as FeedForward's, r + gate * it.
@@ -381,7 +407,7 @@ class Attention(nn.Module):
         b, n = x.shape[0], x.shape[1]
 
         def heads_first(tokens, linears):
-            rows = cpu_rowwise.products(tokens, [(m.weight, m.get("bias")) for m in linears])
+            rows = cpu_rowwise.products(tokens, [(weight_rows(m), m.get("bias")) for m in linears])
             per_head = rows.reshape(b, -1, len(linears), self.heads, rows.shape[1] // (len(linears) * self.heads))
             return [per_head[:, :, i].transpose(0, 2, 1, 3) for i in range(len(linears))]
 
@@ -431,7 +457,7 @@ _FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": TanhGELU}
 
 class FeedForward(nn.Module):
     """diffusers' `FeedForward`: net.0 (the activation's projection: GEGLU by default, or SD3's
-    "gelu-approximate"), net.2 (Linear). At CPU inference with plain Linears (not quantized, no LoRA: `takes_rows`)
+    "gelu-approximate"), net.2 (Linear). At CPU inference with `kernel_linear`s (plain or quantized, no LoRA)
     the products and the activation run in numpy (cpu_rowwise.products, the activation kernel, project), from
     MLX or numpy input rows."""
 
@@ -443,7 +469,7 @@ class FeedForward(nn.Module):
 
     def takes_rows(self, x) -> bool:
         """Whether __call__ runs in numpy here, so that x may come as fp32 numpy rows (B, ..., C)."""
-        return cpu_inference(x.size) and plain_linear(self.net[0].proj) and plain_linear(self.net[2])
+        return cpu_inference(x.size) and kernel_linear(self.net[0].proj) and kernel_linear(self.net[2])
 
     def __call__(self, x, residual: Optional[tuple] = None) -> mx.array:
         """FF(x), or with `residual` (r, gate) r + gate * FF(x) (gate (B, 1, C), or None for r + FF(x)); x may be
@@ -451,7 +477,7 @@ class FeedForward(nn.Module):
         if self.takes_rows(x):
             out = self.net[2]
             dtype = residual[0].dtype if residual is not None else x.dtype if isinstance(x, mx.array) else mx.float32
-            return cpu_rowwise.project(self.net[0].numpy_rows(x), out.weight, out.get("bias"),
+            return cpu_rowwise.project(self.net[0].numpy_rows(x), weight_rows(out), out.get("bias"),
                                        x.shape[:-1] + (out.weight.shape[0],), dtype, residual)
         for layer in self.net:
             x = layer(x)

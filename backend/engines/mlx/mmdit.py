@@ -296,11 +296,11 @@ class JointAttention(nn.Module):
         return (image, context_out) if with_context else image
 
     def numpy_path(self, x: mx.array) -> bool:
-        """CPU inference with plain Linear projections (not quantized, no LoRA): with residuals, __call__ runs in
-        numpy (`_numpy_call`) and takes x and context as MLX arrays or fp32 numpy rows (B, L, C)."""
+        """CPU inference with `layers.kernel_linear` projections (plain or quantized, no LoRA): with residuals,
+        __call__ runs in numpy (`_numpy_call`) and takes x and context as MLX arrays or fp32 numpy rows (B, L, C)."""
         linears = [self[name] for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
                                            "to_add_out") if name in self] + [self.to_out[0]]
-        return layers.cpu_inference(x.size) and all(layers.plain_linear(m) for m in linears)
+        return layers.cpu_inference(x.size) and all(layers.kernel_linear(m) for m in linears)
 
     def _numpy_call(self, x: mx.array, context: Optional[mx.array], residuals: tuple):
         """__call__ with residuals at CPU inference, from the q, k, v products to the gated residuals in numpy
@@ -314,7 +314,7 @@ class JointAttention(nn.Module):
             names = ("add_q_proj", "add_k_proj", "add_v_proj") if context_queries else ("add_k_proj", "add_v_proj")
             streams.append((context, names, {"q": "norm_added_q", "k": "norm_added_k"}))
         for tokens, names, norms in streams:
-            rows = cpu_rowwise.products(tokens, [(self[m].weight, self[m].get("bias")) for m in names])
+            rows = cpu_rowwise.products(tokens, [(layers.weight_rows(self[m]), self[m].get("bias")) for m in names])
             per_head = rows.reshape(-1, len(names), self.heads, self.head_dim)
             roles = "qkv"[3 - len(names):]  # the last block's context: keys and values only
             for i, role in enumerate(roles):
@@ -325,14 +325,14 @@ class JointAttention(nn.Module):
         out = attention(parts["q"], parts["k"], parts["v"], self.scale, rows=True)  # (B, N, heads, head_dim)
         out = out.reshape(b, out.shape[1], -1)
         image_residual = residuals[0]
-        image = cpu_rowwise.project(out[:, :n], self.to_out[0].weight, self.to_out[0].get("bias"),
+        image = cpu_rowwise.project(out[:, :n], layers.weight_rows(self.to_out[0]), self.to_out[0].get("bias"),
                                     image_residual[0].shape, image_residual[0].dtype, image_residual)
         if context is None:
             return image
         if not context_queries:
             return image, None
         context_residual = residuals[1]
-        return image, cpu_rowwise.project(out[:, n:], self.to_add_out.weight, self.to_add_out.get("bias"),
+        return image, cpu_rowwise.project(out[:, n:], layers.weight_rows(self.to_add_out), self.to_add_out.get("bias"),
                                           context_residual[0].shape, context_residual[0].dtype, context_residual)
 
 

@@ -10,7 +10,10 @@ group of 64 weights of a row, or 32 where a row length needs it). A layer whose 
 multiple of 32 stays fp16 and the sentence says so. Convolution kernels (O, kh, kw, I) are quantized as
 (O, kh*kw*I) rows and dequantized when called: the saving is at rest (weight bytes), the compute is
 the fp16 convolution. Linears use MLX's fused quantized matmul on a GPU; on the CPU they dequantize
-too, because MLX's CPU quantized matmul is 60-90x slower than dequantize + matmul (measured).
+too, because MLX's CPU quantized matmul is 60-90x slower than dequantize + matmul (measured). At CPU inference the
+codes are dequantized by a compiled loop (cpu_native.dequantize_rows, on every worker) into fp32 rows for one call,
+and the layer runs in the CPU kernels as an fp32 one does (cpu_rowwise.project, Winograd; layers.kernel_linear):
+MLX's own dequantize takes as long as the product it feeds there.
 Text encoders' linears follow the scheme; the VAE, norms and embeddings stay at full precision.
 """
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from backend.engines.mlx import cpu_native, cpu_pool, cpu_rowwise, cpu_winograd, layers
 from backend.types import UserError
 
 SCHEMES = {"q8": 8, "q6": 6, "q4": 4, "q3": 3, "q2": 2}
@@ -41,12 +46,46 @@ LABELS = {"unet": "UNet", "transformer": "transformer", "text_encoder": "text en
 
 
 # ------------------------------------------------------------------------------------------ layers
+def _dequantizes_here(layer) -> bool:
+    return (layer.get("biases") is not None and getattr(layer, "mode", "affine") == "affine"
+            and cpu_native.dequantize_rows() is not None)
+
+
+def _cpu_rows(layer) -> np.ndarray:
+    """A quantized layer's (O, K) fp32 weight rows, dequantized by the compiled loop on every worker."""
+    dequantize = cpu_native.dequantize_rows()
+    scales, biases = (layer[name].astype(mx.float32) for name in ("scales", "biases"))
+    mx.eval(layer["weight"], scales, biases)
+    packed, s, b = np.asarray(layer["weight"]).view(np.uint8), np.asarray(scales), np.asarray(biases)
+    out = cpu_pool.empty((packed.shape[0], s.shape[1] * layer.group_size))
+
+    def work(share):
+        for r0, r1 in share:
+            dequantize(packed, s, b, layer.bits, layer.group_size, out, r0, r1)
+
+    cpu_pool.run(work, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())), out.size)
+    del scales, biases
+    return out
+
+
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear (same parameters); on the CPU it dequantizes and runs a plain matmul."""
+    """nn.QuantizedLinear (same parameters); on the CPU it dequantizes and runs a plain product (at inference in the
+    CPU kernels, from the compiled loop's fp32 rows)."""
+
+    def dequantizes_here(self) -> bool:
+        """Whether `cpu_rows` can run (affine codes, the compiled loop built)."""
+        return _dequantizes_here(self)
+
+    def cpu_rows(self) -> np.ndarray:
+        """The (N, K) weight as fp32 numpy rows, dequantized now for one call (layers.weight_rows)."""
+        return _cpu_rows(self)
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() == mx.gpu:
             return super().__call__(x)
+        if layers.cpu_inference() and self.dequantizes_here():  # any size: AdaLN's one-row products too
+            shape = x.shape[:-1] + (self.weight.shape[0],)
+            return cpu_rowwise.project(x, self.cpu_rows(), self.get("bias"), shape, x.dtype)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
         w = w.astype(x.dtype)
         if "bias" in self:
@@ -76,11 +115,28 @@ class QuantizedConv2d(nn.Module):
     def _extra_repr(self) -> str:
         return f"kernel={self.kernel_shape}, stride={self.stride}, group_size={self.group_size}, bits={self.bits}"
 
-    def __call__(self, x: mx.array) -> mx.array:
-        w = mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+    folds_addends = True  # __call__ takes image_bias and residual, as layers.Conv2d (layers.convolve)
+
+    def __call__(self, x: mx.array, image_bias: Optional[mx.array] = None, residual: Optional[mx.array] = None):
+        """conv(x) [+ bias] [+ image_bias (B, C_out) per image] [+ residual]. At CPU inference the kernel comes from
+        the compiled loop (cpu_rows), and where the Winograd path applies the addends are added as its tiles are put
+        in place; elsewhere MLX dequantizes it and runs its convolution."""
+        if layers.cpu_inference() and _dequantizes_here(self):
+            kernel = _cpu_rows(self).reshape(self.kernel_shape)
+            if layers.winograd_applies(self, x, self.kernel_shape, self["scales"].dtype):
+                bias = self.get("bias")
+                if image_bias is not None:
+                    bias = image_bias if bias is None else image_bias + bias
+                return cpu_winograd.convolve(x, kernel, bias, residual)
+            w = mx.array(kernel)
+        else:
+            w = mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
         y = mx.conv2d(x, w.reshape(self.kernel_shape).astype(x.dtype), self.stride, self.padding,
                       self.dilation, self.groups)
-        return y + self["bias"].astype(y.dtype) if "bias" in self else y
+        y = y + self["bias"].astype(y.dtype) if "bias" in self else y
+        if image_bias is not None:
+            y = y + image_bias[:, None, None, :]
+        return y if residual is None else y + residual
 
 
 def _kind(module) -> Optional[str]:
