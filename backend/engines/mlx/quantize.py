@@ -51,6 +51,14 @@ def _dequantizes_here(layer) -> bool:
             and cpu_native.dequantize_rows() is not None)
 
 
+def _in_cpu_kernels(layer, elements: int) -> bool:
+    """Whether a call of `layer` over `elements` output elements runs in the CPU kernels: at CPU inference, where
+    the call or the layer's weight is large (an AdaLN's one-row product reads 14M weights; a small model's small
+    layers keep MLX's ops, whose fixed cost is lower: the embedded model's 20 steps at q4 2.2 s the other way)."""
+    weights = layer["scales"].shape[0] * layer["scales"].shape[-1] * layer.group_size
+    return layers.cpu_inference(max(elements, weights)) and _dequantizes_here(layer)
+
+
 def _cpu_rows(layer) -> np.ndarray:
     """A quantized layer's (O, K) fp32 weight rows, dequantized by the compiled loop on every worker."""
     dequantize = cpu_native.dequantize_rows()
@@ -83,8 +91,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() == mx.gpu:
             return super().__call__(x)
-        if layers.cpu_inference() and self.dequantizes_here():  # any size: AdaLN's one-row products too
-            shape = x.shape[:-1] + (self.weight.shape[0],)
+        shape = x.shape[:-1] + (self.weight.shape[0],)
+        if _in_cpu_kernels(self, x.size // x.shape[-1] * shape[-1]):
             return cpu_rowwise.project(x, self.cpu_rows(), self.get("bias"), shape, x.dtype)
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
         w = w.astype(x.dtype)
@@ -121,7 +129,7 @@ class QuantizedConv2d(nn.Module):
         """conv(x) [+ bias] [+ image_bias (B, C_out) per image] [+ residual]. At CPU inference the kernel comes from
         the compiled loop (cpu_rows), and where the Winograd path applies the addends are added as its tiles are put
         in place; elsewhere MLX dequantizes it and runs its convolution."""
-        if layers.cpu_inference() and _dequantizes_here(self):
+        if _in_cpu_kernels(self, x.size // x.shape[-1] * self.kernel_shape[0]):
             kernel = _cpu_rows(self).reshape(self.kernel_shape)
             if layers.winograd_applies(self, x, self.kernel_shape, self["scales"].dtype):
                 bias = self.get("bias")
