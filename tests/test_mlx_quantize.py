@@ -129,6 +129,19 @@ def test_at_cpu_inference_quantized_layers_run_in_the_cpu_kernels_from_the_compi
 
 
 @needs_native
+def test_only_large_calls_or_large_weights_enter_the_cpu_kernels():
+    """An AdaLN-like one-row product over a large weight goes to the kernels (MLX's dequantize of its weight costs
+    more than the whole call there); a small model's small layer keeps MLX's ops; nothing does outside inference."""
+    large = Q.QuantizedLinear.from_linear(nn.Linear(512, 1024), group_size=64, bits=8)  # 512K weights
+    small = Q.QuantizedLinear.from_linear(nn.Linear(128, 96), group_size=64, bits=8)
+    assert not Q._in_cpu_kernels(large, 1024)
+    with cpu_kernels.eager_chunks():
+        assert Q._in_cpu_kernels(large, 1024)
+        assert not Q._in_cpu_kernels(small, 2 * 96)
+        assert Q._in_cpu_kernels(small, layers.NUMPY_KERNEL_MIN)
+
+
+@needs_native
 def test_quantized_blocks_take_the_numpy_paths_of_fp32_ones(monkeypatch):
     """A quantized FeedForward, UNet attention and SD3 joint attention run their numpy paths at CPU inference (one
     product for q, k and v, the activation and the residual in numpy), with MLX's results."""
