@@ -253,11 +253,8 @@ class Conv2d(nn.Conv2d):
         """conv(x) [+ image_bias (B, C_out), added per image] [+ residual]: on the Winograd path both are added as
         the tiles are put in place (a resnet's time embedding and skip connection), else by MLX after."""
         if self._winograd_applies(x):
-            bias = self.get("bias")
-            if image_bias is not None:
-                bias = image_bias if bias is None else image_bias + bias
-            return cpu_winograd.convolve(x, self.weight, bias, residual)
-        return _added(super().__call__(x), image_bias, residual)
+            return winograd_convolve(x, self.weight, self.get("bias"), image_bias, residual)
+        return with_addends(super().__call__(x), image_bias, residual)
 
 
 WINOGRAD_MIN_PIXELS = 16 * 16
@@ -272,7 +269,17 @@ def winograd_applies(conv, x: mx.array, kernel_shape: tuple, weight_dtype) -> bo
             and conv.dilation in (1, (1, 1)) and conv.groups == 1 and h * w >= WINOGRAD_MIN_PIXELS)
 
 
-def _added(out: mx.array, image_bias: Optional[mx.array], residual: Optional[mx.array]) -> mx.array:
+def winograd_convolve(x: mx.array, kernel, bias: Optional[mx.array], image_bias: Optional[mx.array],
+                      residual: Optional[mx.array]) -> mx.array:
+    """cpu_winograd.convolve of x by a (C_out, 3, 3, C_in) kernel (MLX or fp32 numpy), the layer's bias and a
+    per-image bias (B, C_out) folded into one, the residual added as the tiles are put in place."""
+    if image_bias is not None:
+        bias = image_bias if bias is None else image_bias + bias
+    return cpu_winograd.convolve(x, kernel, bias, residual)
+
+
+def with_addends(out: mx.array, image_bias: Optional[mx.array], residual: Optional[mx.array]) -> mx.array:
+    """A convolution's output + image_bias (B, C_out) per image + residual, by MLX (each where given)."""
     if image_bias is not None:
         out = out + image_bias[:, None, None, :]
     return out if residual is None else out + residual
@@ -283,7 +290,7 @@ def convolve(conv, x: mx.array, image_bias: Optional[mx.array] = None, residual:
     (`folds_addends`: this module's Conv2d, quantize's QuantizedConv2d; a LoRA-wrapped one adds them after)."""
     if getattr(conv, "folds_addends", False):
         return conv(x, image_bias, residual)
-    return _added(conv(x), image_bias, residual)
+    return with_addends(conv(x), image_bias, residual)
 
 
 class LayerNorm(nn.LayerNorm):

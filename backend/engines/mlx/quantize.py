@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from backend.engines.mlx import cpu_native, cpu_pool, cpu_rowwise, cpu_winograd, layers
+from backend.engines.mlx import cpu_native, cpu_pool, cpu_rowwise, layers
 from backend.types import UserError
 
 SCHEMES = {"q8": 8, "q6": 6, "q4": 4, "q3": 3, "q2": 2}
@@ -72,7 +72,6 @@ def _cpu_rows(layer) -> np.ndarray:
             dequantize(packed, s, b, layer.bits, layer.group_size, out, r0, r1)
 
     cpu_pool.run(work, cpu_pool.row_shares(out.shape[0], -(-out.shape[0] // cpu_pool.workers())), out.size)
-    del scales, biases
     return out
 
 
@@ -132,19 +131,14 @@ class QuantizedConv2d(nn.Module):
         if _in_cpu_kernels(self, x.size // x.shape[-1] * self.kernel_shape[0]):
             kernel = _cpu_rows(self).reshape(self.kernel_shape)
             if layers.winograd_applies(self, x, self.kernel_shape, self["scales"].dtype):
-                bias = self.get("bias")
-                if image_bias is not None:
-                    bias = image_bias if bias is None else image_bias + bias
-                return cpu_winograd.convolve(x, kernel, bias, residual)
+                return layers.winograd_convolve(x, kernel, self.get("bias"), image_bias, residual)
             w = mx.array(kernel)
         else:
             w = mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
         y = mx.conv2d(x, w.reshape(self.kernel_shape).astype(x.dtype), self.stride, self.padding,
                       self.dilation, self.groups)
         y = y + self["bias"].astype(y.dtype) if "bias" in self else y
-        if image_bias is not None:
-            y = y + image_bias[:, None, None, :]
-        return y if residual is None else y + residual
+        return layers.with_addends(y, image_bias, residual)
 
 
 def _kind(module) -> Optional[str]:
