@@ -1,5 +1,6 @@
-"""cpu_native: the attention's exp with row sums, its whole-head driver (oneMKL's products called from C) and the
-dequantizing loop of quantized weights, compiled at first use with the system's C compiler and cached."""
+"""cpu_native: the attention's exp with row sums, its whole-head driver (oneMKL's products called from C), the
+dequantizing loop of quantized weights and GroupNorm's two passes, compiled at first use with the system's C compiler
+and cached."""
 from __future__ import annotations
 
 import shutil
@@ -65,6 +66,7 @@ def test_without_a_working_compiler_or_when_turned_off_there_is_no_native_exp(fr
     monkeypatch.setenv("SILICON_DIFFUSION_NATIVE", "0")
     assert cpu_native.exp_rows() is None and cpu_native.attention_rows() is None
     assert cpu_native.dequantize_rows() is None
+    assert cpu_native.channel_sums() is None and cpu_native.affine_rows() is None
 
 
 @needs_compiler
@@ -149,3 +151,44 @@ def test_attention_rows_refuses_what_it_cannot_read(fresh):
 def test_without_onemkl_there_is_no_attention_driver(fresh, monkeypatch):
     monkeypatch.setattr(blas, "sgemm_address", lambda: None)
     assert cpu_native.exp_rows() is not None and cpu_native.attention_rows() is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_passes_match_float64_on_rows_any_stride_apart(fresh, silu):
+    channel_sums, affine_rows = cpu_native.channel_sums(), cpu_native.affine_rows()
+    assert channel_sums is not None and affine_rows is not None
+    rng = np.random.default_rng(5)
+    padded = (rng.standard_normal((7, 6, 48)) * 20 + 3).astype(np.float32)  # 16 channels, 1 pixel of padding a side
+    x = padded.reshape(7, 6, 3, 16)[:, 1:5]  # (7, 4, 3, 16): rows 288 floats apart, 192 wide
+    sums = np.ones((2, 16))
+    channel_sums(x, sums)
+    wide = x.astype(np.float64).reshape(-1, 16)
+    np.testing.assert_allclose(sums, [1 + wide.sum(0), 1 + (wide * wide).sum(0)], rtol=1e-12)
+    scale, shift = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    y = wide * scale + shift
+    expected = y / (1 + np.exp(-np.clip(y, -700, 700))) if silu else y  # SiLU's tails: -0 and y
+    out_padded = np.full((7, 6, 3, 16), np.nan, np.float32)
+    affine_rows(x, out_padded[:, 1:5], scale, shift, silu)
+    np.testing.assert_allclose(out_padded[:, 1:5].reshape(-1, 16), expected, rtol=2e-6, atol=1e-6)
+    assert np.isnan(out_padded[:, [0, 5]]).all()  # nothing written outside the rows given
+    affine_rows(x, x, scale, shift, silu)  # in place
+    np.testing.assert_allclose(x.reshape(-1, 16), expected, rtol=2e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_group_norm_passes_refuse_what_they_cannot_read(fresh):
+    channel_sums, affine_rows = cpu_native.channel_sums(), cpu_native.affine_rows()
+    x, vector = np.zeros((4, 3, 8), np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="adjacent"):
+        channel_sums(x[:, :, ::2], np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="adjacent"):
+        channel_sums(x.astype(np.float64), np.zeros((2, 8)))
+    with pytest.raises(ValueError, match="fp64"):
+        channel_sums(x, np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        affine_rows(x, np.zeros((4, 2, 8), np.float32), vector, vector, True)
+    with pytest.raises(ValueError, match="scale"):
+        affine_rows(x, x, np.zeros(4, np.float32), vector, True)
+    with pytest.raises(ValueError, match="shift"):
+        affine_rows(x, x, vector, vector.astype(np.float64), False)

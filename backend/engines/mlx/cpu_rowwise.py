@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from backend import blas
-from backend.engines.mlx import cpu_pool
+from backend.engines.mlx import cpu_native, cpu_pool
 
 # erfc(z) = t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7), for z = |x|/sqrt2.
 _ERF_P = np.float32(0.3275911 / math.sqrt(2.0))
@@ -372,12 +372,16 @@ def _channel_sums(per_image: np.ndarray, block: int) -> np.ndarray:
     batch, rows, channels = per_image.shape
     shares = cpu_pool.row_shares(rows, block)
     sums = np.zeros((len(shares), batch, 2, channels), np.float64)
+    compiled = cpu_native.channel_sums()
 
     def work(i):
-        square = cpu_pool.empty((block, channels))
+        square = None if compiled else cpu_pool.empty((block, channels))
         for img in range(batch):
             for r0, r1 in shares[i]:
                 part = per_image[img, r0:r1]
+                if compiled:
+                    compiled(part, sums[i, img])
+                    continue
                 sums[i, img, 0] += part.sum(axis=0, dtype=np.float64)
                 np.multiply(part, part, out=square[:r1 - r0])
                 sums[i, img, 1] += square[:r1 - r0].sum(axis=0, dtype=np.float64)
@@ -392,13 +396,18 @@ def _affine(per_image: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: b
     (a new array, or a view of x's shape such as a padded buffer's interior)."""
     batch, rows = per_image.shape[:2]
     out = cpu_pool.empty(per_image.shape) if out is None else out
+    compiled = cpu_native.affine_rows()
+    scale, shift = (np.ascontiguousarray(v, np.float32) for v in (scale, shift))
 
     def work(share):
-        e = cpu_pool.empty((block,) + per_image.shape[2:])
+        e = None if compiled else cpu_pool.empty((block,) + per_image.shape[2:])
         with np.errstate(over="ignore"):  # exp(-y) = inf for very negative y: y / inf = -0, SiLU's limit
             for img in range(batch):
                 for r0, r1 in share:
                     y = out[img, r0:r1]
+                    if compiled:  # one pass instead of numpy's six
+                        compiled(per_image[img, r0:r1], y, scale[img], shift[img], silu)
+                        continue
                     np.multiply(per_image[img, r0:r1], scale[img], out=y)
                     y += shift[img]
                     if silu:
