@@ -16,7 +16,7 @@ CPU (MLX's CPU kernels, cpu_kernels, need a compiler at run time as well):
   SD3's 1178 rows; this loop takes under 1 ns.
 - `channel_sums`, `affine_rows`: GroupNorm's two passes over channels-last rows (the per-channel sums of x and x^2 in
   fp64; the affine map with the SiLU after it, its exp by the same polynomial), where numpy took two and six passes
-  (an SD 1.5 VAE decode's norms 1.67 -> 1.01 s; GroupNorm + SiLU of 512x512x128 117 -> 62 ms).
+  (GroupNorm + SiLU of 512x512x128 123 -> 60 ms, an SD 1.5 VAE decode 13.98 -> 13.18 s: tools/bench_group_norm.py).
 
 Where no compiler works (or SILICON_DIFFUSION_NATIVE=0) all are None: cpu_attention keeps oneMKL's or numpy's exp
 with the column of ones, cpu_rowwise its numpy passes; without oneMKL `attention_rows` is None and the blocks run from
